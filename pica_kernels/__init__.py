@@ -1,0 +1,47 @@
+"""pica_kernels: fast, tested PiCa fine-tuning (arXiv 2505.20211).
+
+Public API (see README.md):
+
+    PiCaConfig, apply_pica, PiCaLinear       build
+    parameter_report                         count trainable M and frozen bases
+    save_adapter, load_adapter               adapter files (safetensors + JSON)
+    merge, unmerge, merge_and_unload         fold ΔW into the base weights
+    set_adapter, disable_adapter, delete_adapter   several adapters on one model
+    truncated_svd, pica_linear               the ops
+"""
+
+__version__ = "0.1.0"
+
+from .adapters import AdapterMismatchError, load_adapter, save_adapter
+from .layer import PiCaLinear
+from .model import (
+    PiCaConfig,
+    apply_pica,
+    delete_adapter,
+    disable_adapter,
+    merge,
+    merge_and_unload,
+    parameter_report,
+    set_adapter,
+    unmerge,
+)
+from .ops import pica_linear
+from .svd import truncated_svd
+
+__all__ = [
+    "AdapterMismatchError",
+    "PiCaConfig",
+    "PiCaLinear",
+    "apply_pica",
+    "delete_adapter",
+    "disable_adapter",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "parameter_report",
+    "pica_linear",
+    "save_adapter",
+    "set_adapter",
+    "truncated_svd",
+    "unmerge",
+]

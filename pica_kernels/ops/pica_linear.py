@@ -1,0 +1,60 @@
+"""``pica_linear``: the PiCa forward, ``y = x@W.T + low-rank term + b``.
+
+Validates its arguments (a wrong shape must fail loudly here rather than
+broadcast into a silently wrong result) and runs the reference math. The fused
+Triton path (DESIGN.md section 3) will dispatch from here for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+
+
+def _check(x, weight, bias, basis, m, side) -> None:
+    reference.check_side(side)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out, in), got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x must be (..., in={in_f}), got shape {tuple(x.shape)}")
+    if basis.dim() != 2 or m.dim() != 2:
+        raise ValueError(f"basis and m must be 2-D, got {tuple(basis.shape)} and {tuple(m.shape)}")
+    rank = basis.shape[0] if side == "input" else basis.shape[1]
+    want_basis = reference.basis_shape(out_f, in_f, rank, side)
+    want_m = reference.m_shape(out_f, in_f, rank, side)
+    if tuple(basis.shape) != want_basis:
+        raise ValueError(f"basis must be {want_basis} for side={side!r} and weight {tuple(weight.shape)}, "
+                         f"got {tuple(basis.shape)}")
+    if tuple(m.shape) != want_m:
+        raise ValueError(f"m must be {want_m} for side={side!r}, rank {rank}, weight {tuple(weight.shape)}, "
+                         f"got {tuple(m.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must be ({out_f},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("basis", basis), ("m", m)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them")
+
+
+def pica_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    basis: torch.Tensor,
+    m: torch.Tensor,
+    side: str = "input",
+) -> torch.Tensor:
+    """PiCa forward.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None;
+    side="input": basis (r, in), m (out, r); side="output": basis (out, r), m (r, in).
+    Returns (..., out) in x.dtype. Differentiable in x and m (and weight/basis
+    if they require grad).
+    """
+    _check(x, weight, bias, basis, m, side)
+    return reference.pica_linear(x, weight, bias, basis, m, side)
