@@ -123,7 +123,8 @@ class PiCaLinear(nn.Module):
             default the layer owns a private one.
         group: key of ``M`` in the bank; layers with the same key share ``M``.
         basis: a precomputed basis of the right shape (skips the SVD).
-        m_dtype: dtype of ``M`` (default float32, also for half-precision bases).
+        m_dtype: dtype of ``M``; default float32 (also for half-precision bases,
+            as PEFT keeps adapter weights), float64 for a float64 base.
         svd_method, svd_seed: forwarded to :func:`pica_kernels.truncated_svd`.
 
     Shapes: input (..., in) -> output (..., out), any leading dims.
@@ -139,7 +140,7 @@ class PiCaLinear(nn.Module):
         bank: PiCaBank | None = None,
         group: str = "m",
         basis: torch.Tensor | None = None,
-        m_dtype: torch.dtype = torch.float32,
+        m_dtype: torch.dtype | None = None,
         svd_method: str = "exact",
         svd_seed: int = 0,
     ) -> None:
@@ -198,7 +199,7 @@ class PiCaLinear(nn.Module):
         *,
         group: str = "m",
         basis: torch.Tensor | None = None,
-        m_dtype: torch.dtype = torch.float32,
+        m_dtype: torch.dtype | None = None,
         svd_method: str = "exact",
         svd_seed: int = 0,
     ) -> None:
@@ -225,6 +226,8 @@ class PiCaLinear(nn.Module):
             # file), so model.state_dict() stays the base model's plus M.
             self.register_buffer(name, basis, persistent=False)
         shape = reference.m_shape(self.out_features, self.in_features, rank, side)
+        if m_dtype is None:
+            m_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self._bank.create(adapter_name, group, shape, m_dtype, weight.device)
         self.adapters[adapter_name] = AdapterSpec(side=side, rank=rank, group=group)
         if self.active_adapter is None:

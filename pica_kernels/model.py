@@ -44,7 +44,8 @@ class PiCaConfig:
         exclude: names to skip, same forms as ``target_modules``.
         share: one M per (role, shape) group (True) or one per layer (False).
         svd_method, svd_seed: basis computation, see :func:`truncated_svd`.
-        m_dtype: dtype of M ("float32" by default, also for bf16 models).
+        m_dtype: dtype of M; None means float32 (also for bf16/fp16 models),
+            float64 for float64 layers.
         store_bases: save the bases in adapter files (exact reload without SVD).
     """
 
@@ -55,7 +56,7 @@ class PiCaConfig:
     share: bool = True
     svd_method: str = "exact"
     svd_seed: int = 0
-    m_dtype: str = "float32"
+    m_dtype: str | None = None
     store_bases: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -65,7 +66,7 @@ class PiCaConfig:
         reference.check_side(self.side)
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
-        if self.m_dtype not in _DTYPES:
+        if self.m_dtype is not None and self.m_dtype not in _DTYPES:
             raise ValueError(f"m_dtype must be one of {sorted(_DTYPES)}, got {self.m_dtype!r}")
         if not isinstance(self.target_modules, str):
             self.target_modules = tuple(self.target_modules)
@@ -92,10 +93,15 @@ class PiCaConfig:
 
 # ------------------------------------------------------------------- targets
 def role_of(name: str) -> str:
-    """Module name with the layer index removed: the part after the last all-digit component."""
+    """Module name with the layer index removed: the part after the last all-digit component
+    (``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj``), or, for a layer that is itself an item of a
+    list (``blocks.3``), the name without its indices (``blocks``)."""
     parts = name.split(".")
     idx = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[idx[-1] + 1 :]) if idx else name
+    if not idx:
+        return name
+    tail = parts[idx[-1] + 1 :]
+    return ".".join(tail) if tail else ".".join(p for p in parts if not p.isdigit())
 
 
 def group_key(name: str, out_features: int, in_features: int, share: bool) -> str:
@@ -285,7 +291,7 @@ def apply_pica(
         needed.append((name, _weight_oi(module)))
     bases.update(_compute_bases(needed, config, progress))
 
-    m_dtype = _DTYPES[config.m_dtype]
+    m_dtype = _DTYPES[config.m_dtype] if config.m_dtype else None
     for name, module in targets:
         out_f, in_f = _weight_oi(module).shape
         key = group_key(name, out_f, in_f, config.share)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tolerance table, tiny Hugging Face models, the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# One tolerance table per dtype (FlagGems style): (atol, rtol) of a result
+# against the float64 reference, for O(1) inputs and reductions of a few hundred terms.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (1e-1, 3e-2),
+}
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), atol=atol, rtol=rtol)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=4)
+    if arch == "llama":
+        return tf.LlamaConfig(intermediate_size=80, num_key_value_heads=2, **common)
+    if arch == "gemma":
+        return tf.GemmaConfig(intermediate_size=80, num_key_value_heads=1, head_dim=12, **common)
+    if arch == "bert":
+        return tf.BertConfig(intermediate_size=80, max_position_embeddings=64, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=97, n_embd=48, n_layer=3, n_head=4, n_positions=64)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    model = tf.BertModel(cfg) if arch == "bert" else tf.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+#: Targets per tiny architecture: linear layers of attention and MLP.
+TINY_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+    "bert": ["query", "key", "value", "intermediate.dense", "output.dense"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+def randomize_m(model, seed: int = 1, scale: float = 0.05) -> None:
+    """Give every M of every adapter random values, so adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.pica_bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale)
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    """The real SmolLM2-135M-Instruct, loaded once per session (~20 s); copy before mutating."""
+    from pica_kernels.registry_models import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture
+def smollm2(smollm2_base):
+    model, tok = smollm2_base
+    return copy.deepcopy(model), tok
