@@ -335,7 +335,7 @@ def load_adapter(
             get_bank(model).configs[name] = config
         layers = dict(pica_layers(model))
         # 3. Fingerprints: the basis each M will multiply must be the one it was trained with.
-        for lname, info in saved_layers.items():
+        for lname in saved_layers:
             layer = layers[lname]
             basis = layer.basis(name)
             atol = basis_atol if basis_atol is not None else FINGERPRINT_ATOL[basis.dtype]

@@ -214,7 +214,7 @@ def _compute_bases(
     bases: dict[str, torch.Tensor] = {}
     items = list(by_shape.values())
     bar = None
-    if progress and len(layers) > 1:
+    if progress and len(layers) > 1 and layers[0][1].device.type != "meta":
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(layers), desc=f"PiCa bases (r={config.rank}, {config.side} side)", unit="layer")

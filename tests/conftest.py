@@ -36,7 +36,7 @@ def tiny_config(arch: str):
     if arch == "bert":
         return tf.BertConfig(intermediate_size=80, max_position_embeddings=64, **common)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=97, n_embd=48, n_layer=3, n_head=4, n_positions=64)
+        return tf.GPT2Config(vocab_size=97, n_embd=48, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     raise ValueError(arch)
 
 

@@ -62,7 +62,7 @@ def test_shared_m_gradient_is_sum_of_per_layer_gradients():
             layer.m().copy_(shared.get_submodule(name).m())
     _logits(shared).square().mean().backward()
     _logits(per_layer).square().mean().backward()
-    for name, layer in pica_layers(shared):
+    for _, layer in pica_layers(shared):
         group = layer.adapters["default"].group
         members = [per_layer.get_submodule(n).m().grad for n, lay in pica_layers(shared)
                    if lay.adapters["default"].group == group]
