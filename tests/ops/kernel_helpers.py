@@ -1,0 +1,42 @@
+"""Helpers shared by the kernel tests: tolerance table, error metric, device, skip marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pica_kernels.ops.backend import triton_available
+
+# One tolerance table per dtype (FlagGems style): the largest error allowed,
+# relative to max(1, max |expected|), of a result against the float64
+# reference. Inputs are O(1) and reductions run over <= a few hundred terms;
+# fp16/bf16 allow a few units in the last place of the output magnitude.
+TOLERANCES = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+needs_triton = pytest.mark.skipif(
+    not triton_available(), reason="triton is not importable (pip install 'pica_kernels[triton]')"
+)
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual = actual.detach().to(torch.float64)
+    expected = expected.detach().to(torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return 0.0
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an element the kernel never wrote?)"
+    err = max_rel_err(actual, expected)
+    assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3e} > {TOLERANCES[dtype]:.1e} for {dtype}"
+
+
