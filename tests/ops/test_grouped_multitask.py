@@ -6,7 +6,14 @@ import importlib
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, TOLERANCES, assert_close_to_reference, max_rel_err, needs_triton
+from kernel_helpers import (
+    DEVICE,
+    TOLERANCES,
+    assert_close_to_reference,
+    max_rel_err,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 
 from pica_kernels import reference
 from pica_kernels.ops import grouped_lowrank_linear, multitask_pica_linear

@@ -1,7 +1,7 @@
 """The fused lowrank_linear / pica_linear kernels against the float64 reference.
 
 Runs the Triton kernels (``backend="triton"``) under the CPU interpreter on
-small shapes (see conftest.py); every kernel output buffer starts NaN-filled.
+small shapes (see kernel_helpers.py); every kernel output buffer starts NaN-filled.
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ import importlib
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, TOLERANCES, assert_close_to_reference, max_rel_err, needs_triton
+from kernel_helpers import (
+    DEVICE,
+    TOLERANCES,
+    assert_close_to_reference,
+    max_rel_err,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 
 from pica_kernels import reference
 from pica_kernels.ops import pica_linear

@@ -6,7 +6,12 @@ import importlib
 
 import pytest
 import torch
-from kernel_helpers import TOLERANCES, max_rel_err, needs_triton
+from kernel_helpers import (
+    TOLERANCES,
+    max_rel_err,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 from torch import nn
 
 from pica_kernels import PiCaLinear
