@@ -7,6 +7,9 @@ Dispatch rule (every op of :mod:`pica_kernels.ops` follows it):
    ``PICA_KERNELS_BACKEND`` (``reference`` | ``triton`` | ``auto``) decides.
 3. ``auto``: Triton for CUDA tensors when ``triton`` imports, the reference
    otherwise (CPU tensors, or no Triton).
+4. Whatever was asked, float64 (and any dtype other than fp16/bf16/fp32) runs
+   the reference: the kernels are written for the training dtypes, and the
+   interpreter's float64 ``tl.dot`` returned NaN when tried (triton 3.9).
 
 ``triton`` on CPU tensors is allowed only under the Triton CPU interpreter
 (``TRITON_INTERPRET=1`` in the environment); this is how the tests run the
@@ -48,14 +51,19 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"reference"`` or ``"triton"`` for tensors on ``device`` (rule in the module docstring)."""
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``"reference"`` or ``"triton"`` for ``dtype`` tensors on ``device`` (rule in the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return "reference"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton" and not triton_can_run(device):

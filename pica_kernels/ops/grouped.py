@@ -46,7 +46,7 @@ def _grouped_op(
     backend: str,
 ) -> list[torch.Tensor]:
     """x (T, in) -> [y_i (T, out_i)] + [t (T, sum r_i)] (t last, saved for backward)."""
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         t = _ll.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
         _ll.fused_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
         ys = []

@@ -375,7 +375,7 @@ def _lowrank_linear_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, in) -> (y (T, out), t = x @ B.T (T, r)), both in x.dtype. ``t`` is saved for backward."""
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         return triton_forward(x, weight, bias, a, b)
     return reference_forward(x, weight, bias, a, b)
 
@@ -399,7 +399,7 @@ def _lowrank_linear_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx (T, in), dA (out, r), dB (r, in)); a gradient not asked for is an empty (0,) tensor."""
-    if resolve_backend(backend, dy.device) == "triton":
+    if resolve_backend(backend, dy.device, dy.dtype) == "triton":
         grads = triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
     else:
         grads = reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)

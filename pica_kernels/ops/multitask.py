@@ -44,7 +44,7 @@ def _multitask_op(
     """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward."""
     nseq, seq_len, in_f = x.shape
     x2 = x.reshape(nseq * seq_len, in_f)
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         t = _ll.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
         _ll.fused_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
         y = _ll.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
