@@ -46,8 +46,8 @@ needs_triton = pytest.mark.skipif(
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
+    actual = actual.detach().cpu().to(torch.float64)
+    expected = expected.detach().cpu().to(torch.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if expected.numel() == 0:
         return 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_helpers import (
+    DEVICE,
     TOLERANCES,
     max_rel_err,
     needs_triton,
@@ -44,8 +45,8 @@ def test_compile_fullgraph_matches_eager(compile_backend, kernels, monkeypatch):
     # The op is opaque to the compiler: the backend is picked when it runs, so
     # forcing the Triton kernels (interpreter on CPU) works inside the graph too.
     monkeypatch.setenv(ENV_VAR, kernels)
-    model = TwoLayer()
-    x = torch.randn(2, 5, 24)
+    model = TwoLayer().to(DEVICE)
+    x = torch.randn(2, 5, 24, device=DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2  # the shared M once, and l3's M
 

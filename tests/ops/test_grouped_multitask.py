@@ -24,7 +24,7 @@ BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 
 
 def f64(t):
-    return None if t is None else t.detach().to(torch.float64)
+    return None if t is None else t.detach().cpu().to(torch.float64)
 
 
 def qkv(dtype, rows=21, in_f=48, outs=(48, 16, 16), ranks=(8, 4, 5), seed=0):
@@ -34,7 +34,8 @@ def qkv(dtype, rows=21, in_f=48, outs=(48, 16, 16), ranks=(8, 4, 5), seed=0):
     bs = [(torch.randn(o, generator=g) * 0.1).to(dtype) if i != 1 else None for i, o in enumerate(outs)]  # k: no bias
     ms = [torch.randn(o, r, generator=g) * 0.3 for o, r in zip(outs, ranks)]
     b_cat = (torch.randn(sum(ranks), in_f, generator=g) / in_f**0.5).to(dtype)
-    return x, ws, bs, ms, b_cat, list(ranks)
+    dev = lambda ts: [t if t is None else t.to(DEVICE) for t in ts]  # noqa: E731
+    return x.to(DEVICE), dev(ws), dev(bs), dev(ms), b_cat.to(DEVICE), list(ranks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,14 +96,14 @@ def mt_inputs(dtype, nseq=3, seq=13, in_f=40, out_f=36, r=6, n_adapters=4, seed=
     b = (torch.randn(out_f, generator=g) * 0.1).to(dtype)
     p = (torch.randn(r, in_f, generator=g) / in_f**0.5).to(dtype)
     ms = torch.randn(n_adapters, out_f, r, generator=g) * 0.3
-    return x, w, b, p, ms
+    return tuple(t.to(DEVICE) for t in (x, w, b, p, ms))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_multitask_matches_one_adapter_at_a_time(dtype, backend):
     x, w, b, p, ms = mt_inputs(dtype)
-    ids = torch.tensor([2, 0, 2])
+    ids = torch.tensor([2, 0, 2], device=DEVICE)
     xg = x.to(DEVICE).requires_grad_()
     msg = ms.to(DEVICE).requires_grad_()
     y = multitask_pica_linear(xg, w.to(DEVICE), b.to(DEVICE), p.to(DEVICE), msg, ids.to(DEVICE), backend=backend)
@@ -126,7 +127,7 @@ def test_multitask_segments_span_several_tiles(monkeypatch):
     # 37-token sequences with 16-row tiles: 3 tiles per segment, the last one ragged.
     monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     x, w, b, p, ms = mt_inputs(torch.float32, nseq=4, seq=37, n_adapters=3, seed=4)
-    ids = torch.tensor([1, 2, 0, 1])
+    ids = torch.tensor([1, 2, 0, 1], device=DEVICE)
     y = multitask_pica_linear(x, w, b, p, ms, ids, backend="triton")
     y_ref = multitask_pica_linear(x, w, b, p, ms, ids, backend="reference")
     assert max_rel_err(y, y_ref) <= TOLERANCES[torch.float32]
@@ -136,9 +137,9 @@ def test_multitask_segments_span_several_tiles(monkeypatch):
 def test_multitask_rejects_bad_ids():
     x, w, b, p, ms = mt_inputs(torch.float32)
     with pytest.raises(ValueError, match="adapter_ids"):
-        multitask_pica_linear(x, w, b, p, ms, torch.tensor([0, 1, 4]))
+        multitask_pica_linear(x, w, b, p, ms, torch.tensor([0, 1, 4], device=DEVICE))
     with pytest.raises(ValueError, match="adapter_ids"):
-        multitask_pica_linear(x, w, b, p, ms, torch.tensor([0, 1]))
+        multitask_pica_linear(x, w, b, p, ms, torch.tensor([0, 1], device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -151,5 +152,5 @@ def test_opcheck_grouped_and_multitask(backend):
     x, w, b, p, ms = mt_inputs(torch.float32, nseq=2, seq=5)
     torch.library.opcheck(
         torch.ops.pica_kernels.multitask_lowrank_linear.default,
-        (x.requires_grad_(), w, b, ms.requires_grad_(), p, torch.tensor([1, 0]), backend),
+        (x.requires_grad_(), w, b, ms.requires_grad_(), p, torch.tensor([1, 0], device=DEVICE), backend),
     )

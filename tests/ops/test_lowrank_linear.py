@@ -44,7 +44,7 @@ def make_inputs(rows, in_f, out_f, rank, side, dtype, seed=0, bias=True):
 
 
 def f64(t):
-    return None if t is None else t.detach().to(torch.float64)
+    return None if t is None else t.detach().cpu().to(torch.float64)
 
 
 def run_pica(x, w, b, basis, m, side, dy, backend):
@@ -218,7 +218,7 @@ def test_opcheck(backend):
     x.requires_grad_()
     torch.library.opcheck(torch.ops.pica_kernels.lowrank_linear.default, (x, w, b, m, basis, backend))
     torch.library.opcheck(torch.ops.pica_kernels.lowrank_linear.default, (x, w, None, m, basis, backend))
-    dy = torch.randn(9, 20)
+    dy = torch.randn(9, 20, device=DEVICE)
     t = x.detach() @ basis.T
     torch.library.opcheck(
         torch.ops.pica_kernels.lowrank_linear_backward.default,
@@ -264,3 +264,22 @@ def test_env_var_routes_pica_linear_layer_to_kernels(monkeypatch):
     y_tri = layer(x)
     assert calls == [1]
     assert max_rel_err(y_tri, y_ref) <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a CUDA device (hours in the interpreter)")
+@pytest.mark.parametrize("rank", [16, 64, 256])
+@pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("rows", [16, 2048])
+def test_real_sizes_bf16_cuda(rows, out_f, in_f, rank):
+    """Llama-sized layers in bf16 against a float32 reference on the device (run by benchmarks/gpu.sh)."""
+    dtype = torch.bfloat16
+    x, w, b, basis, m = make_inputs(rows, in_f, out_f, rank, "input", dtype, seed=rank)
+    dy = torch.randn(rows, out_f, device=DEVICE).to(dtype)
+    y, dx, dm = run_pica(x, w, b, basis, m, "input", dy, "triton")
+    x32, m32 = x.float().requires_grad_(), m.float().requires_grad_()
+    y32 = reference.pica_linear(x32, w.float(), b.float(), basis.float(), m32, "input")
+    y32.backward(dy.float())
+    for name, got, want in (("y", y, y32), ("dx", dx, x32.grad), ("dM", dm, m32.grad)):
+        assert torch.isfinite(got).all(), name
+        err = float((got.float() - want).abs().max() / want.abs().max().clamp_min(1.0))
+        assert err <= TOLERANCES[dtype], f"{name}: {err:.3e}"

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 from kernel_helpers import (
+    DEVICE,
     TOLERANCES,
     max_rel_err,
     needs_triton,
@@ -26,7 +27,7 @@ def layer_with_adapters(side="input", rank=4, second_rank=None, seed=0):
     with torch.no_grad():
         for name in ("a", "b"):
             layer.m(name).normal_(0, 0.3)
-    return layer
+    return layer.to(DEVICE)
 
 
 def one_at_a_time(layer, x, names):
@@ -48,7 +49,7 @@ def test_mixed_batch_equals_one_adapter_at_a_time(kernels, monkeypatch):
     real = ll.fused_gemm
     monkeypatch.setattr(ll, "fused_gemm", lambda *a, **k: launches.append(k.get("tasks")) or real(*a, **k))
     layer = layer_with_adapters()
-    x = torch.randn(4, 9, 32)
+    x = torch.randn(4, 9, 32, device=DEVICE)
     names = ["b", BASE_ADAPTER, "a", "b"]
     m_b = layer.m("b")
     y = layer(x, adapter_names=names)
@@ -64,7 +65,7 @@ def test_mixed_batch_equals_one_adapter_at_a_time(kernels, monkeypatch):
 
 def test_mixed_batch_falls_back_for_output_side_and_unequal_ranks():
     for layer in (layer_with_adapters(side="output"), layer_with_adapters(rank=4, second_rank=6)):
-        x = torch.randn(3, 5, 32)
+        x = torch.randn(3, 5, 32, device=DEVICE)
         names = ["a", "b", "a"]
         assert max_rel_err(layer(x, adapter_names=names), one_at_a_time(layer, x, names)) <= TOLERANCES[torch.float32]
 
@@ -72,7 +73,7 @@ def test_mixed_batch_falls_back_for_output_side_and_unequal_ranks():
 def test_mixed_batch_context_manager_over_a_model():
     torch.manual_seed(1)
     model = nn.Sequential(layer_with_adapters(seed=1), nn.Tanh())
-    x = torch.randn(2, 4, 32)
+    x = torch.randn(2, 4, 32, device=DEVICE)
     with mixed_batch(model, ["b", "a"]):
         y = model(x)
     assert model[0]._mixed_batch_names is None  # restored on exit
