@@ -27,8 +27,9 @@ Kernels (one Triton kernel, ``_fused_lowrank_gemm``, three uses):
   tile is loaded once for both), then adds ``t @ A.T``.
 * backward: ``s = dy @ A`` (T, r); ``dx = [dy | s] @ [W ; B]`` as one GEMM
   over the concatenated K; ``dA = dy.T @ t`` and ``dB = s.T @ x`` accumulated
-  in fp32 by plain tiled GEMMs whose K loop runs over tokens: deterministic,
-  no split-K, no atomics. ``A``/``B`` of another dtype than ``x`` (an fp32
+  in fp32 by plain tiled GEMMs whose K loop runs over tokens; when that
+  leaves the GPU idle (few output tiles, long K) the K loop is split and the
+  fp32 partials summed in a fixed order: deterministic, never atomics. ``A``/``B`` of another dtype than ``x`` (an fp32
   ``M`` with bf16 activations) are cast tile by tile in registers, never
   copied in memory; their gradients come back in their own dtype.
 
@@ -70,6 +71,7 @@ def _kernel(interpret: bool):
         s_b3k, s_b3r,
         s_cm, s_cn, s_tm, s_tr,
         seg_len, tiles_per_seg, num_m_tiles,
+        k_per_split, s_csplit,
         HAS_BIAS: tl.constexpr,
         SECOND: tl.constexpr,
         HAS_TASKS: tl.constexpr,
@@ -120,9 +122,12 @@ def _kernel(interpret: bool):
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < K2
             tacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K1, BLOCK_K):
+        split = tl.program_id(1)
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K1)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K1
+            mask_k = offs_k < k_hi
             a = tl.load(a1_ptr + offs_m[:, None] * s_a1m + offs_k[None, :] * s_a1k,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b1_ptr + offs_k[:, None] * s_b1k + offs_n[None, :] * s_b1n,
@@ -169,7 +174,7 @@ def _kernel(interpret: bool):
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
+        tl.store(c_ptr + split * s_csplit + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
                  acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     return _fused_lowrank_gemm
@@ -229,6 +234,7 @@ def fused_gemm(
     tasks: torch.Tensor | None = None,
     seg_len: int | None = None,
     blocks: dict | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """Launch ``_fused_lowrank_gemm`` writing ``c`` (M, N) in place; returns ``c``.
 
@@ -237,15 +243,25 @@ def fused_gemm(
     with ``tasks`` (M // seg_len,) int32 and ``seg_len`` -- or the decode form
     ``b3`` (K1, K2) with ``b2`` (K2, N) and ``t_out`` (M, K2) receiving
     ``a1 @ b3`` rounded to a1's dtype. bias: (N,). ``blocks`` overrides the
-    block sizes (tests use it to force several tiles).
+    block sizes (tests use it to force several tiles). ``split_k`` (plain
+    GEMMs only) splits the K loop over that many programs per tile; default:
+    chosen so that skinny GEMMs with a long K (the shrink ``x @ P.T`` at
+    moderate T, ``dA = dy.T @ t``, ``dB = s.T @ x``) fill the GPU.
     """
     m, k1 = a1.shape
     n = b1.shape[1]
     if m == 0 or n == 0:
         return c
+    for name, v in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2), ("b3", b3), ("c", c), ("t_out", t_out)):
+        # The kernel computes element offsets in int32.
+        if v is not None and sum((d - 1) * abs(st) for d, st in zip(v.shape, v.stride())) >= 2**31:
+            raise NotImplementedError(f"{name} {tuple(v.shape)} spans >= 2**31 elements; split the batch")
     decode = b3 is not None
     second = 2 if decode else (1 if a2 is not None else 0)
     cfg = _config(m, a1.dtype, decode)
+    if not interpreter_enabled():
+        # Narrow outputs (N = r) get narrow tiles instead of masked-off columns.
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, _next_pow2(n)))
     if blocks:
         cfg.update(blocks)
     cast_f32 = interpreter_enabled() and torch.bfloat16 in (a1.dtype, b1.dtype) + tuple(
@@ -264,7 +280,19 @@ def fused_gemm(
         seg_len = m
     tiles_per_seg = triton_cdiv(seg_len, cfg["BLOCK_M"])
     num_m_tiles = (m // seg_len) * tiles_per_seg if tasks is not None else tiles_per_seg
-    grid = (num_m_tiles * triton_cdiv(n, cfg["BLOCK_N"]),)
+    tiles = num_m_tiles * triton_cdiv(n, cfg["BLOCK_N"])
+    k_blocks = triton_cdiv(k1, cfg["BLOCK_K"])
+    if second != 0 or bias is not None or tasks is not None:
+        split_k = 1
+    elif split_k is None:
+        split_k = _auto_split_k(tiles, k_blocks, c.device)
+    k_per_split = triton_cdiv(k_blocks, max(1, split_k)) * cfg["BLOCK_K"]
+    split_k = triton_cdiv(k1, k_per_split)
+    out = c
+    if split_k > 1:
+        # Every split writes its full tile (zeros where its K range is empty), so no init.
+        c = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
+    grid = (tiles, split_k)
     dummy = c
     b2s = (b2.stride(-2), b2.stride(-1), b2.stride(0) if b2.dim() == 3 else 0) if b2 is not None else (0, 0, 0)
     _kernel(interpreter_enabled())[grid](
@@ -281,9 +309,10 @@ def fused_gemm(
         *(a2.stride() if a2 is not None else (0, 0)),
         *b2s,
         *(b3.stride() if b3 is not None else (0, 0)),
-        c.stride(0), c.stride(1),
+        c.stride(-2), c.stride(-1),
         *(t_out.stride() if t_out is not None else (0, 0)),
         seg_len, tiles_per_seg, num_m_tiles,
+        k_per_split, c.stride(0) if split_k > 1 else 0,
         HAS_BIAS=bias is not None,
         SECOND=second,
         HAS_TASKS=tasks is not None,
@@ -292,7 +321,30 @@ def fused_gemm(
         BLOCK_R=block_r,
         **cfg,
     )
-    return c
+    if split_k > 1:
+        out.copy_(c.sum(0))  # fixed-order reduction of the partials: deterministic
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
+    """Split K when the output has too few tiles to fill the GPU (two programs per SM) and K is long.
+
+    Each split keeps >= 4 K blocks so the partial-sum traffic (split x M x N
+    fp32) stays small next to the operands it replaces reading serially.
+    """
+    if interpreter_enabled():
+        return 1
+    target = 2 * _sm_count(device)
+    if tiles >= target or k_blocks < 8:
+        return 1
+    return max(1, min(triton_cdiv(target, tiles), k_blocks // 4, 64))
 
 
 def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -114,6 +114,23 @@ def test_decode_and_two_launch_forms_agree(rows):
 
 
 @needs_triton
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+def test_split_k_partials_sum_to_the_product(split_k, monkeypatch):
+    # The skinny GEMMs of the shrink and of dA/dB split K on a GPU; force it here.
+    # 7 splits of K=70 in 16-wide blocks: 5 blocks, so the launcher trims to 5 splits.
+    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    g = torch.Generator().manual_seed(split_k)
+    x = torch.randn(37, 70, generator=g).to(DEVICE)
+    p = torch.randn(12, 70, generator=g).to(DEVICE)
+    for a1, b1 in ((x, p.T), (x.T, x[:, :12])):  # shrink (T, r); dA-like (in, r) reducing over T
+        c = ll.alloc((a1.shape[0], b1.shape[1]), torch.float32, a1.device)
+        ll.fused_gemm(c, a1, b1, split_k=split_k)
+        assert_close_to_reference(c, f64(a1) @ f64(b1), torch.float32, f"split_k={split_k}")
+        again = ll.fused_gemm(ll.alloc(c.shape, torch.float32, c.device), a1, b1, split_k=split_k)
+        assert torch.equal(again, c)  # fixed-order reduction: bitwise reproducible
+
+
+@needs_triton
 def test_decode_path_is_one_launch(monkeypatch):
     launches = []
     real = ll.fused_gemm
