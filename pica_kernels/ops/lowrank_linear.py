@@ -81,6 +81,7 @@ def _kernel(interpret: bool):
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        BLOCK_K2: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
         """``C = A1 @ B1 [+ A2 @ B2] [+ bias]`` with an fp32 accumulator.
@@ -148,8 +149,8 @@ def _kernel(interpret: bool):
             if HAS_TASKS:
                 task = tl.load(task_ptr + seg)
                 b2_base = b2_ptr + task.to(tl.int64) * s_b2task
-            for k0 in range(0, K2, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
+            for k0 in range(0, K2, BLOCK_K2):
+                offs_k = k0 + tl.arange(0, BLOCK_K2)
                 mask_k = offs_k < K2
                 a2 = tl.load(a2_ptr + offs_m[:, None] * s_a2m + offs_k[None, :] * s_a2k,
                              mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(dt)
@@ -319,6 +320,8 @@ def fused_gemm(
         CAST_F32=cast_f32,
         PRECISION=_precision(a1.dtype),
         BLOCK_R=block_r,
+        # The low-rank K steps: r = 16 should not pay for a 64-wide masked tile.
+        BLOCK_K2=min(cfg["BLOCK_K"], max(16, _next_pow2(k2))),
         **cfg,
     )
     if split_k > 1:
