@@ -257,6 +257,9 @@ def fused_gemm(
         # The kernel computes element offsets in int32.
         if v is not None and sum((d - 1) * abs(st) for d, st in zip(v.shape, v.stride())) >= 2**31:
             raise NotImplementedError(f"{name} {tuple(v.shape)} spans >= 2**31 elements; split the batch")
+    # bias and tasks are read with unit stride (a few hundred bytes: copy if needed).
+    bias = bias.contiguous() if bias is not None else None
+    tasks = tasks.contiguous() if tasks is not None else None
     decode = b3 is not None
     second = 2 if decode else (1 if a2 is not None else 0)
     cfg = _config(m, a1.dtype, decode)

@@ -168,6 +168,20 @@ def test_leading_dims_noncontiguous_and_stride0(side):
 
 
 @needs_triton
+def test_stride0_x_and_strided_bias():
+    """A broadcast (stride-0) x and a bias that is a strided view are read correctly."""
+    x, w, b, basis, m = make_inputs(1, 40, 36, 6, "input", torch.float32, seed=9)
+    x0 = x.expand(13, 40)  # every row the same, stride (0, 1)
+    b_wide = torch.stack([b, torch.full_like(b, 1e3)], dim=1)  # (36, 2)
+    bias_view = b_wide[:, 0]  # stride 2
+    assert x0.stride(0) == 0 and bias_view.stride(0) == 2
+    for rows in (x0, x0[:3]):  # two-launch form and decode form
+        y = pica_linear(rows, w, bias_view, basis, m, backend="triton")
+        want = reference.pica_linear(f64(rows), f64(w), f64(b), f64(basis), f64(m), "input")
+        assert_close_to_reference(y, want, torch.float32, f"stride-0 x, T={rows.shape[0]}")
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lora_everything_trainable(dtype):
     """The generic op with both factors, W and bias trainable (LoRA with an unfrozen base)."""
