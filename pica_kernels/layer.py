@@ -382,3 +382,42 @@ class PiCaLinear(nn.Module):
     def extra_repr(self) -> str:
         specs = ", ".join(f"{n}: side={s.side}, r={s.rank}, group={s.group}" for n, s in self.adapters.items())
         return f"in={self.in_features}, out={self.out_features}, active={self.active_adapter!r}, [{specs}]"
+
+
+def grouped_forward(x: torch.Tensor, layers: list[PiCaLinear], *, backend: str = "auto") -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` for layers that share their input (q/k/v, gate/up), one shrink launch.
+
+    The low-rank shrinks of all layers run as one GEMM against their
+    concatenated ``B`` factors (:func:`pica_kernels.ops.grouped_lowrank_linear`);
+    each layer then runs its concatenated-K GEMM. Layers that are merged,
+    disabled, without an active adapter, or have a trainable base weight run
+    on their own. x: (..., in); returns one (..., out_i) per layer.
+    """
+    from .ops import grouped_lowrank_linear
+
+    fused = [
+        i for i, layer in enumerate(layers)
+        if not (layer.disabled or layer.merged or layer.active_adapter is None
+                or layer.base_weight.requires_grad
+                or (layer.base_layer.bias is not None and layer.base_layer.bias.requires_grad))
+    ]
+    outs: list[torch.Tensor | None] = [None] * len(layers)
+    if len(fused) >= 2:
+        a_list, b_list, ranks = [], [], []
+        for i in fused:
+            spec = layers[i].adapters[layers[i].active_adapter]
+            a, b = reference.lowrank_factors(layers[i].basis(), layers[i].m(), spec.side)
+            a_list.append(a)
+            b_list.append(b)
+            ranks.append(spec.rank)
+        dtype = b_list[0].dtype
+        for b in b_list[1:]:
+            dtype = torch.promote_types(dtype, b.dtype)
+        b_cat = torch.cat([b.to(dtype) for b in b_list])  # (sum r, in): frozen bases, or output-side M's
+        ys = grouped_lowrank_linear(
+            x, [layers[i].base_weight for i in fused], [layers[i].base_layer.bias for i in fused],
+            a_list, b_cat, ranks, backend=backend,
+        )
+        for i, y in zip(fused, ys):
+            outs[i] = y
+    return [y if y is not None else layer(x) for y, layer in zip(outs, layers)]

@@ -16,7 +16,7 @@ from kernel_helpers import (
 from torch import nn
 
 from pica_kernels import PiCaLinear
-from pica_kernels.layer import BASE_ADAPTER, mixed_batch
+from pica_kernels.layer import BASE_ADAPTER, grouped_forward, mixed_batch
 from pica_kernels.ops.backend import ENV_VAR
 
 
@@ -83,3 +83,30 @@ def test_mixed_batch_context_manager_over_a_model():
         model[0](x, adapter_names=["a", "b", "a"])
     with pytest.raises(KeyError, match="nope"):
         model[0](x, adapter_names=["a", "nope"])
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_grouped_forward_equals_separate_layers(side, kernels, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, kernels)
+    torch.manual_seed(3)
+    layers = [PiCaLinear(nn.Linear(32, o, bias=o != 12), rank=r, side=side).to(DEVICE)
+              for o, r in ((32, 6), (12, 4), (12, 5))]
+    with torch.no_grad():
+        for layer in layers:
+            layer.m().normal_(0, 0.3)
+    x = torch.randn(2, 7, 32, device=DEVICE, requires_grad=True)
+    ys = grouped_forward(x, layers)
+    sum((y * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+    got_dx, got_dm = x.grad.clone(), [layer.m().grad.clone() for layer in layers]
+    x.grad = None
+    for layer in layers:
+        layer.m().grad = None
+    want = [layer(x) for layer in layers]
+    sum((y * (i + 1)).sum() for i, y in enumerate(want)).backward()
+    tol = TOLERANCES[torch.float32]
+    for y, w in zip(ys, want):
+        assert y.shape == w.shape and max_rel_err(y, w) <= tol
+    assert max_rel_err(got_dx, x.grad) <= tol
+    for g, layer in zip(got_dm, layers):
+        assert max_rel_err(g, layer.m().grad) <= tol
