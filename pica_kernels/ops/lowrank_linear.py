@@ -71,7 +71,7 @@ def _kernel(interpret: bool):
         s_b3k, s_b3r,
         s_cm, s_cn, s_tm, s_tr,
         seg_len, tiles_per_seg, num_m_tiles,
-        k_per_split, s_csplit,
+        k_per_split, s_csplit, s_tsplit,
         HAS_BIAS: tl.constexpr,
         SECOND: tl.constexpr,
         HAS_TASKS: tl.constexpr,
@@ -98,6 +98,12 @@ def _kernel(interpret: bool):
         B1/B2/B3 tiles are cast to A1's dtype (the reference casts A and B to
         x.dtype); CAST_F32 casts both dot operands to fp32 (the interpreter's
         bf16 tl.dot is wrong, DESIGN.md section 3).
+        Split-K: program axis 1 takes the K1 range
+        ``[split * k_per_split, (split + 1) * k_per_split)`` and writes its
+        partial sum to ``C + split * s_csplit`` (decode: its partial t to
+        ``t + split * s_tsplit`` too -- the low-rank term is linear in t);
+        split 0 alone adds the A2 @ B2 term and the bias. The launcher sums
+        the partials in a fixed order (deterministic, no atomics).
         """
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -149,7 +155,8 @@ def _kernel(interpret: bool):
             if HAS_TASKS:
                 task = tl.load(task_ptr + seg)
                 b2_base = b2_ptr + task.to(tl.int64) * s_b2task
-            for k0 in range(0, K2, BLOCK_K2):
+            k2_end = K2 * (split == 0).to(tl.int32)  # the low-rank term once, in split 0
+            for k0 in range(0, k2_end, BLOCK_K2):
                 offs_k = k0 + tl.arange(0, BLOCK_K2)
                 mask_k = offs_k < K2
                 a2 = tl.load(a2_ptr + offs_m[:, None] * s_a2m + offs_k[None, :] * s_a2k,
@@ -162,9 +169,9 @@ def _kernel(interpret: bool):
                 acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
         if SECOND == 2:
             t = tacc.to(dt)  # round like the reference, which materialises t in x.dtype
-            if pid_n == 0:
-                tl.store(t_ptr + offs_m[:, None] * s_tm + offs_r[None, :] * s_tr, t,
-                         mask=mask_m[:, None] & mask_r[None, :])
+            if pid_n == 0:  # t (or this split's fp32 partial of it)
+                tl.store(t_ptr + split * s_tsplit + offs_m[:, None] * s_tm + offs_r[None, :] * s_tr,
+                         tacc.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
             b2 = tl.load(b2_ptr + offs_r[:, None] * s_b2k + offs_n[None, :] * s_b2n,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(dt)
             if CAST_F32:
@@ -173,8 +180,9 @@ def _kernel(interpret: bool):
             acc = tl.dot(t, b2, acc, input_precision=PRECISION)
 
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            if split == 0:  # once, not once per split
+                bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
         tl.store(c_ptr + split * s_csplit + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
                  acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -244,10 +252,11 @@ def fused_gemm(
     with ``tasks`` (M // seg_len,) int32 and ``seg_len`` -- or the decode form
     ``b3`` (K1, K2) with ``b2`` (K2, N) and ``t_out`` (M, K2) receiving
     ``a1 @ b3`` rounded to a1's dtype. bias: (N,). ``blocks`` overrides the
-    block sizes (tests use it to force several tiles). ``split_k`` (plain
-    GEMMs only) splits the K loop over that many programs per tile; default:
-    chosen so that skinny GEMMs with a long K (the shrink ``x @ P.T`` at
-    moderate T, ``dA = dy.T @ t``, ``dB = s.T @ x``) fill the GPU.
+    block sizes (tests use it to force several tiles). ``split_k`` splits
+    the K1 loop over that many programs per tile (not with ``tasks``);
+    default: chosen so that launches with few output tiles and a long K (the
+    decode form, the shrink ``x @ P.T`` at moderate T, ``dA = dy.T @ t``,
+    ``dB = s.T @ x``) fill the GPU.
     """
     m, k1 = a1.shape
     n = b1.shape[1]
@@ -275,8 +284,8 @@ def fused_gemm(
         k2 = a2.shape[1]
     elif second == 2:
         k2 = b3.shape[1]
-        if k2 > DECODE_MAX_R * 4:
-            raise ValueError(f"decode form supports r <= {DECODE_MAX_R * 4}, got {k2}")
+        if k2 > 256:
+            raise ValueError(f"the decode form keeps t in registers: r <= 256, got {k2}")
     else:
         k2 = 0
     block_r = max(16, _next_pow2(k2)) if decode else 16
@@ -286,16 +295,18 @@ def fused_gemm(
     num_m_tiles = (m // seg_len) * tiles_per_seg if tasks is not None else tiles_per_seg
     tiles = num_m_tiles * triton_cdiv(n, cfg["BLOCK_N"])
     k_blocks = triton_cdiv(k1, cfg["BLOCK_K"])
-    if second != 0 or bias is not None or tasks is not None:
+    if tasks is not None:
         split_k = 1
     elif split_k is None:
         split_k = _auto_split_k(tiles, k_blocks, c.device)
     k_per_split = triton_cdiv(k_blocks, max(1, split_k)) * cfg["BLOCK_K"]
     split_k = triton_cdiv(k1, k_per_split)
-    out = c
+    out, t_final = c, t_out
     if split_k > 1:
         # Every split writes its full tile (zeros where its K range is empty), so no init.
         c = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
+        if decode:
+            t_out = torch.empty((split_k, m, k2), dtype=torch.float32, device=c.device)
     grid = (tiles, split_k)
     dummy = c
     b2s = (b2.stride(-2), b2.stride(-1), b2.stride(0) if b2.dim() == 3 else 0) if b2 is not None else (0, 0, 0)
@@ -314,9 +325,9 @@ def fused_gemm(
         *b2s,
         *(b3.stride() if b3 is not None else (0, 0)),
         c.stride(-2), c.stride(-1),
-        *(t_out.stride() if t_out is not None else (0, 0)),
+        *((t_out.stride(-2), t_out.stride(-1)) if t_out is not None else (0, 0)),
         seg_len, tiles_per_seg, num_m_tiles,
-        k_per_split, c.stride(0) if split_k > 1 else 0,
+        k_per_split, c.stride(0) if split_k > 1 else 0, t_out.stride(0) if split_k > 1 and decode else 0,
         HAS_BIAS=bias is not None,
         SECOND=second,
         HAS_TASKS=tasks is not None,
@@ -329,6 +340,8 @@ def fused_gemm(
     )
     if split_k > 1:
         out.copy_(c.sum(0))  # fixed-order reduction of the partials: deterministic
+        if decode:
+            t_final.copy_(t_out.sum(0))
     return out
 
 

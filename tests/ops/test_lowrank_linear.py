@@ -131,6 +131,25 @@ def test_split_k_partials_sum_to_the_product(split_k, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("decode", [True, False])
+def test_split_k_in_the_fused_forms(decode, monkeypatch):
+    """Split-K of the decode and concatenated-K launches: bias and low-rank term added once, t summed."""
+    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    x, w, b, basis, m = make_inputs(5, 70, 36, 6, "input", torch.float32, seed=4)
+    a, bb = reference.lowrank_factors(basis, m, "input")
+    want_y = reference.lowrank_linear(f64(x), f64(w), f64(b), f64(a), f64(bb))
+    y = ll.alloc((5, 36), torch.float32, x.device)
+    if decode:
+        t = ll.alloc((5, 6), torch.float32, x.device)
+        ll.fused_gemm(y, x, w.T, b3=bb.T, b2=a.T, t_out=t, bias=b, split_k=3)
+        assert_close_to_reference(t, f64(x) @ f64(bb).T, torch.float32, "t")
+    else:
+        t = x @ bb.T
+        ll.fused_gemm(y, x, w.T, a2=t, b2=a.T, bias=b, split_k=3)
+    assert_close_to_reference(y, want_y, torch.float32, "y")
+
+
+@needs_triton
 def test_decode_path_is_one_launch(monkeypatch):
     launches = []
     real = ll.fused_gemm
