@@ -17,6 +17,7 @@ holding a stale copy.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,28 @@ class AdapterSpec:
     side: str
     rank: int
     group: str
+
+
+#: In ``adapter_names``: this sequence uses the base model, no adapter.
+BASE_ADAPTER = "__base__"
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str]):
+    """Within the block, every PiCaLinear of ``model`` serves sequence i of the batch with ``adapter_names[i]``.
+
+    For models whose forward cannot pass ``adapter_names`` down to the layers
+    (any Hugging Face model). Inputs must be (batch, seq, in) with
+    ``batch == len(adapter_names)``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, PiCaLinear)]
+    for layer in layers:
+        layer._mixed_batch_names = list(adapter_names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._mixed_batch_names = None
 
 
 def basis_buffer_name(side: str, rank: int) -> str:
@@ -257,7 +280,19 @@ class PiCaLinear(nn.Module):
             self.active_adapter = next(iter(self.adapters), None)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """``x`` (..., in) -> (..., out) with the active adapter.
+
+        ``adapter_names`` (or :func:`mixed_batch` around a whole model): one
+        adapter name per sequence of ``x`` (batch, seq, in), ``BASE_ADAPTER``
+        for the base model alone. Input-side adapters of equal rank share the
+        basis, so such a batch runs as one multi-task launch
+        (:func:`pica_kernels.ops.multitask_pica_linear`); other mixes run
+        sequence by sequence.
+        """
+        names = adapter_names if adapter_names is not None else getattr(self, "_mixed_batch_names", None)
+        if names is not None and not self.disabled and not self.merged:
+            return self._forward_mixed(x, list(names))
         if self.disabled or self.active_adapter is None:
             if self.merged:
                 # Like PEFT: a disabled adapter must give the base output exactly.
@@ -271,6 +306,39 @@ class PiCaLinear(nn.Module):
         return pica_linear(
             x, self.base_weight, self.base_layer.bias, self.basis(), self.m(), side=spec.side
         )
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        from .ops import multitask_pica_linear, pica_linear
+
+        if x.dim() != 3 or x.shape[0] != len(names):
+            raise ValueError(f"adapter_names needs x of shape (batch={len(names)}, seq, in), got {tuple(x.shape)}")
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.adapters})
+        if unknown:
+            raise KeyError(f"unknown adapters {unknown}; this layer has {sorted(self.adapters)}")
+        used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
+        specs = {(self.adapters[n].side, self.adapters[n].rank) for n in used}
+        if len(specs) == 1 and next(iter(specs))[0] == "input":
+            # One basis for all: stack the M's (a few (out, r) copies), one multi-task launch.
+            ms = [self.m(n) for n in used]
+            dtype = torch.promote_types(ms[0].dtype, torch.float32) if len({m.dtype for m in ms}) > 1 else ms[0].dtype
+            if BASE_ADAPTER in names:
+                ms.append(torch.zeros_like(ms[0]))
+            m_stack = torch.stack([m.to(dtype) for m in ms])
+            index = {n: i for i, n in enumerate(used)}
+            ids = torch.tensor([index.get(n, len(used)) for n in names], device=x.device)
+            return multitask_pica_linear(
+                x, self.base_weight, self.base_layer.bias, self.basis(used[0]), m_stack, ids
+            )
+        outs = []
+        for i, name in enumerate(names):
+            xi = x[i : i + 1]
+            if name == BASE_ADAPTER:
+                outs.append(self.base_layer(xi))
+            else:
+                spec = self.adapters[name]
+                outs.append(pica_linear(xi, self.base_weight, self.base_layer.bias, self.basis(name),
+                                        self.m(name), side=spec.side))
+        return torch.cat(outs)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
@@ -317,3 +385,42 @@ class PiCaLinear(nn.Module):
     def extra_repr(self) -> str:
         specs = ", ".join(f"{n}: side={s.side}, r={s.rank}, group={s.group}" for n, s in self.adapters.items())
         return f"in={self.in_features}, out={self.out_features}, active={self.active_adapter!r}, [{specs}]"
+
+
+def grouped_forward(x: torch.Tensor, layers: list[PiCaLinear], *, backend: str = "auto") -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` for layers that share their input (q/k/v, gate/up), one shrink launch.
+
+    The low-rank shrinks of all layers run as one GEMM against their
+    concatenated ``B`` factors (:func:`pica_kernels.ops.grouped_lowrank_linear`);
+    each layer then runs its concatenated-K GEMM. Layers that are merged,
+    disabled, without an active adapter, or have a trainable base weight run
+    on their own. x: (..., in); returns one (..., out_i) per layer.
+    """
+    from .ops import grouped_lowrank_linear
+
+    fused = [
+        i for i, layer in enumerate(layers)
+        if not (layer.disabled or layer.merged or layer.active_adapter is None
+                or layer.base_weight.requires_grad
+                or (layer.base_layer.bias is not None and layer.base_layer.bias.requires_grad))
+    ]
+    outs: list[torch.Tensor | None] = [None] * len(layers)
+    if len(fused) >= 2:
+        a_list, b_list, ranks = [], [], []
+        for i in fused:
+            spec = layers[i].adapters[layers[i].active_adapter]
+            a, b = reference.lowrank_factors(layers[i].basis(), layers[i].m(), spec.side)
+            a_list.append(a)
+            b_list.append(b)
+            ranks.append(spec.rank)
+        dtype = b_list[0].dtype
+        for b in b_list[1:]:
+            dtype = torch.promote_types(dtype, b.dtype)
+        b_cat = torch.cat([b.to(dtype) for b in b_list])  # (sum r, in): frozen bases, or output-side M's
+        ys = grouped_lowrank_linear(
+            x, [layers[i].base_weight for i in fused], [layers[i].base_layer.bias for i in fused],
+            a_list, b_cat, ranks, backend=backend,
+        )
+        for i, y in zip(fused, ys):
+            outs[i] = y
+    return [y if y is not None else layer(x) for y, layer in zip(outs, layers)]

@@ -1,8 +1,11 @@
 """``pica_linear``: the PiCa forward, ``y = x@W.T + low-rank term + b``.
 
 Validates its arguments (a wrong shape must fail loudly here rather than
-broadcast into a silently wrong result) and runs the reference math. The fused
-Triton path (DESIGN.md section 3) will dispatch from here for CUDA tensors.
+broadcast into a silently wrong result) and runs the generic op
+:func:`pica_kernels.ops.lowrank_linear.lowrank_linear` with the PiCa factors:
+``(A, B) = (M, P)`` on the input side, ``(U_r, M)`` on the output side. That op
+runs the fused Triton kernels for CUDA tensors and the reference math for CPU
+tensors (rule and overrides in :mod:`pica_kernels.ops.backend`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .lowrank_linear import lowrank_linear
 
 
 def _check(x, weight, bias, basis, m, side) -> None:
@@ -48,13 +52,18 @@ def pica_linear(
     basis: torch.Tensor,
     m: torch.Tensor,
     side: str = "input",
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """PiCa forward.
 
     x: (..., in); weight: (out, in); bias: (out,) or None;
     side="input": basis (r, in), m (out, r); side="output": basis (out, r), m (r, in).
+    backend: "auto" | "reference" | "triton" (see :mod:`pica_kernels.ops.backend`).
     Returns (..., out) in x.dtype. Differentiable in x and m (and weight/basis
-    if they require grad).
+    if they require grad). Saved for backward: ``t = x @ P.T`` (T, r) on the
+    input side, ``x`` on the output side (``dM`` needs it there).
     """
     _check(x, weight, bias, basis, m, side)
-    return reference.pica_linear(x, weight, bias, basis, m, side)
+    a, b = reference.lowrank_factors(basis, m, side)
+    return lowrank_linear(x, weight, bias, a, b, backend=backend)

@@ -1,0 +1,76 @@
+"""Which implementation an op runs: the pure-PyTorch reference or the Triton kernels.
+
+Dispatch rule (every op of :mod:`pica_kernels.ops` follows it):
+
+1. An explicit ``backend="reference"`` or ``backend="triton"`` argument wins.
+2. Otherwise (``backend="auto"``, the default) the environment variable
+   ``PICA_KERNELS_BACKEND`` (``reference`` | ``triton`` | ``auto``) decides.
+3. ``auto``: Triton for CUDA tensors when ``triton`` imports, the reference
+   otherwise (CPU tensors, or no Triton).
+4. Whatever was asked, float64 (and any dtype other than fp16/bf16/fp32) runs
+   the reference: the kernels are written for the training dtypes, and the
+   interpreter's float64 ``tl.dot`` returned NaN when tried (triton 3.9).
+
+``triton`` on CPU tensors is allowed only under the Triton CPU interpreter
+(``TRITON_INTERPRET=1`` in the environment); this is how the tests run the
+kernels on machines without a GPU. Asking for ``triton`` where it cannot run
+raises instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "PICA_KERNELS_BACKEND"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising something else
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``"reference"`` or ``"triton"`` for ``dtype`` tensors on ``device`` (rule in the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return "reference"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton" and not triton_can_run(device):
+        why = (
+            "triton is not installed (pip install 'pica_kernels[triton]')"
+            if not triton_available()
+            else f"tensors are on {device}; Triton runs on CUDA, or on CPU only with TRITON_INTERPRET=1"
+        )
+        raise RuntimeError(f"backend 'triton' was requested but cannot run: {why}")
+    return backend

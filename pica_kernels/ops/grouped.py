@@ -1,0 +1,130 @@
+"""``grouped_lowrank_linear``: projections that share their input (q/k/v, gate/up), one shrink launch.
+
+For n projections ``y_i = x @ W_i.T + (x @ B_i.T) @ A_i.T + bias_i`` of the
+same ``x``, the shrinks of all of them run as ONE launch against the
+concatenated bases ``B_cat = cat(B_i)`` (sum r_i, in): ``t = x @ B_cat.T``
+(T, sum r_i), read ``x`` once. Each projection then runs its concatenated-K
+GEMM ``[x | t_i] @ [W_i | A_i].T`` with ``t_i`` a strided column slice of ``t``
+(no copy). n + 1 launches instead of 2n, and ``x`` is read n + 1 times
+instead of 2n.
+
+``B_cat`` is an argument, not built per call: PiCa's bases are frozen, so the
+caller concatenates them once (e.g. at ``apply_pica`` time) and keeps it.
+
+Shapes: x (T, in) (or (..., in)); weights[i] (out_i, in); biases[i] (out_i,)
+or None; a[i] (out_i, r_i); b_cat (sum r_i, in); ranks = [r_i].
+Returns [y_i (..., out_i)].
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .backend import resolve_backend
+
+# The module (kernels, launcher, alloc), not the function pica_kernels.ops re-exports under its name.
+_ll = importlib.import_module(f"{__package__}.lowrank_linear")
+
+
+def _slices(ranks):
+    off = 0
+    for r in ranks:
+        yield off, off + r
+        off += r
+
+
+@torch.library.custom_op("pica_kernels::grouped_lowrank_linear", mutates_args=())
+def _grouped_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    a: list[torch.Tensor],
+    b_cat: torch.Tensor,
+    ranks: list[int],
+    backend: str,
+) -> list[torch.Tensor]:
+    """x (T, in) -> [y_i (T, out_i)] + [t (T, sum r_i)] (t last, saved for backward)."""
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
+        t = _ll.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
+        _ll.fused_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
+        ys = []
+        for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
+            y = _ll.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
+            ys.append(_ll.fused_gemm(y, x, w.T, a2=t[:, lo:hi], b2=ai.T, bias=bias))
+        return [*ys, t]
+    t = torch.nn.functional.linear(x, b_cat.to(x.dtype))
+    ys = [
+        torch.nn.functional.linear(x, w, bias) + torch.nn.functional.linear(t[:, lo:hi], ai.to(x.dtype))
+        for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a)
+    ]
+    return [*ys, t]
+
+
+@_grouped_op.register_fake
+def _(x, weights, biases, a, b_cat, ranks, backend):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], b_cat.shape[0])]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, a, b_cat, ranks, backend = inputs
+    # needs_input_grad is laid out over flattened list arguments; ask the tensors.
+    need_x, need_b = x.requires_grad, b_cat.requires_grad
+    ctx.save_for_backward(x if need_b else None, output[-1], b_cat, *weights, *a)
+    ctx.n = len(weights)
+    ctx.ranks = list(ranks)
+    ctx.need_x, ctx.need_b = need_x, need_b
+    ctx.need_a = any(ai.requires_grad for ai in a)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[-1])
+
+
+def _backward(ctx, grads):
+    x, t, b_cat, *rest = ctx.saved_tensors
+    weights, a = rest[: ctx.n], rest[ctx.n :]
+    dx = None
+    da, db = [], []
+    for i, ((lo, hi), dy) in enumerate(zip(_slices(ctx.ranks), grads[:-1])):
+        gx, ga, gb = torch.ops.pica_kernels.lowrank_linear_backward(
+            dy, x, t[:, lo:hi], weights[i], a[i], b_cat[lo:hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend
+        )
+        if ctx.need_x:
+            dx = gx if dx is None else dx + gx
+        da.append(ga if ctx.need_a else None)
+        db.append(gb)
+    # torch.library sees an optional-tensor list (biases) as one leaf: frozen biases only.
+    return dx, [None] * ctx.n, None, da, torch.cat(db) if ctx.need_b else None, None, None
+
+
+_grouped_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_lowrank_linear(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    a: list[torch.Tensor],
+    b_cat: torch.Tensor,
+    ranks: list[int],
+    *,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """Projections sharing ``x``; shapes in the module docstring. Differentiable in x, each a[i] and b_cat.
+
+    Frozen weights and biases only (PiCa and LoRA freeze them); ``a`` and ``b_cat`` may be
+    any floating dtype (cast on the fly, as in :func:`lowrank_linear`).
+    """
+    if not (len(weights) == len(biases) == len(a) == len(ranks)) or not weights:
+        raise ValueError("weights, biases, a and ranks must be non-empty lists of the same length")
+    if sum(ranks) != b_cat.shape[0]:
+        raise ValueError(f"b_cat has {b_cat.shape[0]} rows, ranks sum to {sum(ranks)}")
+    for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
+        _ll.check_lowrank_args(x, w, bias, ai, b_cat[lo:hi])
+        if w.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("grouped_lowrank_linear expects a frozen weight and bias; use lowrank_linear otherwise")
+    lead = x.shape[:-1]
+    outs = torch.ops.pica_kernels.grouped_lowrank_linear(
+        x.reshape(-1, x.shape[-1]), list(weights), list(biases), list(a), b_cat, list(ranks), backend
+    )
+    return [y.reshape(*lead, w.shape[0]) for y, w in zip(outs[:-1], weights)]

@@ -1,0 +1,126 @@
+"""``multitask_pica_linear``: one batch, several PiCa adapters (one per sequence), the basis shared.
+
+Input-side adapters of one layer with equal rank share the basis ``P`` and
+differ only in ``M``. A batch whose sequences name different adapters
+(multi-tenant serving, multi-task evaluation) then needs ``t = x @ P.T`` only
+once for all tokens, and one concatenated-K GEMM in which every row tile
+takes the ``M`` of its sequence: the segment scheme of punica / vLLM's LoRA
+kernels, with sequences as segments. Two launches whatever the number of
+adapters.
+
+Shapes: x (B, S, in) -- segment = one sequence of S tokens; weight (out, in);
+bias (out,) or None; basis P (r, in); m_stack (n_adapters, out, r);
+adapter_ids (B,) integer, the index into m_stack of each sequence.
+Returns y (B, S, out) in x.dtype.
+
+Backward (training several tasks in one batch) is plain PyTorch, batched per
+sequence; ``dM`` of each adapter sums its sequences through a one-hot matmul
+(deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from .backend import resolve_backend
+
+# The module (kernels, launcher, alloc), not the function pica_kernels.ops re-exports under its name.
+_ll = importlib.import_module(f"{__package__}.lowrank_linear")
+
+
+@torch.library.custom_op("pica_kernels::multitask_lowrank_linear", mutates_args=())
+def _multitask_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    m_stack: torch.Tensor,
+    basis: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward."""
+    nseq, seq_len, in_f = x.shape
+    x2 = x.reshape(nseq * seq_len, in_f)
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
+        t = _ll.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
+        _ll.fused_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
+        y = _ll.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
+        if seq_len > 0:
+            _ll.fused_gemm(
+                y, x2, weight.T, a2=t, b2=m_stack.transpose(1, 2), bias=bias,
+                tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
+            )
+        return y.view(nseq, seq_len, -1), t.view(nseq, seq_len, -1)
+    t = F.linear(x, basis.to(x.dtype))
+    low = torch.bmm(t, m_stack.to(x.dtype)[adapter_ids].transpose(1, 2))
+    return F.linear(x, weight, bias) + low, t
+
+
+@_multitask_op.register_fake
+def _(x, weight, bias, m_stack, basis, adapter_ids, backend):
+    return x.new_empty(*x.shape[:2], weight.shape[0]), x.new_empty(*x.shape[:2], basis.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, m_stack, basis, adapter_ids, backend = inputs
+    ctx.save_for_backward(output[1], weight, m_stack, basis, adapter_ids)
+    ctx.need = ctx.needs_input_grad[:4]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dt):
+    t, weight, m_stack, basis, ids = ctx.saved_tensors
+    need_x, _need_w, need_bias, need_m = ctx.need
+    dx = dbias = dm = None
+    if need_x:
+        s = torch.bmm(dy, m_stack.to(dy.dtype)[ids])  # (B, S, r)
+        dx = dy @ weight + s @ basis.to(dy.dtype)
+    if need_m:
+        per_seq = torch.bmm(dy.transpose(1, 2).float(), t.float())  # (B, out, r), fp32
+        onehot = F.one_hot(ids.long(), m_stack.shape[0]).to(per_seq.dtype)  # (B, n)
+        dm = (onehot.T @ per_seq.flatten(1)).view(m_stack.shape).to(m_stack.dtype)
+    if need_bias:
+        dbias = dy.sum((0, 1))
+    return dx, None, dbias, dm, None, None, None
+
+
+_multitask_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def multitask_pica_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    basis: torch.Tensor,
+    m_stack: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Input-side PiCa with one adapter per sequence; shapes in the module docstring.
+
+    Differentiable in x, m_stack and bias (W and the basis frozen).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, seq, in), got shape {tuple(x.shape)}")
+    if weight.requires_grad or basis.requires_grad:
+        raise ValueError("multitask_pica_linear expects a frozen weight and basis")
+    out_f, in_f = weight.shape
+    if m_stack.dim() != 3 or basis.dim() != 2:
+        raise ValueError(f"m_stack must be (n, out, r) and basis (r, in), got {tuple(m_stack.shape)}, "
+                         f"{tuple(basis.shape)}")
+    _ll.check_lowrank_args(x, weight, bias, m_stack[0], basis)
+    if adapter_ids.shape != (x.shape[0],) or adapter_ids.dtype.is_floating_point:
+        raise ValueError(f"adapter_ids must be integer of shape ({x.shape[0]},), got {adapter_ids.dtype} "
+                         f"{tuple(adapter_ids.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
+    if not torch.compiler.is_compiling() and adapter_ids.numel() and not (
+        0 <= int(adapter_ids.min()) and int(adapter_ids.max()) < m_stack.shape[0]
+    ):  # an out-of-range id would make the kernel read outside m_stack
+        raise ValueError(f"adapter_ids must lie in [0, {m_stack.shape[0]}), got {adapter_ids.tolist()}")
+    y, _ = torch.ops.pica_kernels.multitask_lowrank_linear(x, weight, bias, m_stack, basis, adapter_ids, backend)
+    return y

@@ -1,0 +1,72 @@
+"""Shared by the kernel tests: interpreter switch, NaN-poisoning fixture, tolerance table, error metric.
+
+Without a GPU, Triton runs only in its interpreter, on CPU tensors, and only
+if ``TRITON_INTERPRET=1`` is set before a kernel is built; it is set here, on
+import (pica_kernels builds its kernels lazily, on first launch, so an
+earlier ``import pica_kernels`` does not matter). The tests then force the
+kernel path with ``backend="triton"``.
+
+Not a conftest.py: tests elsewhere in tests/ do ``from conftest import ...``,
+and a second conftest module would shadow theirs. Test modules import
+``poison_kernel_outputs`` from here, which makes it autouse for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pica_kernels.ops.backend import triton_available  # noqa: E402
+
+# The module, not the function of the same name that pica_kernels.ops re-exports.
+ll = importlib.import_module("pica_kernels.ops.lowrank_linear")
+
+# One tolerance table per dtype (FlagGems style): the largest error allowed,
+# relative to max(1, max |expected|), of a result against the float64
+# reference. Inputs are O(1) and reductions run over <= a few hundred terms;
+# fp16/bf16 allow a few units in the last place of the output magnitude.
+TOLERANCES = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+needs_triton = pytest.mark.skipif(
+    not triton_available(), reason="triton is not importable (pip install 'pica_kernels[triton]')"
+)
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual = actual.detach().cpu().to(torch.float64)
+    expected = expected.detach().cpu().to(torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return 0.0
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an element the kernel never wrote?)"
+    err = max_rel_err(actual, expected)
+    assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3e} > {TOLERANCES[dtype]:.1e} for {dtype}"
+
+
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an element left unwritten fails the test."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ll, "alloc", poisoned)
