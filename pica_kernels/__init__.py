@@ -8,12 +8,14 @@ Public API (see README.md):
     merge, unmerge, merge_and_unload         fold ΔW into the base weights
     set_adapter, disable_adapter, delete_adapter   several adapters on one model
     truncated_svd, pica_linear               the ops
+    lowrank_linear                           backend entry point: y = x@W.T + (x@B.T)@A.T + b
+    mixed_batch                              one adapter per sequence of a batch
 """
 
 __version__ = "0.1.0"
 
 from .adapters import AdapterMismatchError, load_adapter, save_adapter
-from .layer import PiCaLinear
+from .layer import PiCaLinear, mixed_batch
 from .model import (
     PiCaConfig,
     apply_pica,
@@ -25,7 +27,7 @@ from .model import (
     set_adapter,
     unmerge,
 )
-from .ops import pica_linear
+from .ops import lowrank_linear, pica_linear
 from .svd import truncated_svd
 
 __all__ = [
@@ -36,8 +38,10 @@ __all__ = [
     "delete_adapter",
     "disable_adapter",
     "load_adapter",
+    "lowrank_linear",
     "merge",
     "merge_and_unload",
+    "mixed_batch",
     "parameter_report",
     "pica_linear",
     "save_adapter",
