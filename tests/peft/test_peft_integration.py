@@ -437,3 +437,34 @@ def test_bad_targets_and_rank_raise():
         get_peft_model(tiny_model("llama"), PiCaPeftConfig(r=4, target_modules=["no_such_proj"]))
     with pytest.raises(ValueError, match="side"):
         PiCaPeftConfig(side="left")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_hf_gradient_checkpointing_gives_same_m_grads(use_reentrant):
+    ids = _ids(batch=2)
+    ref = _pica_model()
+    _randomize(ref)
+    ref.train()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    base = tiny_model("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model = get_peft_model(base, PiCaPeftConfig(r=4))
+    _randomize(model)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for key, m in ref.base_model.pica_M["default"].items():
+        got = model.base_model.pica_M["default"][key].grad
+        assert got is not None
+        torch.testing.assert_close(got, m.grad, atol=1e-7, rtol=1e-6)
+
+
+def test_low_cpu_mem_usage_load_keeps_m_shared(tmp_path):
+    model = _pica_model()
+    _randomize(model)
+    ids = _ids()
+    adapted = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    _assert_m_shared(loaded)  # load_state_dict(assign=True) replaced the Parameters; layers look M up by key
+    assert torch.equal(_logits(loaded, ids), adapted)
