@@ -1,4 +1,10 @@
-"""DDP (gloo, 2 CPU processes) with a shared M: gradients and updated M equal a single-process run."""
+"""DDP and FSDP2 (gloo, 2 CPU processes) with a shared M: gradients and updated M equal a single-process run.
+
+FSDP2 (``fully_shard``) wraps every decoder layer and then the root: the shared M
+live on the PEFT tuner, outside the decoder layers, so they belong to the root
+group (unsharded for the whole forward and backward, reduce-scattered once);
+no "parameter shared with another FSDP group" problem arises.
+"""
 
 from __future__ import annotations
 
@@ -44,12 +50,23 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        ids = _batch().chunk(world)[rank]  # each rank its half of the global batch
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        ids = _batch().chunk(world)[rank]  # each rank its half of the global batch
-        grads, updated = _step(model, ddp, ids)
+        results = {"ddp": _step(model, ddp, ids)}
+
+        from torch.distributed.fsdp import fully_shard
+
+        model = _model()
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        grads, updated = _step(model, model, ids)
+        # M are DTensors sharded over the 2 ranks: gather them to compare with the single-process run.
+        results["fsdp2"] = ({k: g.full_tensor() for k, g in grads.items()},
+                            {k: m.full_tensor() for k, m in updated.items()})
         if rank == 0:
-            torch.save({"grads": grads, "updated": updated}, out)
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
@@ -60,14 +77,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_shared_m_matches_single_process(tmp_path):
+def test_ddp_and_fsdp2_two_processes_shared_m_match_single_process(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    got = torch.load(out)
+    results = torch.load(out)
     model = _model()
     grads, updated = _step(model, model, _batch())  # the same global batch in one process
-    assert set(got["grads"]) == set(grads) and len(grads) == 5
-    for key in grads:
-        assert grads[key].abs().sum() > 0
-        torch.testing.assert_close(got["grads"][key], grads[key], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(got["updated"][key], updated[key], atol=1e-7, rtol=1e-6)
+    assert len(grads) == 5 and all(g.abs().sum() > 0 for g in grads.values())
+    for kind in ("ddp", "fsdp2"):
+        got_grads, got_updated = results[kind]
+        assert set(got_grads) == set(grads), kind
+        for key in grads:
+            torch.testing.assert_close(got_grads[key], grads[key], atol=1e-6, rtol=1e-5, msg=f"{kind} {key}")
+            torch.testing.assert_close(got_updated[key], updated[key], atol=1e-7, rtol=1e-6, msg=f"{kind} {key}")
