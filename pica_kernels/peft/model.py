@@ -24,6 +24,7 @@ here, and what this class does instead:
 from __future__ import annotations
 
 import inspect
+import zlib
 from contextlib import contextmanager
 from functools import partial
 
@@ -92,7 +93,7 @@ class PiCaPeftModel(BaseTuner):
             return params[group]
         m = torch.zeros(shape, dtype=dtype, device=device)
         if not init_weights and device.type != "meta":
-            gen = torch.Generator().manual_seed(hash((adapter_name, group)) % 2**31)
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{adapter_name}/{group}".encode()))
             m.copy_(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * 0.05)
         params[group] = nn.Parameter(m)
         return params[group]

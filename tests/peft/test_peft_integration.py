@@ -468,3 +468,14 @@ def test_low_cpu_mem_usage_load_keeps_m_shared(tmp_path):
     assert all(p.device.type == "cpu" for p in loaded.parameters())
     _assert_m_shared(loaded)  # load_state_dict(assign=True) replaced the Parameters; layers look M up by key
     assert torch.equal(_logits(loaded, ids), adapted)
+
+
+def test_all_linear_layers_to_transform_and_model_status():
+    model = _pica_model(target_modules="all-linear")
+    assert len(model.base_model.pica_M["default"]) == 7  # + o_proj, gate_proj; never lm_head
+    assert not any("lm_head" in n for n, _ in _layers(model))
+    status = model.get_model_status()
+    assert status.peft_types == {"default": "PICA"} and status.num_adapter_layers == 7 * N_LAYERS
+    assert status.requires_grad == {"default": True} and status.enabled is True
+    some = _pica_model(layers_to_transform=[0, 2], layers_pattern="layers")
+    assert {n.split(".layers.")[1].split(".")[0] for n, _ in _layers(some)} == {"0", "2"}
