@@ -1,0 +1,324 @@
+"""``PiCaPeftModel``: the PEFT tuner of PiCa.
+
+Shared state (DESIGN.md section 9): every ``M`` lives once, in
+``self.pica_M[adapter][group]`` on the tuner (``base_model.pica_M`` of a
+``PeftModel``), so it is one Parameter in ``parameters()`` and one tensor in
+``adapter_model.safetensors``; layers hold an unregistered reference to the
+container and look ``M`` up by key. What PEFT does by default and would break
+here, and what this class does instead:
+
+- dtype cast (``autocast_adapter_dtype``): PEFT's ``cast_adapter_dtype`` swaps in
+  new Parameter objects per layer; :meth:`_cast_adapter_dtype` casts each ``M``
+  in place (``.data``), once, so it stays one object shared by its layers.
+- device moves: :meth:`PiCaPeftLinear._move_adapter_to_device_of_base_layer`
+  moves ``M`` in place, never re-wrapping it.
+- ``_pre_injection_hook`` runs for the first adapter only: ``M`` of every adapter
+  is created lazily in :meth:`_create_and_replace`.
+- ``delete_adapter``: also drops the adapter's ``M`` from the tuner.
+- save/load: ``M`` is saved once per group (key ``base_model.pica_M.<group>``);
+  bases are recomputed on load from ``W`` with the config's SVD method and seed
+  (independent of the global torch seed) and checked against a stored
+  fingerprint, or saved outright with ``store_bases=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .. import reference
+from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
+from ..model import group_key
+from ..svd import basis_fingerprint, truncated_svd
+from .config import PiCaPeftConfig
+from .layer import PiCaPeftLinear, adapter_names_pre_forward_hook
+
+# Batch of the basis SVD, in weight elements: bounds the float64 stack of one shape group (2**27 = 1 GiB).
+_SVD_BATCH_ELEMENTS = 2**27
+_LOW_PRECISION = {torch.float16, torch.bfloat16}
+FINGERPRINT_KEY = "pica_fingerprint"
+
+
+class BasisMismatchError(ValueError):
+    """The bases recomputed on load differ from those the adapter was trained with."""
+
+
+def _default_svd_method() -> str:
+    return inspect.signature(truncated_svd).parameters["method"].default
+
+
+def _fingerprint_tolerance(dtype: torch.dtype) -> float:
+    # Fingerprints are projections of unit vectors on N(0, 1) probes (O(1) values). A basis
+    # of another weight differs by O(1); rounding a basis to bf16 moves them by ~1e-2.
+    return 3e-2 if dtype in _LOW_PRECISION else 1e-3
+
+
+class PiCaPeftModel(BaseTuner):
+    """PiCa for PEFT: ``peft.get_peft_model(model, PiCaPeftConfig(...))`` (see the module docstring)."""
+
+    prefix: str = "pica_"
+    tuner_layer_cls = PiCaPeftLinear
+    target_module_mapping: dict = {}
+    uses_shared_state: bool = True
+
+    # ------------------------------------------------------------ shared M
+    def _m_store(self) -> nn.ModuleDict:
+        store = self._modules.get("pica_M")
+        if store is None:
+            store = nn.ModuleDict()
+            self.pica_M = store
+        return store
+
+    def _get_or_create_m(
+        self, adapter_name: str, group: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+        init_weights: bool,
+    ) -> nn.Parameter:
+        store = self._m_store()
+        if adapter_name not in store:
+            store[adapter_name] = nn.ParameterDict()
+        params = store[adapter_name]
+        if group in params:
+            if tuple(params[group].shape) != tuple(shape):
+                raise ValueError(
+                    f"group {group!r} of adapter {adapter_name!r} has M of shape {tuple(params[group].shape)}, "
+                    f"a layer asked for {tuple(shape)}"
+                )
+            return params[group]
+        m = torch.zeros(shape, dtype=dtype, device=device)
+        if not init_weights and device.type != "meta":
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{adapter_name}/{group}".encode()))
+            m.copy_(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * 0.05)
+        params[group] = nn.Parameter(m)
+        return params[group]
+
+    def _pre_injection_hook(self, model: nn.Module, config: PiCaPeftConfig, adapter_name: str) -> None:
+        self._m_store()
+
+    # ------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: PiCaPeftConfig, model_config: dict) -> PiCaPeftConfig:
+        if peft_config.target_modules is None:
+            raise ValueError("Please specify `target_modules` in the PiCa config")
+        if peft_config.svd_method is None:
+            peft_config.svd_method = _default_svd_method()
+        return peft_config
+
+    def _target_items(self, model: nn.Module, config: PiCaPeftConfig) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the modules this config will adapt, skipping internals of existing tuner layers."""
+        inside: list[str] = []
+        found = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(p) for p in inside):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                inside.append(key + ".")
+            if self._check_target_module_exists(config, key):
+                found.append((key, module))
+        return found
+
+    def _compute_bases(self, model: nn.Module, config: PiCaPeftConfig) -> dict[str, torch.Tensor]:
+        """Bases of every target, one batched truncated SVD per (shape, dtype, device); reuses the basis of an
+        existing adapter with the same side, rank and SVD settings."""
+        bases: dict[str, torch.Tensor] = {}
+        todo: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        for key, module in self._target_items(model, config):
+            if isinstance(module, PiCaPeftLinear):
+                for other, r in module.pica_r.items():
+                    oc = self.peft_config.get(other)
+                    if (
+                        oc is not None and r == config.r and module.pica_side[other] == config.side
+                        and (oc.svd_method, oc.svd_seed) == (config.svd_method, config.svd_seed)
+                    ):
+                        bases[key] = module.pica_basis[other]
+                        break
+                if key in bases:
+                    continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not is_supported_base(base):
+                continue  # _create_and_replace raises the clear error
+            w = weight_out_in(base)
+            if config.r > min(w.shape) or w.device.type == "meta":
+                continue
+            todo.setdefault((tuple(w.shape), w.dtype, w.device), []).append((key, w))
+        for group in todo.values():
+            step = max(1, _SVD_BATCH_ELEMENTS // group[0][1].numel())
+            for i in range(0, len(group), step):
+                chunk = group[i : i + step]
+                stack = torch.stack([w.detach() for _, w in chunk])
+                basis, _ = truncated_svd(stack, config.r, config.side, method=config.svd_method, seed=config.svd_seed)
+                for (key, _), b in zip(chunk, basis):
+                    bases[key] = b
+        return bases
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        self._prepare_adapter_config(config, self.get_model_config(model))
+        _maybe_include_all_linear_layers(config, model)
+        self._pending_bases = self._compute_bases(model, config)
+        try:
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+            )
+        finally:
+            self._pending_bases = {}
+
+    def _create_and_replace(
+        self, peft_config: PiCaPeftConfig, adapter_name: str, target: nn.Module, target_name: str,
+        parent: nn.Module, current_key: str, **optional_kwargs,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        if isinstance(target, BaseTunerLayer) and not isinstance(target, PiCaPeftLinear):
+            raise TypeError(f"{current_key!r} already holds a {type(target).__name__} adapter; PiCa cannot stack on it")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not is_supported_base(base):
+            raise TypeError(
+                f"Target module {current_key!r} is a {type(base).__name__}; PiCa supports torch.nn.Linear and "
+                "transformers Conv1D only (check target_modules)"
+            )
+        out_f, in_f = weight_out_in(base).shape
+        r, side = peft_config.r, peft_config.side
+        if r > min(out_f, in_f):
+            raise ValueError(
+                f"r={r} is larger than min(out, in) = {min(out_f, in_f)} of layer {current_key!r} "
+                f"(out={out_f}, in={in_f}); lower r or exclude that layer"
+            )
+        if is_fan_in_fan_out(base):
+            peft_config.fan_in_fan_out = True
+        basis = (getattr(self, "_pending_bases", None) or {}).get(current_key)
+        if basis is None:
+            basis, _ = truncated_svd(
+                weight_out_in(base), r, side, method=peft_config.svd_method, seed=peft_config.svd_seed
+            )
+        group = group_key(current_key, out_f, in_f, peft_config.share_m)
+        weight = base.weight
+        m_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        m = self._get_or_create_m(
+            adapter_name, group, reference.m_shape(out_f, in_f, r, side), m_dtype, weight.device,
+            peft_config.init_weights,
+        )
+        kwargs = dict(r=r, side=side, group=group, basis=basis, store_basis=peft_config.store_bases,
+                      inference_mode=peft_config.inference_mode)
+        if isinstance(target, PiCaPeftLinear):
+            target.update_layer(adapter_name, **kwargs)
+        else:
+            new_module = PiCaPeftLinear(target, self._m_store(), adapter_name, **kwargs)
+            self._replace_module(parent, target_name, new_module, target)
+        if adapter_name not in self.active_adapters:
+            m.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+
+    # -------------------------------------------------------- PEFT overrides
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Cast ``M`` of ``adapter_name`` in place (the Parameter objects, hence the sharing, survive).
+
+        autocast on: float16/bfloat16 ``M`` become float32. Off: ``M`` takes the dtype of its layers' weights.
+        """
+        store = self._modules.get("pica_M")
+        if store is None or adapter_name not in store:
+            return
+        weight_dtypes: dict[str, torch.dtype] = {}
+        for module in self.model.modules():
+            if isinstance(module, PiCaPeftLinear) and adapter_name in module.pica_group:
+                weight_dtypes.setdefault(module.pica_group[adapter_name], module.get_base_layer().weight.dtype)
+        for group, m in store[adapter_name].items():
+            if m.device.type == "meta":
+                continue
+            if autocast_adapter_dtype:
+                target = torch.float32 if m.dtype in _LOW_PRECISION else m.dtype
+            else:
+                wdt = weight_dtypes.get(group, m.dtype)
+                target = wdt if wdt.is_floating_point else m.dtype
+            if m.dtype != target:
+                with torch.no_grad():
+                    m.data = m.data.to(target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        store = self._modules.get("pica_M")
+        if store is not None and adapter_name in store:
+            del store[adapter_name]
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``model(..., adapter_names=[...])``: one adapter name (or "__base__") per sample of the batch."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged; unmerge first")
+        unknown = {n for n in adapter_names if n != "__base__"} - set(self.peft_config)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            names = [n for n in names for _ in range(num_beams)]
+        handles = []
+        for module in self.model.modules():
+            if isinstance(module, (PiCaPeftLinear, AuxiliaryTrainingWrapper)):
+                hook = partial(adapter_names_pre_forward_hook, adapter_names=names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @property
+    def merged(self) -> bool:
+        return any(m.merged for m in self.model.modules() if isinstance(m, PiCaPeftLinear))
+
+    # ------------------------------------------------------------ save/load
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if not config.store_bases:
+            # Bases are recomputed on load: store a fingerprint per layer so a drifted basis is detected.
+            for name, module in model.named_modules():
+                if isinstance(module, PiCaPeftLinear) and adapter_name in module.pica_basis:
+                    name = name.replace("_fsdp_wrapped_module.", "")
+                    fp = basis_fingerprint(module.pica_basis[adapter_name], module.pica_side[adapter_name])
+                    out[f"{name}.{FINGERPRINT_KEY}.{adapter_name}"] = fp.contiguous()
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        suffix = "." + FINGERPRINT_KEY
+        fingerprints = {k[: -len(suffix)]: v for k, v in state_dict.items() if k.endswith(suffix)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
+        if fingerprints and not config.store_bases:
+            modules = {n.replace("_fsdp_wrapped_module.", ""): m for n, m in model.named_modules()}
+            for name, stored in fingerprints.items():
+                module = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
+                if not isinstance(module, PiCaPeftLinear) or adapter_name not in module.pica_basis:
+                    raise BasisMismatchError(
+                        f"the adapter file has a PiCa basis fingerprint for {name!r}, but the model has no PiCa "
+                        f"layer of adapter {adapter_name!r} there (wrong base model or target_modules?)"
+                    )
+                basis = module.pica_basis[adapter_name]
+                got = basis_fingerprint(basis, module.pica_side[adapter_name])
+                stored = stored.to(got.dtype)
+                tol = _fingerprint_tolerance(basis.dtype)
+                if got.shape != stored.shape or float((got - stored).abs().max()) > tol:
+                    diff = float((got - stored).abs().max()) if got.shape == stored.shape else float("inf")
+                    raise BasisMismatchError(
+                        f"the PiCa basis recomputed for {name!r} differs from the one adapter {adapter_name!r} was "
+                        f"trained with (fingerprint max difference {diff:.3g} > {tol:g}); is this the same base "
+                        f"model and dtype? Save the adapter with store_bases=True to make reloads exact"
+                    )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
