@@ -164,7 +164,7 @@ std::tuple<Tensor, Tensor> truncated_svd_core(const Tensor& weight, const Tensor
     const double tol = work == at::kDouble ? 1e-8 : 1e-3;  // _ORTHO_TOL in svd.py
     if (!(err <= tol).item<bool>()) std::tie(vecs, sigma) = full(w, rank, side_input);
   }
-  return {canonicalize_signs(vecs.to(work)).contiguous(), sigma.contiguous()};
+  return {canonicalize_signs(vecs.to(work).contiguous()).contiguous(), sigma.contiguous()};
 }
 
 }  // namespace pica
