@@ -366,3 +366,42 @@ def test_smollm2_accuracy(smollm2_weights, rank):
         _, _, v = torch.svd_lowrank(w, q=rank + 8, niter=4)
         rep = accuracy_report(w, v[..., :rank].transpose(-1, -2), "input", reference=ref)
         assert rep["energy"] < 0.9999
+
+
+# --------------------------------------------------------------------------- used everywhere
+
+
+def test_apply_pica_and_save_load_use_the_batched_accurate_svd(tmp_path):
+    """apply_pica (one batched call per group), PiCaLinear and load_adapter all get their bases from truncated_svd."""
+    from torch import nn
+
+    from pica_kernels import PiCaConfig, PiCaLinear, apply_pica, load_adapter, save_adapter
+    from pica_kernels.model import pica_layers
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(96, 64, bias=False)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.layers = nn.ModuleList([Block() for _ in range(3)])
+        return model
+
+    model = apply_pica(build(), PiCaConfig(rank=8, target_modules=["q_proj"]), progress=False)
+    layers = dict(pica_layers(model))
+    stack = torch.stack([layers[f"layers.{i}.q_proj"].base_weight for i in range(3)])
+    expected, _ = truncated_svd(stack, 8, "input", method="accurate", seed=0)
+    for i in range(3):
+        assert torch.equal(layers[f"layers.{i}.q_proj"].basis(), expected[i])
+    # A standalone layer gets the same basis up to rounding (the sketch is shared across a batch).
+    lin = nn.Linear(96, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(stack[1])
+    torch.testing.assert_close(PiCaLinear(lin, 8).basis(), expected[1], atol=1e-5, rtol=0)
+    # Reloading recomputes the same bases (the fingerprint check passes).
+    save_adapter(model, tmp_path / "ad")
+    fresh = load_adapter(build(), tmp_path / "ad")
+    for i in range(3):
+        assert torch.equal(dict(pica_layers(fresh))[f"layers.{i}.q_proj"].basis(), expected[i])
