@@ -78,6 +78,19 @@ Tensor orth_block(Tensor z, const c10::optional<Tensor>& q) {
   return eigh_orth(z, at::ones_like(scale), tol);
 }
 
+// Final Rayleigh-Ritz in float64 on the r-dimensional subspace (see svd.py::_finish).
+std::tuple<Tensor, Tensor> finish(Tensor v, Tensor b, int64_t rank, bool want_short, at::ScalarType dtype) {
+  auto [r, info] = at::linalg_cholesky_ex(at::matmul(mT(v), v), /*upper=*/true, /*check_errors=*/false);
+  v = at::linalg_solve_triangular(r, v, /*upper=*/true, /*left=*/false);
+  b = at::linalg_solve_triangular(r, b, /*upper=*/true, /*left=*/false);
+  auto [lam, w] = at::linalg_eigh(at::matmul(mT(b), b), "L");
+  w = w.narrow(-1, w.size(-1) - rank, rank).flip({-1});
+  Tensor sigma = lam.narrow(-1, lam.size(-1) - rank, rank).flip({-1}).clamp_min(0).sqrt();
+  if (want_short) return {at::matmul(v, w).to(dtype), sigma};
+  Tensor inv = at::where(sigma > 0, sigma.reciprocal(), at::zeros_like(sigma));
+  return {at::matmul(b, w * inv.unsqueeze(-2)).to(dtype), sigma};
+}
+
 std::tuple<Tensor, Tensor> krylov(const Tensor& a, const Tensor& sketch, int64_t rank, int64_t steps,
                                   bool want_short) {
   Tensor q0 = orth_block(sketch.to(a.scalar_type()).unsqueeze(0), c10::nullopt);
@@ -93,22 +106,18 @@ std::tuple<Tensor, Tensor> krylov(const Tensor& a, const Tensor& sketch, int64_t
   Tensor q = at::cat(qs, -1);
   Tensor c = at::cat(ys, -1);
   Tensor c64 = c.to(at::kDouble);
-  auto [lam, e] = at::linalg_eigh(at::matmul(mT(c64), c64), "L");
-  e = e.narrow(-1, e.size(-1) - rank, rank).flip({-1});
-  Tensor sigma = lam.narrow(-1, lam.size(-1) - rank, rank).flip({-1}).clamp_min(0).sqrt();
-  if (want_short) return {at::matmul(q, e.to(a.scalar_type())), sigma};
-  Tensor inv = at::where(sigma > 0, sigma.reciprocal(), at::zeros_like(sigma));
-  return {at::matmul(c64, e * inv.unsqueeze(-2)).to(a.scalar_type()), sigma};
+  // Ritz Gram in float64, eigh in the working precision, refined by finish().
+  auto [lam, e] = at::linalg_eigh(at::matmul(mT(c64), c64).to(a.scalar_type()), "L");
+  e = e.narrow(-1, e.size(-1) - rank, rank).flip({-1}).to(at::kDouble);
+  return finish(at::matmul(q.to(at::kDouble), e), at::matmul(c64, e), rank, want_short, a.scalar_type());
 }
 
 std::tuple<Tensor, Tensor> gram(const Tensor& a, int64_t rank, bool want_short) {
   Tensor a64 = a.to(at::kDouble);
-  auto [lam, e] = at::linalg_eigh(at::matmul(mT(a64), a64), "L");
-  Tensor v = e.narrow(-1, e.size(-1) - rank, rank).flip({-1});
-  Tensor sigma = lam.narrow(-1, lam.size(-1) - rank, rank).flip({-1}).clamp_min(0).sqrt();
-  if (want_short) return {v.to(a.scalar_type()), sigma};
-  Tensor inv = at::where(sigma > 0, sigma.reciprocal(), at::zeros_like(sigma));
-  return {at::matmul(a64, v * inv.unsqueeze(-2)).to(a.scalar_type()), sigma};
+  // Gram in float64, eigh in the working precision (see svd.py::_gram for why).
+  auto [lam, e] = at::linalg_eigh(at::matmul(mT(a64), a64).to(a.scalar_type()), "L");
+  Tensor v = e.narrow(-1, e.size(-1) - rank, rank).flip({-1}).to(at::kDouble);
+  return finish(v, at::matmul(a64, v), rank, want_short, a.scalar_type());
 }
 
 std::tuple<Tensor, Tensor> full(const Tensor& w, int64_t rank, bool side_input) {
