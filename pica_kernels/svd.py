@@ -10,13 +10,14 @@ apply_pica, load_adapter all call it). Methods:
   built block by block with full re-orthogonalisation (block Gram-Schmidt
   twice, then CholeskyQR2 with float64 Grams; an eigh-based orthonormalisation
   that drops numerically null directions when Cholesky fails on a
-  rank-deficient block); then Rayleigh-Ritz: ``C = A Q``, ``eigh(CᵀC)`` in
-  float64, top ``rank`` Ritz pairs. ``A`` is the weight oriented so that the
-  Krylov vectors live on its short side ``d = min(out, in)``.
+  rank-deficient block); then Rayleigh-Ritz: ``C = A Q``, ``eigh(CᵀC)``
+  (Gram in float64), top ``rank`` Ritz pairs. ``A`` is the weight oriented so
+  that the Krylov vectors live on its short side ``d = min(out, in)``.
   When ``(steps+1)·b`` is a large fraction of ``d`` (``exact_ratio``), the
-  exact Gram path runs instead: ``eigh(AᵀA)`` in float64 -- cheaper there and
+  Gram path runs instead: ``eigh(AᵀA)`` (Gram in float64) -- cheaper there and
   immune to the rank deficiency a nearly full Krylov space runs into (GQA k/v
-  projections of SmolLM2 are 192 x 576).
+  projections of SmolLM2 are 192 x 576). Both end with a float64
+  Rayleigh-Ritz on the r-dimensional subspace found (:func:`_finish`).
 * ``"exact"``: a full float64 ``torch.linalg.svd`` (the reference; slow).
 
 The numeric core runs in the C++ extension ``pica_kernels._C`` (op
