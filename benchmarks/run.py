@@ -239,7 +239,18 @@ def env_lines(rows: list[dict], machine: dict) -> list[str]:
             f"- 1-minute load average during the run: median {statistics.median(loads):.2f}, "
             f"min {min(loads):.2f}, max {max(loads):.2f} (recorded per benchmark in raw.json)" if loads else "",
             "- float32; rounds are interleaved (each round runs every method once, shuffled); times are medians, "
-            "ratios are medians of per-round ratios", ""]
+            "ratios are medians of per-round ratios",
+            f"- clock: {_clock(rows)} (wall-clock medians are in raw.json / summary.json as wall_median_s)", ""]
+
+
+def _clock(rows: list[dict]) -> str:
+    for r in rows:
+        for m in r.get("methods", {}).values():
+            for v in m.values():
+                if isinstance(v, dict) and "clock" in v:
+                    return ("process CPU time (time.process_time): excludes time the OS gave to other jobs"
+                            if v["clock"] == "cpu-process-time" else "wall time after torch.cuda.synchronize")
+    return "unknown"
 
 
 # -------------------------------------------------------------------- plots
@@ -268,7 +279,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
                         ys = [max(m["saved_bytes"], 1) for m in ms_]
                     else:
                         ys = [max(m["peak_bytes"], 1) for m in ms_]
-                    ax.plot(ts, ys, marker="o", label=name)
+                    zero = key == "saved" and all(m["saved_bytes"] == 0 for m in ms_)
+                    ax.plot(ts, ys, marker="o", label=f"{name} (0 B, drawn at 1)" if zero else name)
                 if key == "saved":
                     ts = [r["T"] for r in cells]
                     ax.plot(ts, [t * cells[0]["rank"] * BYTES for t in ts], "k:", label="T*r*4")
