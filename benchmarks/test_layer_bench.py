@@ -122,3 +122,32 @@ def test_svft_cost_vs_shape(benchmark, n, tokens):
     benchmark.extra_info.update({"suite": "svft-scaling", "out": n, "in": n, "T": tokens,
                                  "work": n**3, "methods": info, "env": H.environment()})
     assert info["svft-p"]["trainable"] == n + 1
+
+
+OVERHEAD_T = 16384 if PROFILE == "gpu" else 4096
+OVERHEAD_ROUNDS = int(os.environ.get("BENCH_OVERHEAD_ROUNDS", 30 if PROFILE == "gpu" else 11))
+
+
+@pytest.mark.parametrize("shape", SMOLLM2, ids=[s[0] for s in SMOLLM2])
+def test_step_overhead(benchmark, shape):
+    """The training-step overhead claim, with more rounds: forward+backward of PiCa r=32 and PEFT LoRA
+    (equal rank, equal budget) against the frozen layer on SmolLM2 shapes at large T."""
+    name, out_f, in_f = shape
+    dev = H.device()
+    base, factors = H.make_base(out_f, in_f, dev)
+    rb = H.lora_budget_rank(out_f, in_f)
+    mods = {"frozen": H.fresh_copy(base), f"pica-r{H.RANK}": H.pica_layer(H.fresh_copy(base), factors),
+            f"lora-r{H.RANK}": H.peft_layer(H.fresh_copy(base), H.RANK)}
+    if rb != H.RANK:
+        mods[f"lora-r{rb}"] = H.peft_layer(H.fresh_copy(base), rb)
+    x = torch.randn(OVERHEAD_T, in_f, device=dev)
+    gy = torch.randn(OVERHEAD_T, out_f, device=dev)
+    inter = H.Interleaved({k: H.train_fn(m, x, gy) for k, m in mods.items()}, dev, seed=1)
+    inter.run_round(record=False)
+    benchmark.group = f"step-overhead {name} T={OVERHEAD_T}"
+    benchmark.pedantic(inter.run_round, rounds=OVERHEAD_ROUNDS, iterations=1)
+    timing = inter.summary("frozen")
+    info = {k: {**H.param_counts(m), "fwd+bwd": timing[k]} for k, m in mods.items()}
+    benchmark.extra_info.update({"suite": "step-overhead", "shape": name, "out": out_f, "in": in_f,
+                                 "T": OVERHEAD_T, "rank": H.RANK, "methods": info, "env": H.environment()})
+    assert all(len(v) == OVERHEAD_ROUNDS for v in inter.samples.values())
