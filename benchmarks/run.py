@@ -317,8 +317,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
                 ax.set_title(f"{shape} ({cells[0]['out']}x{cells[0]['in']})", fontsize=9)
                 ax.set_xlabel("T (tokens)")
                 ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=6)  # per panel: the budget-matched LoRA rank differs per shape
             axes[0][0].set_ylabel(ylabel)
-            axes[0][-1].legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(out / fname, dpi=110)
             plt.close(fig)
