@@ -1,4 +1,4 @@
-# Everything a fresh machine needs: `make demo` (the main job) and `make test`.
+# Everything a fresh machine needs: `make demo` (the main job), `make test` and `make bench`.
 # On the CPU-only machines this project is developed on, torch==2.13.0 is a
 # local CPU wheel; with a GPU, run e.g. `make test TORCH_SPEC=torch`.
 VENV ?= .venv
@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.pica-installed
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint bench clean
+BENCH_STAMP := $(VENV)/.pica-bench-installed
 
 install: $(STAMP)
 
@@ -26,6 +27,15 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Benchmarks (CPU suite, several minutes): JSON, markdown and PNG plots in benchmarks/results/.
+# Not part of `make test` (pytest's testpaths is tests/). GPU: bash benchmarks/gpu_bench.sh.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e ".[bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/run.py
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
