@@ -244,7 +244,10 @@ class PiCaLinear(nn.Module):
             expected = reference.basis_shape(self.out_features, self.in_features, rank, side)
             if tuple(basis.shape) != expected:
                 raise ValueError(f"basis must have shape {expected} for side={side!r}, got {tuple(basis.shape)}")
-            basis = basis.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+            basis = basis.detach().to(device=weight.device, dtype=weight.dtype)
+            # Own the storage: a row slice (V[:r]) or one item of a batched SVD
+            # result is a contiguous view that would keep the whole parent alive.
+            basis = basis.clone(memory_format=torch.contiguous_format)
             # Non-persistent: the basis is derived from W (or stored in the adapter
             # file), so model.state_dict() stays the base model's plus M.
             self.register_buffer(name, basis, persistent=False)

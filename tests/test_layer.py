@@ -173,3 +173,10 @@ def test_non_linear_base_is_rejected():
 def test_wrong_basis_shape_is_rejected():
     with pytest.raises(ValueError, match=r"basis must have shape \(4, 10\)"):
         PiCaLinear(_linear(12, 10), rank=4, basis=torch.zeros(4, 12))
+
+
+def test_basis_buffer_owns_its_storage():
+    v = torch.linalg.svd(torch.randn(12, 10))[2].contiguous()  # (10, 10), so v[:3] is a contiguous view
+    layer = PiCaLinear(_linear(12, 10), rank=3, basis=v[:3])
+    assert layer.basis().untyped_storage().nbytes() == 3 * 10 * 4  # not the whole V
+    assert torch.equal(layer.basis(), v[:3])
