@@ -206,27 +206,34 @@ def _weight_oi(module: nn.Module) -> torch.Tensor:
     return module.base_weight if isinstance(module, PiCaLinear) else weight_out_in(module)
 
 
-def _compute_bases(
-    layers: list[tuple[str, torch.Tensor]], config: PiCaConfig, progress: bool
+def batched_bases(
+    layers: list[tuple[str, torch.Tensor]],
+    rank: int,
+    side: str,
+    *,
+    method: str,
+    seed: int,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Bases of all layers, one batched truncated SVD per group of equal shape and dtype."""
+    """Bases of named (out, in) weights: one batched truncated SVD per group of equal shape, dtype and device.
+
+    Returns ``{name: basis}`` (views into the batched result). Shared by apply_pica and the PEFT tuner.
+    """
     by_shape: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for name, w in layers:
         by_shape.setdefault((tuple(w.shape), w.dtype, w.device), []).append((name, w))
     bases: dict[str, torch.Tensor] = {}
-    items = list(by_shape.values())
     bar = None
     if progress and len(layers) > 1 and layers[0][1].device.type != "meta":
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(layers), desc=f"PiCa bases (r={config.rank}, {config.side} side)", unit="layer")
-    for group in items:
-        numel = group[0][1].numel()
-        step = max(1, _SVD_BATCH_ELEMENTS // numel)
+        bar = tqdm(total=len(layers), desc=f"PiCa bases (r={rank}, {side} side)", unit="layer")
+    for group in by_shape.values():
+        step = max(1, _SVD_BATCH_ELEMENTS // group[0][1].numel())
         for i in range(0, len(group), step):
             chunk = group[i : i + step]
             stack = torch.stack([w.detach() for _, w in chunk])
-            basis, _ = truncated_svd(stack, config.rank, config.side, method=config.svd_method, seed=config.svd_seed)
+            basis, _ = truncated_svd(stack, rank, side, method=method, seed=seed)
             for (name, _), b in zip(chunk, basis):
                 bases[name] = b
             if bar is not None:
@@ -291,7 +298,8 @@ def apply_pica(
         if isinstance(module, PiCaLinear) and hasattr(module, basis_buffer_name(config.side, config.rank)):
             continue  # shared with an existing adapter of the same side and rank
         needed.append((name, _weight_oi(module)))
-    bases.update(_compute_bases(needed, config, progress))
+    bases.update(batched_bases(needed, config.rank, config.side, method=config.svd_method,
+                               seed=config.svd_seed, progress=progress))
 
     m_dtype = _DTYPES[config.m_dtype] if config.m_dtype else None
     for name, module in targets:

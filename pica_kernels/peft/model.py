@@ -35,13 +35,11 @@ from torch import nn
 
 from .. import reference
 from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
-from ..model import group_key
+from ..model import batched_bases, group_key
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
 from .layer import PiCaPeftLinear, adapter_names_pre_forward_hook
 
-# Batch of the basis SVD, in weight elements: bounds the float64 stack of one shape group (2**27 = 1 GiB).
-_SVD_BATCH_ELEMENTS = 2**27
 _LOW_PRECISION = {torch.float16, torch.bfloat16}
 FINGERPRINT_KEY = "pica_fingerprint"
 
@@ -126,7 +124,7 @@ class PiCaPeftModel(BaseTuner):
         """Bases of every target, one batched truncated SVD per (shape, dtype, device); reuses the basis of an
         existing adapter with the same side, rank and SVD settings."""
         bases: dict[str, torch.Tensor] = {}
-        todo: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        weights: list[tuple[str, torch.Tensor]] = []
         for key, module in self._target_items(model, config):
             if isinstance(module, PiCaPeftLinear):
                 for other, r in module.pica_r.items():
@@ -145,15 +143,8 @@ class PiCaPeftModel(BaseTuner):
             w = weight_out_in(base)
             if config.r > min(w.shape) or w.device.type == "meta":
                 continue
-            todo.setdefault((tuple(w.shape), w.dtype, w.device), []).append((key, w))
-        for group in todo.values():
-            step = max(1, _SVD_BATCH_ELEMENTS // group[0][1].numel())
-            for i in range(0, len(group), step):
-                chunk = group[i : i + step]
-                stack = torch.stack([w.detach() for _, w in chunk])
-                basis, _ = truncated_svd(stack, config.r, config.side, method=config.svd_method, seed=config.svd_seed)
-                for (key, _), b in zip(chunk, basis):
-                    bases[key] = b
+            weights.append((key, w))
+        bases.update(batched_bases(weights, config.r, config.side, method=config.svd_method, seed=config.svd_seed))
         return bases
 
     def inject_adapter(
