@@ -44,7 +44,8 @@ def answer(model, tok, question: str, max_new_tokens: int = 12) -> str:
     ids = tok(f"Q: {question}\nA:", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
+    return text or "(no answer: end of text)"
 
 
 def main() -> None:
