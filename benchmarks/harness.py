@@ -139,16 +139,18 @@ class PiCaReference(nn.Module):
         return reference.pica_linear(x, self.base.weight, self.base.bias, self.basis, self.m)
 
 
-def pica_kernel_available(dev: torch.device) -> bool:
-    """Hook for the kernel path: True when pica_kernels.ops routes this device to fused kernels.
+def pica_kernel_available(dev: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """True when ``pica_kernels.ops`` routes tensors of this device and dtype to the fused Triton kernels.
 
-    Today ops.pica_linear always runs the reference; the Triton kernels (DESIGN.md section 3) will
-    set ``pica_kernels.ops.KERNELS_AVAILABLE`` (or a similar flag); then the suites run both "pica"
-    (dispatching, i.e. the kernels) and "pica-ref" side by side.
+    Then the suites run both "pica" (dispatching, i.e. the kernels) and "pica-ref" (the reference
+    math called directly) side by side. Follows the ops' dispatch rule (pica_kernels/ops/backend.py).
     """
-    import pica_kernels.ops as ops
+    from pica_kernels.ops.backend import resolve_backend
 
-    return dev.type == "cuda" and bool(getattr(ops, "KERNELS_AVAILABLE", False))
+    try:
+        return resolve_backend("auto", dev, dtype) == "triton"
+    except (RuntimeError, ValueError):
+        return False
 
 
 def layer_methods(out_f: int, in_f: int, dev: torch.device, include_svft: bool = True) -> list[Method]:
