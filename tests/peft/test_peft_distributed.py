@@ -67,6 +67,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                             {k: m.full_tensor() for k, m in updated.items()})
         if rank == 0:
             torch.save(results, out)
+        # Both ranks reach here before either tears gloo down: without it, a rank that exits while
+        # its peer is still busy aborted once ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
