@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.pica-installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench paper clean
 BENCH_STAMP := $(VENV)/.pica-bench-installed
 
 install: $(STAMP)
@@ -36,6 +36,18 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py
+
+# The paper's claims at small scale (docs/results/, ~1.5 h on 2 CPU cores): parameter table, GLUE-style
+# table on all-MiniLM-L6-v2 with spectral analysis and Theorem 1 plots, SmolLM2 on GSM-8K.
+# GLUE runs resume from docs/results/glue/runs.json: delete it to start over.
+DATA ?= ../shared/data
+paper: $(STAMP)
+	$(PY) examples/param_table.py
+	$(PY) examples/glue.py --task-dir $(DATA)/SST-2 --steps 100 --batch-size 32 --out docs/results/glue/runs.json --resume
+	$(PY) examples/glue.py --task-dir $(DATA)/CoLA --steps 200 --batch-size 32 --out docs/results/glue/runs.json --resume
+	$(PY) examples/glue.py --task-dir $(DATA)/STS-B --steps 100 --batch-size 16 --out docs/results/glue/runs.json --resume
+	$(PY) examples/glue_report.py docs/results/glue/runs.json
+	$(PY) examples/gsm8k.py --out docs/results/gsm8k/results.json
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

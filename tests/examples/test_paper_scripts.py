@@ -1,0 +1,219 @@
+"""Smoke tests of the paper-reproduction scripts at tiny sizes (the full runs are committed under docs/results).
+
+examples/glue.py + glue_report.py on the real all-MiniLM-L6-v2 and GLUE files, examples/gsm8k.py on the real
+SmolLM2, examples/param_table.py on meta-device configs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+glue = _load("glue")
+glue_report = _load("glue_report")
+gsm8k = _load("gsm8k")
+param_table = _load("param_table")
+
+
+# ---------------------------------------------------------------- GLUE data
+@pytest.mark.parametrize("task, train_rows, dev_rows, metric, regression, classes", [
+    ("SST-2", 10000, 872, "accuracy", False, ["0", "1"]),
+    ("CoLA", 8551, 1043, "mcc", False, ["0", "1"]),
+    ("STS-B", 5749, 1500, "pearson", True, []),
+])
+def test_load_real_glue_tasks(task, train_rows, dev_rows, metric, regression, classes):
+    t = glue.load_task(DATA_DIR / task)
+    assert (len(t.train.texts), len(t.dev.texts)) == (train_rows, dev_rows)  # SOURCES.md row counts
+    assert (t.metric, t.regression, t.classes) == (metric, regression, classes)
+    assert len(t.train.texts[0]) == (2 if task == "STS-B" else 1)
+    assert all(isinstance(x, str) and x for x in t.train.texts[0])
+
+
+def test_validation_slice_is_carved_from_train_only():
+    t = glue.load_task(DATA_DIR / "CoLA")
+    rest, val = glue.split_validation(t.train, 300)
+    assert len(val.texts) == 300 and len(rest.texts) == len(t.train.texts) - 300
+    assert not set(val.texts) & set(rest.texts) - {x for x in val.texts if t.train.texts.count(x) > 1}
+    again_rest, again_val = glue.split_validation(t.train, 300)
+    assert again_val.texts == val.texts  # fixed seed
+    with pytest.raises(ValueError, match="--val-size must be in"):
+        glue.split_validation(t.train, len(t.train.texts))
+
+
+def test_unknown_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "train.tsv").write_text("a\tb\tc\nx\ty\tz\n")
+    (tmp_path / "dev.tsv").write_text("a\tb\tc\nx\ty\tz\n")
+    with pytest.raises(ValueError, match="cannot find text and label columns"):
+        glue.load_task(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train\\*.tsv and dev.tsv"):
+        glue.load_task(tmp_path / "missing")
+
+
+def test_metrics_match_their_definitions():
+    preds, labels = torch.tensor([1, 1, 0, 0, 1, 0]), torch.tensor([1, 0, 0, 0, 1, 1])
+    tp, tn, fp, fn = 2, 2, 1, 1
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert glue.metric_value("mcc", preds, labels) == pytest.approx(mcc)
+    assert glue.metric_value("accuracy", preds, labels) == pytest.approx(4 / 6)
+    assert glue.metric_value("mcc", torch.ones(4, dtype=torch.long), torch.tensor([0, 1, 0, 1])) == 0.0
+    x = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    assert glue.metric_value("pearson", x, 2 * x + 1) == pytest.approx(1.0)
+    assert glue.metric_value("pearson", x, -x) == pytest.approx(-1.0)
+
+
+def test_length_grouped_order_is_a_permutation_of_similar_lengths():
+    import random
+
+    lengths = [random.Random(0).randint(1, 100) for _ in range(1000)]
+    order = glue.length_grouped_order(lengths, 10, random.Random(1), mega=10)
+    assert sorted(order) == list(range(1000))
+    spread = [max(lengths[j] for j in order[i:i + 10]) - min(lengths[j] for j in order[i:i + 10])
+              for i in range(0, 1000, 10)]
+    assert sum(spread) / len(spread) < 20  # vs ~90 for random batches
+
+
+# ------------------------------------------------------- GLUE end to end
+def _tiny_pair_task(tmp_path: Path) -> Path:
+    """A GLUE-format pair task (MRPC-like header) cut from real STS-B rows: any task directory runs unchanged."""
+    d = tmp_path / "PAIRS"
+    d.mkdir()
+    sts = glue.load_task(DATA_DIR / "STS-B")
+    for split, n in (("train", 48), ("dev", 16)):
+        src = sts.train if split == "train" else sts.dev
+        rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        rows += [f"{int(y >= 2.5)}\t{i}\t{i}\t{a}\t{b}" for i, ((a, b), y) in enumerate(zip(src.texts[:n], src.labels))]
+        (d / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def test_glue_script_end_to_end_and_report(tmp_path):
+    task_dir = _tiny_pair_task(tmp_path)
+    out = tmp_path / "runs.json"
+    glue.main(["--task-dir", str(task_dir), "--steps", "4", "--seeds", "2", "--batch-size", "8",
+               "--val-size", "16", "--max-len", "32", "--lr-grid", "full=1e-4", "lora=1e-3,3e-3", "svft=1e-2",
+               "pica=1e-2", "pica-unshared=1e-2", "--max-extend", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    runs = data["runs"]
+    search = [r for r in runs if r["phase"] == "lr-search"]
+    final = [r for r in runs if r["phase"] == "final"]
+    # LoRA's two-rate grid always has its best at an edge: extended once (--max-extend 1) to a third rate.
+    assert len(search) == 7 and len(final) == 10
+    lora_lrs = sorted(r["lr"] for r in search if r["method"] == "lora")
+    assert lora_lrs[:2] in ([1e-3, 3e-3], [3e-4, 1e-3]) and len(lora_lrs) == 3
+    assert {r["task"] for r in runs} == {"PAIRS"} and final[0]["metric"] == "accuracy"
+    for r in runs:
+        assert math.isfinite(r["train_loss_last50"])
+        score = r.get("dev", r.get("validation"))
+        assert 0.0 <= score <= 1.0
+        assert ("dev" in r) == (r["phase"] == "final")  # dev never used for the search
+    lora_best = max((r for r in search if r["method"] == "lora"), key=lambda r: r["validation"])["lr"]
+    assert {r["lr"] for r in final if r["method"] == "lora"} == {lora_best}
+    params = {r["method"]: r["params"]["adapter"] for r in final}
+    # MiniLM: 6 layers x (4 x 384x384 + 1536x384 + 384x1536).
+    assert params["pica"] == 16 * (4 * 384 + 1536 + 384) == 55_296
+    assert params["pica-unshared"] == 6 * 55_296
+    assert params["lora"] == 6 * 8 * (4 * 768 + 2 * 1920) == 331_776
+    assert params["svft"] == 36 * 384 + 36
+    assert params["full"] == sum(p.numel() for n, p in glue.load_minilm()[0].named_parameters() if "pooler" not in n)
+    analysed = [r for r in final if "spectral" in r]
+    assert sorted(r["method"] for r in analysed) == sorted(glue.METHODS) and all(r["seed"] == 0 for r in analysed)
+    for r in analysed:
+        assert set(r["spectral"]) == {"1", "2", "3", "4"}
+        last = r["spectral"]["4"]
+        assert len(last) == 36 and r["peak_bytes"] > 0
+        layer = last["encoder.layer.0.attention.self.query"]
+        assert {"delta_m", "delta_d", "intruders_output", "intruders_input", "eps_output", "eps_input"} <= set(layer)
+        if r["method"].startswith("pica"):
+            # PiCa's update lives in the top-16 input subspace: nothing outside it.
+            assert max(v["projection"]["pretrained"][4] for v in last.values()) < 1e-8  # ranks[4] == 16
+
+    # Resume: nothing is re-run, records are kept.
+    glue.main(["--task-dir", str(task_dir), "--steps", "4", "--seeds", "2", "--batch-size", "8", "--val-size", "16",
+               "--lr-grid", "full=1e-4", "lora=1e-3,3e-3", "svft=1e-2", "pica=1e-2", "pica-unshared=1e-2",
+               "--out", str(out), "--resume", "--methods", "pica"])
+    assert json.loads(out.read_text())["runs"] == runs
+
+    readme = glue_report.report(out, tmp_path / "report")
+    text = readme.read_text()
+    for label in glue_report.LABEL.values():
+        assert f"| {label} |" in text
+    assert "PAIRS (acc)" in text and "(n=2)" in text
+    for png in ("intruders.png", "magnitude_direction.png", "theorem1.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+def test_grid_extends_past_an_edge_only():
+    lrs = [1e-3, 3e-3, 1e-2]
+    assert glue.extend_grid(lrs, dict(zip(lrs, [0.5, 0.6, 0.7])), True) == 3e-2
+    assert glue.extend_grid(lrs, dict(zip(lrs, [0.9, 0.6, 0.7])), True) == 3e-4
+    assert glue.extend_grid(lrs, dict(zip(lrs, [0.5, 0.8, 0.7])), True) is None
+    assert glue.extend_grid(lrs, dict(zip(lrs, [0.5, 0.6, 0.7])), False) is None
+    assert glue.extend_grid([2e-5, 5e-5, 1e-4], {2e-5: 0.1, 5e-5: 0.2, 1e-4: 0.3}, True) == 2e-4
+    # A tie (CoLA: every rate predicts the majority class, MCC 0) neither extends nor picks an edge.
+    tie = dict(zip(lrs, [0.0, 0.0, 0.0]))
+    assert glue.extend_grid(lrs, tie, True) is None
+    assert glue.choose_lr(lrs, tie) == 3e-3
+    assert glue.choose_lr(lrs, dict(zip(lrs, [0.2, 0.0, 0.2]))) == 1e-3
+    assert glue.choose_lr(lrs, dict(zip(lrs, [0.1, 0.0, 0.2]))) == 1e-2
+
+
+# ---------------------------------------------------------------- GSM-8K
+@pytest.mark.parametrize("text, number", [
+    ("so 3 + 4 = 7\n#### 7", "7"), ("#### 1,234", "1234"), ("The answer is 12.50 dollars", "12.5"),
+    ("he had 3 then 18.", "18"), ("no digits", None), ("#### -5", "-5"), ("#### 40.0", "40"),
+])
+def test_gsm8k_answer_extraction(text, number):
+    assert gsm8k.extract_number(text) == number
+
+
+def test_gsm8k_annotations_are_stripped():
+    assert gsm8k.clean_answer("48/2 = <<48/2=24>>24 clips.\n#### 72") == "48/2 = 24 clips.\n#### 72"
+
+
+@pytest.mark.slow
+def test_gsm8k_script_end_to_end(tmp_path):
+    out = tmp_path / "gsm.json"
+    gsm8k.main(["--methods", "pica", "lora", "--steps", "2", "--batch-size", "2", "--train-rows", "4",
+                "--test-rows", "2", "--eval-batch", "2", "--max-new-tokens", "8", "--pica-rank", "4",
+                "--max-len", "96", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["pica", "lora"]
+    assert runs[0]["trainable"] == 4 * (576 + 192 + 192 + 1536 + 576)  # r=4, shared, q,k,v,up,down
+    assert runs[1]["trainable"] == 30 * (1152 + 768 + 768 + 2112 + 2112)  # LoRA r=1, 30 layers
+    for r in runs:
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert r["n"] == 2 and len(r["samples"]) == 2 and 0 <= r["exact_match"] <= 1
+    assert "| pica | 12,288 |" in out.with_suffix(".md").read_text()
+
+
+# ------------------------------------------------------- parameter table
+def test_param_table_reproduces_the_paper_counts(tmp_path):
+    param_table.main(["--models", "Gemma-2B", "--out", str(tmp_path / "counts")])
+    rows = {(r["method"], r["setting"]): r for r in json.loads((tmp_path / "counts.json").read_text())}
+    assert rows[("pica", 256)]["trainable"] == 5_373_952
+    assert rows[("pica", 256)]["frozen_extra"] == 113_246_208
+    assert rows[("pica", 32)]["trainable"] == 671_744
+    assert rows[("svft_p", None)]["coefficients"] == 193_536
+    assert rows[("lora", 1)]["trainable"] == 18 * (2 * 2048 + 2 * 2304 + 2 * 18432) == 820_224
+    assert rows[("dora", 1)]["trainable"] == 820_224 + 18 * (2048 + 256 + 256 + 16384 + 2048)
+    assert rows[("full", None)]["trainable"] == 2_506_172_416
+    text = (tmp_path / "counts.md").read_text()
+    assert "| PiCa r=256 (shared) | 5.37M | 5,373,952 | 113.25M | 5.37M |" in text
