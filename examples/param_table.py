@@ -123,6 +123,7 @@ def main(argv=None) -> None:
     lines = ["# Parameter counts (meta device, `python examples/param_table.py`)", "",
              "Targets: LoRA/DoRA/PiCa on q,k,v,up,down (Gemma) or all seven projections (LLaMA-3-8B); SVFT on all "
              "seven. *frozen extra*: what the method stores besides the base model (PiCa bases, SVFT U/σ/Vh). "
+             "SVFT's trainable count is its M coefficients plus one gate per layer (Gemma-2B SVFT_P: 193,536 + 126). "
              "*paper*: the count the PiCa paper prints, where we could check it (DESIGN.md section 7).", ""]
     for model_name in args.models:
         lines += [f"## {model_name}", "", "| method | trainable | exact | frozen extra | paper |",
