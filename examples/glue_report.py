@@ -50,9 +50,8 @@ def analysed(runs, task, method):
 
 def summary_table(runs: list[dict], grid: dict) -> list[str]:
     tasks, methods = _tasks(runs), _methods(runs)
-    head = "| method | trainable (adapted layers) | " + " | ".join(
-        f"{t} ({METRIC[final_runs(runs, t, methods[0])[0]['metric']] if final_runs(runs, t, methods[0]) else '?'})"
-        for t in tasks) + " | mean |"
+    metric = {r["task"]: METRIC[r["metric"]] for r in runs}
+    head = "| method | trainable (adapted layers) | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " | mean |"
     lines = [head, "|---|---:|" + "---:|" * (len(tasks) + 1)]
     for m in methods:
         cells, means, params = [], [], None
@@ -203,8 +202,9 @@ def plots(runs: list[dict], out_dir: Path) -> list[str]:
     written.append("magnitude_direction.png")
 
     # Theorem 1: fraction of ||ΔW_full||² outside a rank-r subspace, mean over the 36 layers.
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+    with_full = [t for t in tasks if analysed(runs, t, "full") is not None] or tasks[:1]
+    fig, axes = plt.subplots(1, len(with_full), figsize=(4.2 * len(with_full), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], with_full):
         a = analysed(runs, t, "full")
         if a is None:
             ax.axis("off")
