@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from skip_policy import pytest_configure, pytest_runtest_makereport  # noqa: F401  (hooks: CI=true fails on skips)
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# `pytester` runs inner pytest sessions (tests/test_skip_policy.py checks the CI skip policy with it).
+pytest_plugins = ["pytester"]
+
+#: The small data files the tests read (slices of the real sets or generated rows; see tests/data/README.md).
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # One tolerance table per dtype (FlagGems style): (atol, rtol) of a result
 # against the float64 reference, for O(1) inputs and reductions of a few hundred terms.

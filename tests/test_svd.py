@@ -244,6 +244,7 @@ def test_backend_reported(monkeypatch):
         assert svd_mod.HAS_CPP
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cpu_and_cuda_agree():
     w = make_matrix(1024, 768, "gap32").float()

@@ -316,6 +316,7 @@ def test_env_var_routes_pica_linear_layer_to_kernels(monkeypatch):
     assert max_rel_err(y_tri, y_ref) <= TOLERANCES[torch.float32]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a CUDA device (hours in the interpreter)")
 @pytest.mark.parametrize("rank", [16, 64, 256])
 @pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (14336, 4096), (4096, 14336)])
