@@ -17,6 +17,12 @@ attention.output.dense, intermediate.dense, output.dense of the 6 encoder layers
 Every record goes to ``--out`` (JSON, appended as runs finish; ``--resume`` skips what is there), and
 ``examples/glue_report.py`` turns it into the tables and plots of docs/results/glue/.
 
+Data: a GLUE task directory as distributed (``--task-dir``: the ``train.tsv``/``dev.tsv`` of each task from
+https://gluebenchmark.com/tasks, e.g. via the ``download_glue_data.py`` script of the GLUE baselines; files
+beginning with a UTF-8 byte-order mark, as MRPC's do, are read too), or a Hugging Face dataset
+(``--dataset nyu-mll/glue:sst2``; needs the ``datasets`` extra: ``pip install 'pica_kernels[datasets]'``; its
+``train`` split, and ``validation`` as dev). tests/data/glue holds a few generated rows in the same layouts.
+
 Run: ``make paper`` (the committed results: per task, ``--steps``/``--batch-size`` as in the Makefile;
 ~1.5 h on 2 CPU cores), or for one task
     python examples/glue.py --task-dir ../shared/data/SST-2 --steps 100 --out docs/results/glue/runs.json --resume
@@ -83,7 +89,9 @@ class Task:
 
 
 def _read_rows(path: str) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: GLUE's MRPC files begin with a byte-order mark, which would otherwise glue itself to the
+    # first header name ("\ufeffQuality") and hide the label column.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
@@ -122,8 +130,40 @@ def load_task(task_dir: str | Path) -> Task:
     dev = task_dir / "dev.tsv"
     if not trains or not dev.exists():
         raise FileNotFoundError(f"--task-dir {task_dir} must contain train*.tsv and dev.tsv")
-    train, dev_split = _parse(trains[0]), _parse(str(dev))
-    name = task_dir.name
+    return _make_task(task_dir.name, _parse(trains[0]), _parse(str(dev)), where=str(task_dir))
+
+
+def load_dataset_task(name: str, config: str | None = None, **load_kwargs) -> Task:
+    """Read a GLUE task through the ``datasets`` package: ``train`` and ``validation`` (as dev) splits.
+
+    ``name`` is a Hugging Face dataset (``nyu-mll/glue`` with ``config="sst2"``) or a local dataset directory
+    (``train.jsonl`` + ``validation.jsonl``, ...); ``load_kwargs`` go to ``datasets.load_dataset``
+    (``cache_dir=...``). Text columns as in the tsv files; the label column is ``label`` (class ids or scores).
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("--dataset needs the datasets package: pip install 'pica_kernels[datasets]'") from e
+    loaded = datasets.load_dataset(name, config, **load_kwargs)
+    dev_name = next((s for s in ("validation", "dev") if s in loaded), None)
+    if "train" not in loaded or dev_name is None:
+        raise ValueError(f"--dataset {name}: expected train and validation splits, found {sorted(loaded)}")
+    splits = []
+    for split in (loaded["train"], loaded[dev_name]):
+        cols = split.column_names
+        text_cols = next((c for c in TEXT_COLUMNS if all(x in cols for x in c)), None)
+        label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
+        if text_cols is None or label_col is None:
+            raise ValueError(f"--dataset {name}: cannot find text and label columns in {cols}; expected one of "
+                             f"{[list(c) for c in TEXT_COLUMNS]} and one of {list(LABEL_COLUMNS)}")
+        texts = [tuple(str(row[c]) for c in text_cols) for row in split]
+        splits.append(Split(texts, [str(row[label_col]) for row in split]))
+    task_name = config or Path(name.rstrip("/")).name
+    return _make_task(task_name, splits[0], splits[1], where=f"--dataset {name}")
+
+
+def _make_task(name: str, train: Split, dev_split: Split, where: str) -> Task:
+    """Decide regression or classification from the labels, and the task's GLUE metric from its name."""
     try:
         values = [float(x) for x in train.labels + dev_split.labels]
         regression = any(v != int(v) for v in values)
@@ -137,7 +177,7 @@ def load_task(task_dir: str | Path) -> Task:
         classes = sorted(set(train.labels))
         unknown = set(dev_split.labels) - set(classes)
         if unknown:
-            raise ValueError(f"{task_dir}: dev labels {sorted(unknown)} never occur in train")
+            raise ValueError(f"{where}: dev labels {sorted(unknown)} never occur in train")
         metric = "mcc" if name.upper() == "COLA" else "accuracy"
     return Task(name, train, dev_split, regression, classes, metric)
 
@@ -447,7 +487,12 @@ def extend_grid(lrs: list[float], scores: dict[float, float], allowed: bool) -> 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task-dir", action="append", required=True, help="GLUE-format task directory (repeat)")
+    parser.add_argument("--task-dir", action="append", default=[],
+                        help="GLUE task directory as distributed: train*.tsv and dev.tsv (repeat); the full sets "
+                             "come from https://gluebenchmark.com/tasks")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME[:CONFIG]",
+                        help="a Hugging Face dataset instead, e.g. nyu-mll/glue:sst2, or a local dataset directory "
+                             "(train and validation splits; needs pip install 'pica_kernels[datasets]'); repeat")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
@@ -468,6 +513,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON file of run records")
     parser.add_argument("--resume", action="store_true", help="keep records already in --out and skip their runs")
     args = parser.parse_args(argv)
+    if not args.task_dir and not args.dataset:
+        parser.error("give at least one --task-dir or --dataset")
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = dict(LR_GRID)
@@ -496,8 +543,14 @@ def main(argv=None) -> None:
     def done(**key):
         return next((r for r in records if all(r.get(k) == v for k, v in key.items())), None)
 
-    for task_dir in args.task_dir:
-        task = load_task(task_dir)
+    def tasks():
+        for task_dir in args.task_dir:
+            yield load_task(task_dir)
+        for spec in args.dataset:
+            name, _, config = spec.partition(":")
+            yield load_dataset_task(name, config or None)
+
+    for task in tasks():
         rest, val = split_validation(task.train, args.val_size)
         dev = task.dev if not args.dev_limit else Split(task.dev.texts[:args.dev_limit],
                                                         task.dev.labels[:args.dev_limit])

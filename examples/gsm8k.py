@@ -9,8 +9,13 @@ reference. The base model is scored the same way.
 Budget: PiCa r=64 shared has 196,608 trainable values, LoRA r=1 (the smallest LoRA) 207,360: matched
 within 5%, LoRA a little larger. Learning rates are not tuned (one value each, in the record).
 
+Data: ``--data-dir`` holds ``train.jsonl`` and ``test.jsonl`` as distributed by OpenAI
+(https://github.com/openai/grade-school-math, grade_school_math/data/, MIT licence), or ``--dataset`` names a
+Hugging Face dataset with ``question``/``answer`` columns and train/test splits (``openai/gsm8k:main``; needs
+``pip install 'pica_kernels[datasets]'``). tests/data/gsm8k holds the first rows of each file.
+
 Run (the committed results; ~15 min on 2 CPU cores; a tiny budget: 80 steps x 4 rows):
-    python examples/gsm8k.py --out docs/results/gsm8k/results.json
+    python examples/gsm8k.py --data-dir ../shared/data/gsm8k --out docs/results/gsm8k/results.json
 """
 
 from __future__ import annotations
@@ -28,8 +33,6 @@ import torch
 import pica_kernels as pk
 from pica_kernels.registry_models import load_smollm2
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -43,6 +46,35 @@ def read_jsonl(path: Path, limit: int) -> list[dict]:
             rows.append(json.loads(line))
     if not rows:
         raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def load_rows(split: str, limit: int, data_dir: Path | None = None, dataset: str | None = None,
+              **load_kwargs) -> list[dict]:
+    """The first ``limit`` rows ({"question", "answer"}) of ``split`` ("train" or "test").
+
+    From ``data_dir/{split}.jsonl``, or through ``datasets.load_dataset`` when ``dataset`` ("NAME[:CONFIG]",
+    a hub name or a local dataset directory) is given; ``load_kwargs`` go to ``load_dataset``.
+    """
+    if (data_dir is None) == (dataset is None):
+        raise ValueError("give exactly one of --data-dir and --dataset")
+    if data_dir is not None:
+        path = Path(data_dir) / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"--data-dir {data_dir} must contain {split}.jsonl (GSM-8K as distributed)")
+        return read_jsonl(path, limit)
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("--dataset needs the datasets package: pip install 'pica_kernels[datasets]'") from e
+    name, _, config = dataset.partition(":")
+    rows = datasets.load_dataset(name, config or None, split=split, **load_kwargs)
+    missing = {"question", "answer"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"--dataset {dataset}: split {split} lacks the columns {sorted(missing)}")
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in rows.select(range(min(limit, len(rows))))]
+    if not rows:
+        raise ValueError(f"--dataset {dataset}: split {split} has no rows")
     return rows
 
 
@@ -144,7 +176,11 @@ def score(model, tok, rows: list[dict], args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["base", "pica", "lora"], choices=["base", "pica", "lora"])
-    parser.add_argument("--data-dir", type=Path, default=DATA)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-dir", type=Path, help="directory with GSM-8K's train.jsonl and test.jsonl "
+                      "(https://github.com/openai/grade-school-math, grade_school_math/data/)")
+    data.add_argument("--dataset", metavar="NAME[:CONFIG]", help="a Hugging Face dataset instead (openai/gsm8k:main) "
+                      "or a local dataset directory; needs pip install 'pica_kernels[datasets]'")
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--test-rows", type=int, default=100, help="the first N test questions")
     parser.add_argument("--steps", type=int, default=80)
@@ -160,8 +196,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    train_rows = read_jsonl(args.data_dir / "train.jsonl", args.train_rows)
-    test_rows = read_jsonl(args.data_dir / "test.jsonl", args.test_rows)
+    train_rows = load_rows("train", args.train_rows, args.data_dir, args.dataset)
+    test_rows = load_rows("test", args.test_rows, args.data_dir, args.dataset)
     base, tok = load_smollm2()
     records = []
     for method in args.methods:

@@ -15,6 +15,29 @@ pytest_plugins = ["pytester"]
 #: The small data files the tests read (slices of the real sets or generated rows; see tests/data/README.md).
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-data", metavar="DIR", default=None,
+                     help="directory of the full data sets (SST-2/, CoLA/, STS-B/, gsm8k/): runs the real_data tests "
+                          "(`make test-real-data`); without it they are deselected, not skipped")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--real-data"):
+        return
+    real = [item for item in items if item.get_closest_marker("real_data")]
+    if real:
+        config.hook.pytest_deselected(items=real)
+        items[:] = [item for item in items if not item.get_closest_marker("real_data")]
+
+
+@pytest.fixture
+def real_data_dir(request: pytest.FixtureRequest) -> Path:
+    """The --real-data directory (tests using it carry @pytest.mark.real_data, so it is always given)."""
+    path = Path(request.config.getoption("--real-data"))
+    assert path.is_dir(), f"--real-data {path} is not a directory"
+    return path
+
 # One tolerance table per dtype (FlagGems style): (atol, rtol) of a result
 # against the float64 reference, for O(1) inputs and reductions of a few hundred terms.
 TOLERANCES = {

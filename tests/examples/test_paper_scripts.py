@@ -1,7 +1,8 @@
 """Smoke tests of the paper-reproduction scripts at tiny sizes (the full runs are committed under docs/results).
 
-examples/glue.py + glue_report.py on the real all-MiniLM-L6-v2 and GLUE files, examples/gsm8k.py on the real
-SmolLM2, examples/param_table.py on meta-device configs.
+examples/glue.py + glue_report.py on the real all-MiniLM-L6-v2 and GLUE-format rows (tests/data/glue: generated
+rows in the distributed layouts), examples/gsm8k.py on the real SmolLM2 and the first GSM-8K rows
+(tests/data/gsm8k), examples/param_table.py on meta-device configs. The full sets: tests/examples/test_real_data.py.
 """
 
 from __future__ import annotations
@@ -34,25 +35,69 @@ param_table = _load("param_table")
 
 
 # ---------------------------------------------------------------- GLUE data
-@pytest.mark.parametrize("task, train_rows, dev_rows, metric, regression, classes", [
-    ("SST-2", 10000, 872, "accuracy", False, ["0", "1"]),
-    ("CoLA", 8551, 1043, "mcc", False, ["0", "1"]),
-    ("STS-B", 5749, 1500, "pearson", True, []),
-])
-def test_load_real_glue_tasks(task, train_rows, dev_rows, metric, regression, classes):
-    t = glue.load_task(DATA_DIR / task)
-    assert (len(t.train.texts), len(t.dev.texts)) == (train_rows, dev_rows)  # SOURCES.md row counts
+GLUE = DATA_DIR / "glue"
+GLUE_TASKS = [  # task, train rows, dev rows, metric, regression, classes, texts per row
+    ("SST-2", 64, 24, "accuracy", False, ["0", "1"], 1),
+    ("CoLA", 80, 24, "mcc", False, ["0", "1"], 1),
+    ("STS-B", 64, 24, "pearson", True, [], 2),
+    ("MRPC", 64, 16, "accuracy", False, ["0", "1"], 2),  # files begin with a UTF-8 byte-order mark, as MRPC's do
+]
+
+
+@pytest.mark.parametrize("task, train_rows, dev_rows, metric, regression, classes, width", GLUE_TASKS)
+def test_load_glue_tasks(task, train_rows, dev_rows, metric, regression, classes, width):
+    t = glue.load_task(GLUE / task)
+    assert (len(t.train.texts), len(t.dev.texts)) == (train_rows, dev_rows)
     assert (t.metric, t.regression, t.classes) == (metric, regression, classes)
-    assert len(t.train.texts[0]) == (2 if task == "STS-B" else 1)
-    assert all(isinstance(x, str) and x for x in t.train.texts[0])
+    assert all(len(x) == width and all(isinstance(s, str) and s.strip() for s in x) for x in t.train.texts)
+    assert all(isinstance(y, float) for y in t.train.labels) == regression
+
+
+def test_glue_files_with_a_byte_order_mark_read_like_without(tmp_path):
+    raw = (GLUE / "MRPC" / "train.tsv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")  # the shipped MRPC-layout files do carry the mark
+    for task in ("SST-2", "STS-B"):
+        plain, marked = tmp_path / task, tmp_path / f"{task}-bom"
+        for d, prefix in ((plain, b""), (marked, b"\xef\xbb\xbf")):
+            d.mkdir()
+            for split in ("train.tsv", "dev.tsv"):
+                (d / split).write_bytes(prefix + (GLUE / task / split).read_bytes())
+        a, b = glue.load_task(plain), glue.load_task(marked)
+        assert (a.train, a.dev, a.classes, a.metric) == (b.train, b.dev, b.classes, b.metric)
+        assert not any("\ufeff" in s for x in b.train.texts for s in x)
+
+
+def test_glue_through_the_datasets_package_equals_the_tsv_files(tmp_path):
+    """--dataset with a local dataset directory (jsonl, as the hub serves GLUE: class ids as ints)."""
+    for task, *_ in GLUE_TASKS:
+        tsv = glue.load_task(GLUE / task)
+        d = tmp_path / task
+        d.mkdir()
+        names = ("sentence1", "sentence2") if len(tsv.train.texts[0]) == 2 else ("sentence",)
+        for split, rows in (("train", tsv.train), ("validation", tsv.dev)):
+            with (d / f"{split}.jsonl").open("w") as f:
+                for texts, label in zip(rows.texts, rows.labels):
+                    f.write(json.dumps({**dict(zip(names, texts)), "idx": 0,
+                                        "label": label if tsv.regression else int(label)}) + "\n")
+        hf = glue.load_dataset_task(str(d), cache_dir=str(tmp_path / "cache"))
+        assert hf.name == task and (hf.metric, hf.regression, hf.classes) == (tsv.metric, tsv.regression, tsv.classes)
+        assert (hf.train.texts, hf.dev.texts) == (tsv.train.texts, tsv.dev.texts)
+        if tsv.regression:
+            assert hf.train.labels == pytest.approx(tsv.train.labels)
+        else:
+            assert (hf.train.labels, hf.dev.labels) == (tsv.train.labels, tsv.dev.labels)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.jsonl").write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(ValueError, match="expected train and validation splits"):
+        glue.load_dataset_task(str(tmp_path / "bad"), cache_dir=str(tmp_path / "cache"))
 
 
 def test_validation_slice_is_carved_from_train_only():
-    t = glue.load_task(DATA_DIR / "CoLA")
-    rest, val = glue.split_validation(t.train, 300)
-    assert len(val.texts) == 300 and len(rest.texts) == len(t.train.texts) - 300
+    t = glue.load_task(GLUE / "CoLA")
+    rest, val = glue.split_validation(t.train, 20)
+    assert len(val.texts) == 20 and len(rest.texts) == len(t.train.texts) - 20
     assert not set(val.texts) & set(rest.texts) - {x for x in val.texts if t.train.texts.count(x) > 1}
-    again_rest, again_val = glue.split_validation(t.train, 300)
+    again_rest, again_val = glue.split_validation(t.train, 20)
     assert again_val.texts == val.texts  # fixed seed
     with pytest.raises(ValueError, match="--val-size must be in"):
         glue.split_validation(t.train, len(t.train.texts))
@@ -91,21 +136,8 @@ def test_length_grouped_order_is_a_permutation_of_similar_lengths():
 
 
 # ------------------------------------------------------- GLUE end to end
-def _tiny_pair_task(tmp_path: Path) -> Path:
-    """A GLUE-format pair task (MRPC-like header) cut from real STS-B rows: any task directory runs unchanged."""
-    d = tmp_path / "PAIRS"
-    d.mkdir()
-    sts = glue.load_task(DATA_DIR / "STS-B")
-    for split, n in (("train", 48), ("dev", 16)):
-        src = sts.train if split == "train" else sts.dev
-        rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        rows += [f"{int(y >= 2.5)}\t{i}\t{i}\t{a}\t{b}" for i, ((a, b), y) in enumerate(zip(src.texts[:n], src.labels))]
-        (d / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return d
-
-
 def test_glue_script_end_to_end_and_report(tmp_path):
-    task_dir = _tiny_pair_task(tmp_path)
+    task_dir = GLUE / "MRPC"  # a pair task whose files begin with a byte-order mark
     out = tmp_path / "runs.json"
     glue.main(["--task-dir", str(task_dir), "--steps", "4", "--seeds", "2", "--batch-size", "8",
                "--val-size", "16", "--max-len", "32", "--lr-grid", "full=1e-4", "lora=1e-3,3e-3", "svft=1e-2",
@@ -118,7 +150,7 @@ def test_glue_script_end_to_end_and_report(tmp_path):
     assert len(search) == 7 and len(final) == 10
     lora_lrs = sorted(r["lr"] for r in search if r["method"] == "lora")
     assert lora_lrs[:2] in ([1e-3, 3e-3], [3e-4, 1e-3]) and len(lora_lrs) == 3
-    assert {r["task"] for r in runs} == {"PAIRS"} and final[0]["metric"] == "accuracy"
+    assert {r["task"] for r in runs} == {"MRPC"} and final[0]["metric"] == "accuracy"
     for r in runs:
         assert math.isfinite(r["train_loss_last50"])
         score = r.get("dev", r.get("validation"))
@@ -155,7 +187,7 @@ def test_glue_script_end_to_end_and_report(tmp_path):
     text = readme.read_text()
     for label in glue_report.LABEL.values():
         assert f"| {label} |" in text
-    assert "PAIRS (acc)" in text and "(n=2)" in text
+    assert "MRPC (acc)" in text and "(n=2)" in text
     for png in ("intruders.png", "magnitude_direction.png", "theorem1.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
 
@@ -184,6 +216,34 @@ def test_gsm8k_answer_extraction(text, number):
     assert gsm8k.extract_number(text) == number
 
 
+def test_gsm8k_rows_from_files_and_through_datasets_agree(tmp_path):
+    train = gsm8k.load_rows("train", 5, data_dir=DATA_DIR / "gsm8k")
+    assert len(train) == 5 and train[0]["question"].startswith("Natalia sold clips")
+    assert train[0]["answer"].endswith("#### 72")
+    test = gsm8k.load_rows("test", 100, data_dir=DATA_DIR / "gsm8k")
+    assert len(test) == 8  # all the shipped test rows
+    # The same rows through the datasets package, from a local dataset directory (how the hub's copy is read).
+    hf = gsm8k.load_rows("train", 5, dataset=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path / "cache"))
+    assert hf == train
+    with pytest.raises(ValueError, match="exactly one of --data-dir and --dataset"):
+        gsm8k.load_rows("train", 5)
+    with pytest.raises(FileNotFoundError, match="must contain train.jsonl"):
+        gsm8k.load_rows("train", 5, data_dir=tmp_path)
+
+
+def test_scripts_need_a_data_location_and_say_where_to_get_it(capsys):
+    with pytest.raises(SystemExit):
+        gsm8k.main(["--out", "x.json"])
+    assert "one of the arguments --data-dir --dataset is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        glue.main(["--out", "x.json"])
+    assert "give at least one --task-dir or --dataset" in capsys.readouterr().err
+    for module, where in ((gsm8k, "github.com/openai/grade-school-math"), (glue, "gluebenchmark.com")):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        assert where in capsys.readouterr().out
+
+
 def test_gsm8k_annotations_are_stripped():
     assert gsm8k.clean_answer("48/2 = <<48/2=24>>24 clips.\n#### 72") == "48/2 = 24 clips.\n#### 72"
 
@@ -191,7 +251,7 @@ def test_gsm8k_annotations_are_stripped():
 @pytest.mark.slow
 def test_gsm8k_script_end_to_end(tmp_path):
     out = tmp_path / "gsm.json"
-    gsm8k.main(["--methods", "pica", "lora", "--steps", "2", "--batch-size", "2", "--train-rows", "4",
+    gsm8k.main(["--data-dir", str(DATA_DIR / "gsm8k"), "--methods", "pica", "lora", "--steps", "2", "--batch-size", "2", "--train-rows", "4",
                 "--test-rows", "2", "--eval-batch", "2", "--max-new-tokens", "8", "--pica-rank", "4",
                 "--max-len", "96", "--out", str(out)])
     runs = json.loads(out.read_text())["runs"]
