@@ -18,14 +18,11 @@ Returns [y_i (..., out_i)].
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .backend import resolve_backend
-
-# The module (kernels, launcher, alloc), not the function pica_kernels.ops re-exports under its name.
-_ll = importlib.import_module(f"{__package__}.lowrank_linear")
+from .kernels import launchers
+from .lowrank import check_lowrank_args
 
 
 def _slices(ranks):
@@ -47,12 +44,12 @@ def _grouped_op(
 ) -> list[torch.Tensor]:
     """x (T, in) -> [y_i (T, out_i)] + [t (T, sum r_i)] (t last, saved for backward)."""
     if resolve_backend(backend, x.device, x.dtype) == "triton":
-        t = _ll.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
-        _ll.fused_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
+        t = launchers.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
+        launchers.launch_lowrank_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
         ys = []
         for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
-            y = _ll.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
-            ys.append(_ll.fused_gemm(y, x, w.T, a2=t[:, lo:hi], b2=ai.T, bias=bias))
+            y = launchers.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
+            ys.append(launchers.launch_lowrank_gemm(y, x, w.T, t=t[:, lo:hi], factor_up=ai.T, bias=bias))
         return [*ys, t]
     t = torch.nn.functional.linear(x, b_cat.to(x.dtype))
     ys = [
@@ -120,7 +117,7 @@ def grouped_lowrank_linear(
     if sum(ranks) != b_cat.shape[0]:
         raise ValueError(f"b_cat has {b_cat.shape[0]} rows, ranks sum to {sum(ranks)}")
     for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
-        _ll.check_lowrank_args(x, w, bias, ai, b_cat[lo:hi])
+        check_lowrank_args(x, w, bias, ai, b_cat[lo:hi])
         if w.requires_grad or (bias is not None and bias.requires_grad):
             raise ValueError("grouped_lowrank_linear expects a frozen weight and bias; use lowrank_linear otherwise")
     lead = x.shape[:-1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from kernel_helpers import (
@@ -17,8 +15,8 @@ from kernel_helpers import (
 
 from pica_kernels import reference
 from pica_kernels.ops import grouped_lowrank_linear, multitask_pica_linear
-
-ll = importlib.import_module("pica_kernels.ops.lowrank_linear")
+from pica_kernels.ops.kernels import launchers
+from pica_kernels.ops.kernels.configs import config_override
 
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 
@@ -66,8 +64,8 @@ def test_grouped_matches_per_projection_reference(dtype, backend):
 @needs_triton
 def test_grouped_shrink_is_one_launch(monkeypatch):
     launches = []
-    real = ll.fused_gemm
-    monkeypatch.setattr(ll, "fused_gemm", lambda *a, **k: launches.append(a[2].shape) or real(*a, **k))
+    real = launchers.launch_lowrank_gemm
+    monkeypatch.setattr(launchers, "launch_lowrank_gemm", lambda *a, **k: launches.append(a[2].shape) or real(*a, **k))
     x, ws, bs, ms, b_cat, ranks = qkv(torch.float32)
     grouped_lowrank_linear(x, ws, bs, ms, b_cat, ranks, backend="triton")
     # 1 shrink against the concatenated bases (in, 17), then one GEMM per projection.
@@ -123,9 +121,9 @@ def test_multitask_matches_one_adapter_at_a_time(dtype, backend):
 
 
 @needs_triton
-def test_multitask_segments_span_several_tiles(monkeypatch):
+@config_override(BLOCK_ROWS=16, BLOCK_COLS=16, BLOCK_DEPTH=16)
+def test_multitask_segments_span_several_tiles():
     # 37-token sequences with 16-row tiles: 3 tiles per segment, the last one ragged.
-    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     x, w, b, p, ms = mt_inputs(torch.float32, nseq=4, seq=37, n_adapters=3, seed=4)
     ids = torch.tensor([1, 2, 0, 1], device=DEVICE)
     y = multitask_pica_linear(x, w, b, p, ms, ids, backend="triton")
