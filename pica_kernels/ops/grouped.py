@@ -70,6 +70,9 @@ def _setup_context(ctx, inputs, output):
     need_x, need_b = x.requires_grad, b_cat.requires_grad
     ctx.save_for_backward(x if need_b else None, output[-1], b_cat, *weights, *a)
     ctx.n = len(weights)
+    # torch.library flattens a list of optional tensors holding a None as ONE leaf (its gradient is
+    # a single None), but a list of tensors only as one leaf per tensor (a list of n gradients).
+    ctx.biases_are_one_leaf = any(bias is None for bias in biases)
     ctx.ranks = list(ranks)
     ctx.need_x, ctx.need_b = need_x, need_b
     ctx.need_a = any(ai.requires_grad for ai in a)
@@ -90,8 +93,8 @@ def _backward(ctx, grads):
             dx = gx if dx is None else dx + gx
         da.append(ga if ctx.need_a else None)
         db.append(gb)
-    # torch.library sees an optional-tensor list (biases) as one leaf: frozen biases only.
-    return dx, [None] * ctx.n, None, da, torch.cat(db) if ctx.need_b else None, None, None
+    dbiases = None if ctx.biases_are_one_leaf else [None] * ctx.n  # frozen biases only
+    return dx, [None] * ctx.n, dbiases, da, torch.cat(db) if ctx.need_b else None, None, None
 
 
 _grouped_op.register_autograd(_backward, setup_context=_setup_context)

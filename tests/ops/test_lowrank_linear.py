@@ -330,3 +330,24 @@ def test_real_sizes_bf16_cuda(rows, out_f, in_f, rank):
         assert torch.isfinite(got).all(), name
         err = float((got.float() - want).abs().max() / want.abs().max().clamp_min(1.0))
         assert err <= TOLERANCES[dtype], f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_zero_tokens_backward(backend):
+    """Regression: backward over T = 0 (an empty batch, an MoE expert that got no tokens) raised
+    ZeroDivisionError in the Triton launcher; every gradient must come back, dA and dB exactly zero."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (
+        torch.randn(0, 40, generator=g), torch.randn(36, 40, generator=g), torch.randn(36, generator=g),
+        torch.randn(36, 6, generator=g), torch.randn(6, 40, generator=g))]
+    y = lowrank_linear(*leaves, backend=backend)
+    assert y.shape == (0, 36)
+    y.sum().backward()
+    x, w, bias, a, b = leaves
+    assert x.grad.shape == (0, 40)
+    for name, leaf in (("dW", w), ("dbias", bias), ("dA", a), ("dB", b)):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf)), name
+    for side in reference.SIDES:  # PiCa: only x and M trainable (t saved, x not)
+        x, w, b, basis, m = make_inputs(0, 40, 36, 6, side, torch.float32)
+        _, dx, dm = run_pica(x, w, b, basis, m, side, torch.zeros(0, 36, device=DEVICE), backend)
+        assert dx.shape == (0, 40) and torch.equal(dm, torch.zeros_like(m)), side
