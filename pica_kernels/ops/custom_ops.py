@@ -29,12 +29,15 @@ def reference_forward(x, weight, bias, a, b):
 
 
 def reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
-    """Same contract as :func:`launchers.triton_backward`; what autograd computes through the reference."""
+    """Same contract as :func:`launchers.triton_backward`: the gradients of the reference math, with dA
+    and dB accumulated in (at least) fp32 like the kernels -- several layers may share M, and a bf16
+    ``dy.T @ t`` is off by ~2e-3 relative -- and returned in a's / b's own dtype."""
     dt = dy.dtype
+    acc = torch.promote_types(dt, torch.float32)
     s = dy @ a.to(dt) if (need_dx or need_db) else None
     dx = dy @ weight + s @ b.to(dt) if need_dx else None
-    da = (dy.T @ t).to(a.dtype) if need_da else None
-    db = (s.T @ x).to(b.dtype) if need_db else None
+    da = (dy.T.to(acc) @ t.to(acc)).to(a.dtype) if need_da else None
+    db = (s.T.to(acc) @ x.to(acc)).to(b.dtype) if need_db else None
     return dx, da, db
 
 
