@@ -5,7 +5,10 @@ activation ``t = x @ B.T``) and ``pica_kernels::lowrank_linear_backward``,
 each with a fake kernel, and the autograd formula tying them together, so
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work. Which
 implementation runs inside (Triton launches or the reference math) is decided
-at run time by :func:`pica_kernels.ops.backend.resolve_backend`.
+at run time by :func:`pica_kernels.ops.backend.resolve_backend`; a launch that
+fails to compile or runs out of resources on the user's GPU falls back to the
+reference branch (warned once per shape class, see
+:mod:`pica_kernels.ops.kernels.launchers`; ``PICA_KERNELS_STRICT=1`` raises).
 
 Which factors are trainable is chosen by ``requires_grad``: the backward
 computes only the gradients autograd asks for, and saves ``x`` only when a
@@ -52,7 +55,10 @@ def lowrank_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, in) -> (y (T, out), t = x @ B.T (T, r)), both in x.dtype. ``t`` is saved for backward."""
     if resolve_backend(backend, x.device, x.dtype) == "triton":
-        return launchers.triton_forward(x, weight, bias, a, b)
+        try:
+            return launchers.triton_forward(x, weight, bias, a, b)
+        except launchers.KernelFallback:
+            pass  # this shape class failed to compile or launch (warned once): the reference runs it
     return reference_forward(x, weight, bias, a, b)
 
 
@@ -75,9 +81,13 @@ def lowrank_linear_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx (T, in), dA (out, r), dB (r, in)); a gradient not asked for is an empty (0,) tensor."""
+    grads = None
     if resolve_backend(backend, dy.device, dy.dtype) == "triton":
-        grads = launchers.triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
-    else:
+        try:
+            grads = launchers.triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
+        except launchers.KernelFallback:
+            pass  # this shape class failed to compile or launch (warned once): the reference runs it
+    if grads is None:
         grads = reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
     like = (dy, a, b)
     return tuple(g if g is not None else like[i].new_empty(0) for i, g in enumerate(grads))

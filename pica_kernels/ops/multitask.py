@@ -28,6 +28,20 @@ from .kernels import launchers
 from .lowrank import check_lowrank_args
 
 
+def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids):
+    nseq, seq_len, in_f = x.shape
+    x2 = x.reshape(nseq * seq_len, in_f)
+    t = launchers.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
+    launchers.launch_lowrank_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
+    y = launchers.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
+    if seq_len > 0:
+        launchers.launch_lowrank_gemm(
+            y, x2, weight.T, t=t, factor_up=m_stack.transpose(1, 2), bias=bias,
+            tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
+        )
+    return y.view(nseq, seq_len, weight.shape[0]), t.view(nseq, seq_len, basis.shape[0])
+
+
 @torch.library.custom_op("pica_kernels::multitask_lowrank_linear", mutates_args=())
 def _multitask_op(
     x: torch.Tensor,
@@ -39,18 +53,11 @@ def _multitask_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward."""
-    nseq, seq_len, in_f = x.shape
-    x2 = x.reshape(nseq * seq_len, in_f)
     if resolve_backend(backend, x.device, x.dtype) == "triton":
-        t = launchers.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
-        launchers.launch_lowrank_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
-        y = launchers.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
-        if seq_len > 0:
-            launchers.launch_lowrank_gemm(
-                y, x2, weight.T, t=t, factor_up=m_stack.transpose(1, 2), bias=bias,
-                tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
-            )
-        return y.view(nseq, seq_len, weight.shape[0]), t.view(nseq, seq_len, basis.shape[0])
+        try:
+            return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids)
+        except launchers.KernelFallback:
+            pass  # a shape class that failed to compile or launch (warned once): the reference runs it
     t = F.linear(x, basis.to(x.dtype))
     low = torch.bmm(t, m_stack.to(x.dtype)[adapter_ids].transpose(1, 2))
     return F.linear(x, weight, bias) + low, t

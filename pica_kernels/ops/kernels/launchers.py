@@ -19,12 +19,13 @@ Importing this module does not import triton; the kernel module is imported on t
 
 from __future__ import annotations
 
-import functools
 import importlib
+import os
+import warnings
 
 import torch
 
-from .configs import Mode, block_rank, select_config
+from .configs import Mode, choose_split_k, device_props, select_config
 
 # Decode variant: one launch when T and r are this small. Each program then
 # recomputes its rows of t, reading r x in of B once per column tile; at
@@ -54,23 +55,60 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+STRICT_ENV_VAR = "PICA_KERNELS_STRICT"
 
 
-def _auto_split_k(tiles: int, depth_blocks: int, device: torch.device) -> int:
-    """Split the depth loop when the output has too few tiles to fill the GPU (two programs per SM) and
-    the depth is long. Each split keeps >= 4 depth blocks so the partial-sum traffic (split x rows x
-    cols fp32) stays small next to the operands it replaces reading serially."""
+def strict_mode() -> bool:
+    """``PICA_KERNELS_STRICT=1``: a kernel that fails to compile or launch raises instead of falling back."""
+    return os.environ.get(STRICT_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class KernelFallback(Exception):
+    """Raised by a launch whose shape class runs on the reference path (after a failure, warned once).
+
+    The ops catch it and run their reference branch; it never reaches a user.
+    """
+
+
+#: Shape classes (the launches that select one compiled kernel: device, mode, dtypes, flags, config)
+#: whose kernel failed to compile or launch in this process, with the warning given.
+FALLBACK_SHAPE_CLASSES: dict[tuple, str] = {}
+
+
+def reset_fallbacks() -> None:
+    """Forget the failed shape classes (their next launch tries the kernel again)."""
+    FALLBACK_SHAPE_CLASSES.clear()
+
+
+def _launch_failures() -> tuple[type[BaseException], ...]:
+    """What a launch raises when the kernel cannot be built or run on this GPU (not a wrong argument)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+
+    return tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n)) + (
+        CompilationError,
+    )
+
+
+def _describe_device(device: torch.device) -> str:
     if device.type != "cuda":
-        return 1
-    target = 2 * _sm_count(device)
-    if tiles >= target or depth_blocks < 8:
-        return 1
-    return max(1, min(cdiv(target, tiles), depth_blocks // 4, 64))
+        return f"the Triton CPU interpreter ({device})"
+    props = device_props(device)
+    return f"{props.name} ({props.arch}, {props.smem_per_block} B shared memory per block)"
+
+
+def _on_launch_failure(err: BaseException, key: tuple, device: torch.device, what: str, config) -> None:
+    """Strict mode: raise. Otherwise warn once for this shape class, remember it, raise KernelFallback."""
+    detail = f"{what} with {config} on {_describe_device(device)}: {type(err).__name__}: {err}"
+    if strict_mode():
+        raise RuntimeError(f"pica_kernels: the Triton kernel failed for {detail} ({STRICT_ENV_VAR}=1)") from err
+    message = (
+        f"pica_kernels: the Triton kernel failed for {detail}. This shape class runs on the reference "
+        f"(PyTorch) path from now on; set {STRICT_ENV_VAR}=1 to raise instead, and please report it."
+    )
+    FALLBACK_SHAPE_CLASSES[key] = message
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    raise KernelFallback(message) from err
 
 
 def launch_lowrank_gemm(
@@ -128,10 +166,19 @@ def launch_lowrank_gemm(
             "pica_kernels first launched one), so they cannot run on CPU tensors in this process; "
             "set TRITON_INTERPRET=1 before the first launch"
         )
-    config = select_config(rows, cols, mode, x.dtype, interpreted=kernels.INTERPRETED)
+    factor = factor_up if factor_up is not None else weight
+    props = device_props(x.device) if x.device.type == "cuda" else None
+    config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor.dtype), props,
+                           interpreted=kernels.INTERPRETED)
     blocks = config.kwargs
     operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
     cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes
+    precision = _precision(x.dtype)
+    # One compiled kernel per key: its failure (compile, resources) is the failure of every launch with it.
+    key = (str(x.device) if props is None else props.arch, mode, x.dtype, weight.dtype, factor.dtype,
+           bias is not None, tasks is not None, cast_f32, precision, tuple(sorted(config.all_kwargs().items())))
+    if key in FALLBACK_SHAPE_CLASSES:
+        raise KernelFallback(FALLBACK_SHAPE_CLASSES[key])
 
     if seg_len is None:
         seg_len = rows
@@ -142,7 +189,7 @@ def launch_lowrank_gemm(
     if tasks is not None:
         split_k = 1
     elif split_k is None:
-        split_k = _auto_split_k(tiles, depth_blocks, out.device)
+        split_k = choose_split_k(tiles, depth_blocks, props)
     # depth == 0 (a backward over zero tokens: dA = dy.T @ t reduces over nothing) still launches
     # one split, which writes the bias / low-rank term (zeros for dA) over every output element.
     depth_per_split = max(1, cdiv(depth_blocks, max(1, split_k))) * blocks["BLOCK_DEPTH"]
@@ -157,7 +204,7 @@ def launch_lowrank_gemm(
     up_strides = (0, 0, 0)
     if factor_up is not None:
         up_strides = (factor_up.stride(-2), factor_up.stride(-1), factor_up.stride(0) if factor_up.dim() == 3 else 0)
-    kernels.lowrank_gemm_kernel[(tiles, split_k)](
+    args = (
         x, weight,
         t if t is not None else dummy,
         factor_up if factor_up is not None else dummy,
@@ -176,14 +223,20 @@ def launch_lowrank_gemm(
         seg_len, tiles_per_seg, num_row_tiles,
         depth_per_split, out.stride(0) if split_k > 1 else 0,
         t_out.stride(0) if split_k > 1 and mode == Mode.DECODE else 0,
-        MODE=int(mode),
-        HAS_BIAS=bias is not None,
-        HAS_TASKS=tasks is not None,
-        CAST_F32=cast_f32,
-        PRECISION=_precision(x.dtype),
-        BLOCK_RANK=block_rank(mode, rank, blocks["BLOCK_DEPTH"]),
-        **config.all_kwargs(),
     )
+    try:
+        kernels.lowrank_gemm_kernel[(tiles, split_k)](
+            *args,
+            MODE=int(mode),
+            HAS_BIAS=bias is not None,
+            HAS_TASKS=tasks is not None,
+            CAST_F32=cast_f32,
+            PRECISION=precision,
+            **config.all_kwargs(),
+        )
+    except _launch_failures() as err:
+        what = f"{mode.name} rows={rows} cols={cols} depth={depth} rank={rank} {x.dtype}"
+        _on_launch_failure(err, key, x.device, what, config)
     if split_k > 1:
         final_out.copy_(out.sum(0))  # fixed-order reduction of the partials: deterministic
         if mode == Mode.DECODE:
