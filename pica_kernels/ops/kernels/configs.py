@@ -118,22 +118,33 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def estimate_shared_memory(blocks: dict, num_stages: int, mode: Mode, x_bytes: int, weight_bytes: int,
-                           factor_bytes: int) -> int:
-    """Shared memory (bytes) of one program: ``(num_stages - 1)`` buffers of every tile a pipelined loop
-    loads, for the larger of the two loops (depth; CONCAT_K's rank loop).
+#: Added to every estimate: mbarriers and scratch beyond the tile buffers (sm_100 CONCAT_K 128x128x64,
+#: 4 stages, fp16, measured 131,088 B = 4 x 32,768 + 16).
+SMEM_RESERVE = 1024
 
-    The model matches Triton's allocation exactly on the points measured (triton 3.9, sm_86, with the
-    JIT's specialisation): DECODE 16x64x128, r=64, 4 stages, fp16: 3 x 36,864 = 110,592 B; CONCAT_K
-    128x128x64, fp32 factor, 3 stages: 2 x (16,384 + 32,768) = 98,304 B (the rank loop dominates);
-    PLAIN 128x128x64, 3 / 4 stages: 65,536 / 98,304 B.
+
+def estimate_shared_memory(blocks: dict, num_stages: int, mode: Mode, x_bytes: int, weight_bytes: int,
+                           factor_bytes: int, capability: tuple[int, int] = (8, 0)) -> int:
+    """Shared memory (bytes) of one program: the tiles one iteration of a pipelined loop loads, times the
+    buffers Triton keeps of them, for the larger of the two loops (depth; CONCAT_K's rank loop).
+
+    Buffers: ``num_stages - 1`` on sm_80..sm_89 (cp.async pipelining), ``num_stages`` from sm_90 on
+    (the wgmma/TMA pipeline; counted for sm_100 and sm_120 too, unmeasured there, to stay on the safe
+    side); sm_75 needs fewer (one buffer measured), counted like sm_80. Measured with triton.compile
+    and the JIT's specialisation (triton 3.9): sm_86 DECODE 16x64x128, r=64, 4 stages, fp16: 3 x 36,864
+    = 110,592 B; sm_86 CONCAT_K 128x128x64, fp32 factor, 3 stages: 2 x (16,384 + 32,768) = 98,304 B
+    (the rank loop dominates); sm_86 PLAIN 128x128x64, 3 / 4 stages: 65,536 / 98,304 B; sm_90 PLAIN
+    128x16x128, 4 stages: 4 x 36,864 = 147,456 B; sm_75 CONCAT_K 128x128x64, 3 stages: 32,768 B.
+    Where the two loops' buffers partly coexist (sm_90 CONCAT_K 128x128x64, bf16 x, fp32 factor, 4
+    stages: 180,224 B) the larger loop's count (196,608 B) still covers it. Plus :data:`SMEM_RESERVE`.
     """
     bm, bn, bk, br = blocks["BLOCK_ROWS"], blocks["BLOCK_COLS"], blocks["BLOCK_DEPTH"], blocks["BLOCK_RANK"]
     depth_stage = bm * bk * x_bytes + bk * bn * weight_bytes
     if mode == Mode.DECODE:
         depth_stage += bk * br * factor_bytes
     rank_stage = bm * br * x_bytes + br * bn * factor_bytes if mode == Mode.CONCAT_K else 0
-    return max(1, num_stages - 1) * max(depth_stage, rank_stage)
+    buffers = num_stages if tuple(capability) >= (9, 0) else max(1, num_stages - 1)
+    return buffers * max(depth_stage, rank_stage) + SMEM_RESERVE
 
 
 def _block_rank(mode: Mode, rank: int, block_depth: int) -> int:
@@ -185,14 +196,18 @@ def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps) -> tuple[
 
 
 def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tuple[int, int, int],
-         limit: int) -> tuple[dict, int, int]:
-    """Shrink until :func:`estimate_shared_memory` <= limit: stages (down to 2), then the depth step (down
-    to 32), then the column tile, then the row tile (down to 16)."""
+         device: DeviceProps) -> tuple[dict, int, int]:
+    """Shrink until :func:`estimate_shared_memory` <= the device's limit: stages down to 3, the depth step
+    down to 64, stages down to 2, the depth step down to 32, then the column tile, then the row tile."""
     while True:
         blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
-        if estimate_shared_memory(blocks, stages, mode, *sizes) <= limit:
+        if estimate_shared_memory(blocks, stages, mode, *sizes, device.capability) <= device.smem_per_block:
             return blocks, warps, stages
-        if stages > 2:
+        if stages > 3:
+            stages -= 1
+        elif blocks["BLOCK_DEPTH"] > 64:
+            blocks["BLOCK_DEPTH"] //= 2
+        elif stages > 2:
             stages -= 1
         elif blocks["BLOCK_DEPTH"] > 32:
             blocks["BLOCK_DEPTH"] //= 2
@@ -202,7 +217,8 @@ def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tu
             blocks["BLOCK_ROWS"] //= 2
             warps = max(4, warps // 2)
         else:
-            raise ValueError(f"no config of {mode.name} with r={rank} fits {limit} B of shared memory")
+            raise ValueError(f"no config of {mode.name} with r={rank} fits {device.smem_per_block} B of shared "
+                             f"memory on {device.arch}")
 
 
 def select_config(
@@ -243,7 +259,7 @@ def select_config(
             raise ValueError("select_config needs the DeviceProps of the GPU (or interpreted=True)")
         blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device)
         blocks, warps, stages = _fit(blocks, warps, stages, mode, rank, (x_bytes, weight_bytes, factor_bytes),
-                                     device.smem_per_block)
+                                     device)
     override = dict(_override.get())
     if override:
         warps = override.pop("num_warps", warps)

@@ -14,6 +14,13 @@ Kernel sequences (DESIGN: one kernel, three modes, see :class:`~.configs.Mode`):
   idle (few output tiles, long depth) the depth loop is split and the fp32
   partials summed in a fixed order: deterministic, never atomics.
 
+Configs come from :func:`~.configs.select_config` (device-aware, fitted to the
+GPU's shared memory). Safety net: a launch that fails to compile or runs out of
+resources warns once for its shape class (device, shape, config) and raises
+:class:`KernelFallback`, which the ops catch to run their reference branch --
+for that shape class from then on, without retrying the kernel.
+``PICA_KERNELS_STRICT=1`` raises instead (the test suite runs that way).
+
 Importing this module does not import triton; the kernel module is imported on the first launch.
 """
 
