@@ -34,7 +34,7 @@ def launches_of_a_layer(rows, out_f, in_f, rank, dtype, factor_dtype):
         fwd = [(rows, rank, in_f, 0, Mode.PLAIN, (x, x, x)), (rows, out_f, in_f, rank, Mode.CONCAT_K, (x, x, f))]
     bwd = [
         (rows, rank, out_f, 0, Mode.PLAIN, (x, f, f)),  # s = dy @ A
-        (rows, in_f, out_f, rank, Mode.CONCAT_K, (x, x, x)),  # dx = [dy | s] @ [W ; B]
+        (rows, in_f, out_f, rank, Mode.CONCAT_K, (x, x, f)),  # dx = [dy | s] @ [W ; B] (B = M on the output side)
         (out_f, rank, rows, 0, Mode.PLAIN, (x, x, x)),  # dA = dy.T @ t
         (rank, in_f, rows, 0, Mode.PLAIN, (x, x, x)),  # dB = s.T @ x
     ]
