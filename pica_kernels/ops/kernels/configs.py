@@ -234,7 +234,8 @@ def select_config(
 ):
     """The ``triton.Config`` of one launch writing ``out`` (rows, cols), reducing over ``depth`` (+ ``rank``).
 
-    dtypes: (x, weight, factor) element types -- the factor's (an fp32 ``M``) may differ from x's.
+    dtypes: (x, weight, factor) element types; factor = the wider of factor_up / factor_down (an fp32
+    ``M`` with 16-bit x), the weight's for PLAIN launches. mode: a :class:`Mode`; rank = 0 for PLAIN.
     device: :class:`DeviceProps` -- at run time ``device_props(tensor.device)``, ahead of time
     ``GPU_TABLE["sm_86"]`` and friends; ignored when ``interpreted`` (the CPU interpreter, where
     large tiles keep the tests fast).

@@ -173,16 +173,19 @@ def launch_lowrank_gemm(
             "pica_kernels first launched one), so they cannot run on CPU tensors in this process; "
             "set TRITON_INTERPRET=1 before the first launch"
         )
-    factor = factor_up if factor_up is not None else weight
+    # The factors' dtype for the config: the wider of the two (DECODE loads factor_down in the depth loop
+    # and factor_up after it; on the output side one is an fp32 M, the other the x-dtype basis).
+    factors = [f.dtype for f in (factor_up, factor_down) if f is not None] or [weight.dtype]
+    factor_dtype = max(factors, key=lambda dt: dt.itemsize)
     props = device_props(x.device) if x.device.type == "cuda" else None
-    config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor.dtype), props,
+    config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype), props,
                            interpreted=kernels.INTERPRETED)
     blocks = config.kwargs
     operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
     cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes
     precision = _precision(x.dtype)
     # One compiled kernel per key: its failure (compile, resources) is the failure of every launch with it.
-    key = (str(x.device) if props is None else props.arch, mode, x.dtype, weight.dtype, factor.dtype,
+    key = (str(x.device) if props is None else props.arch, mode, x.dtype, weight.dtype, *factors,
            bias is not None, tasks is not None, cast_f32, precision, tuple(sorted(config.all_kwargs().items())))
     if key in FALLBACK_SHAPE_CLASSES:
         raise KernelFallback(FALLBACK_SHAPE_CLASSES[key])
