@@ -144,6 +144,8 @@ def launch_lowrank_gemm(
     bias: (cols,). ``split_k`` splits the depth loop over that many programs per tile (not with
     ``tasks``); default: chosen so that launches with few output tiles and a long depth (the decode
     form, the shrink ``x @ P.T`` at moderate T, ``dA = dy.T @ t``, ``dB = s.T @ x``) fill the GPU.
+    Raises :class:`KernelFallback` when this launch's shape class fails (or failed before) to compile or
+    launch on this device, unless ``PICA_KERNELS_STRICT=1`` (then RuntimeError).
     """
     rows, depth = x.shape
     cols = weight.shape[1]
