@@ -10,19 +10,28 @@ Dispatch rule (every op of :mod:`pica_kernels.ops` follows it):
 4. Whatever was asked, float64 (and any dtype other than fp16/bf16/fp32) runs
    the reference: the kernels are written for the training dtypes, and the
    interpreter's float64 ``tl.dot`` returned NaN when tried (triton 3.9).
+5. bf16 on a GPU without bf16 tensor cores (sm_75, T4) runs the reference,
+   with a one-time warning naming the GPU -- or raises, when ``triton`` was
+   asked for explicitly or ``PICA_KERNELS_STRICT=1``.
 
 ``triton`` on CPU tensors is allowed only under the Triton CPU interpreter
 (``TRITON_INTERPRET=1`` in the environment); this is how the tests run the
 kernels on machines without a GPU. Asking for ``triton`` where it cannot run
-raises instead of silently falling back.
+raises instead of silently falling back. A launch that fails on the user's
+GPU (compile error, out of resources) falls back per shape class; see
+:mod:`pica_kernels.ops.kernels.launchers`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
+
+from .kernels.configs import bf16_tensor_cores, device_props
+from .kernels.launchers import STRICT_ENV_VAR, strict_mode
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "PICA_KERNELS_BACKEND"
@@ -58,19 +67,37 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """``"reference"`` or ``"triton"`` for ``dtype`` tensors on ``device`` (rule in the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    explicit = backend == "triton"
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
+    explicit = explicit or backend == "triton"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
-    if backend == "triton" and not triton_can_run(device):
+        backend = "triton" if device.type == "cuda" and triton_available() else "reference"
+    elif backend == "triton" and not triton_can_run(device):
         why = (
             "triton is not installed (pip install 'pica_kernels[triton]')"
             if not triton_available()
             else f"tensors are on {device}; Triton runs on CUDA, or on CPU only with TRITON_INTERPRET=1"
         )
         raise RuntimeError(f"backend 'triton' was requested but cannot run: {why}")
+    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cuda":
+        props = device_props(device)
+        if not bf16_tensor_cores(props):
+            message = (f"{props.name} ({props.arch}) has no bf16 tensor cores: the Triton kernels do not "
+                       f"compile for bf16 there")
+            if explicit or strict_mode():
+                why = "backend 'triton' was requested" if explicit else f"{STRICT_ENV_VAR}=1"
+                raise RuntimeError(f"pica_kernels: {message} ({why}); use fp16 or backend='reference'")
+            if props.name not in _WARNED_NO_BF16:
+                _WARNED_NO_BF16.add(props.name)
+                warnings.warn(f"pica_kernels: {message}; bf16 runs the reference (PyTorch) path on it. "
+                              f"fp16 runs the kernels.", RuntimeWarning, stacklevel=3)
+            return "reference"
     return backend
+
+
+_WARNED_NO_BF16: set[str] = set()

@@ -1,10 +1,21 @@
-"""Shared by the kernel tests: interpreter switch, NaN-poisoning fixture, tolerance table, error metric.
+"""Shared by the kernel tests: interpreter switch, strict mode, hypothesis profiles, NaN-poisoning fixture,
+tolerance table, error metric.
 
 Without a GPU, Triton runs only in its interpreter, on CPU tensors, and only
 if ``TRITON_INTERPRET=1`` is set before a kernel is built; it is set here, on
-import (pica_kernels builds its kernels lazily, on first launch, so an
-earlier ``import pica_kernels`` does not matter). The tests then force the
+import (pica_kernels imports its kernel module, which decorates the kernels,
+lazily on the first launch, so an earlier ``import pica_kernels`` does not matter). The tests then force the
 kernel path with ``backend="triton"``.
+
+Strict mode (``PICA_KERNELS_STRICT=1``) is set here too, before any test runs:
+a kernel that fails to compile or launch must fail the test, never fall back
+to the reference (the test would then compare the reference with itself).
+
+Hypothesis profiles: ``pica-dev`` (random examples, shrinking) and, when
+``CI=true``, ``pica-ci`` (derandomised: the same examples every run, no
+example database, no shrinking -- a failure in CI is reported as found). The
+profile is the parent of each property's settings; the example budget is set per property (an example costs 0.5-3 s under the
+interpreter).
 
 Not a conftest.py: tests elsewhere in tests/ do ``from conftest import ...``,
 and a second conftest module would shadow theirs. Test modules import
@@ -13,7 +24,6 @@ and a second conftest module would shadow theirs. Test modules import
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -21,11 +31,27 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PICA_KERNELS_STRICT", "1")
+
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_common = dict(
+    deadline=None,
+    # The autouse NaN-poisoning fixture is function-scoped on purpose: one patch serves every example.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+settings.register_profile("pica-dev", **_common)
+settings.register_profile(
+    "pica-ci", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate], print_blob=True, **_common
+)
+#: Parent settings of every kernel property: ``@settings(KERNEL_PROFILE, max_examples=...)``. Applied per
+#: test rather than loaded globally, so hypothesis tests elsewhere keep their own profile.
+KERNEL_PROFILE = settings.get_profile(
+    "pica-ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "pica-dev"
+)
 
 from pica_kernels.ops.backend import triton_available  # noqa: E402
-
-# The module, not the function of the same name that pica_kernels.ops re-exports.
-ll = importlib.import_module("pica_kernels.ops.lowrank_linear")
+from pica_kernels.ops.kernels import launchers  # noqa: E402
 
 # One tolerance table per dtype (FlagGems style): the largest error allowed,
 # relative to max(1, max |expected|), of a result against the float64
@@ -60,8 +86,6 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3e} > {TOLERANCES[dtype]:.1e} for {dtype}"
 
 
-
-
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN, so an element left unwritten fails the test."""
@@ -69,4 +93,4 @@ def poison_kernel_outputs(monkeypatch):
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ll, "alloc", poisoned)
+    monkeypatch.setattr(launchers, "alloc", poisoned)
