@@ -26,7 +26,7 @@ Both are the generic low-rank form ``y = x@W.T + (x@B.T)@A.T + b`` with
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 SIDES = ("input", "output")
 
@@ -55,6 +55,127 @@ def lowrank_factors(basis: torch.Tensor, m: torch.Tensor, side: str) -> tuple[to
     return (m, basis) if side == "input" else (basis, m)
 
 
+# ----------------------------------------------------------------- factor casts
+# An fp32 ``M`` with bf16/fp16 activations is cast to the activation dtype for the GEMMs. The cast copy is
+# kept per factor and reused while the factor is unchanged: its version counter (bumped by every in-place
+# write: optimizer steps, ``copy_`` under no_grad), storage and dtype must all match. A write through
+# ``.data`` bypasses the version counter (as it bypasses autograd's own checks): call
+# :func:`clear_cast_cache` after one.
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def clear_cast_cache() -> None:
+    """Forget every cached factor cast (only needed after writing a factor through ``.data``)."""
+    _CASTS.clear()
+
+
+def cast_factor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` (any shape) in ``dtype``, detached; a copy is made once per change of ``v``, not once per call."""
+    if v.dtype == dtype:
+        return v
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        # Compiled graphs fuse the cast; an inference tensor may not enter a later autograd graph.
+        return v.detach().to(dtype)
+    key = (v._version, v.data_ptr(), v.device, dtype)
+    hit = _CASTS.get(v)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    cast = v.detach().to(dtype)
+    _CASTS[v] = (key, cast)
+    return cast
+
+
+def _mm_fp32(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``p @ q`` accumulated AND returned in fp32 (fp64 for fp64): a gradient of an fp32 parameter
+    (``dM = dy.T @ t``, a reduction over every token) must not be rounded to bf16/fp16 on the way
+    (rounding alone put it ~2e-3 relative from float64; CPU has no mm with an fp32 out dtype)."""
+    if p.dtype in (torch.float16, torch.bfloat16):
+        return p.float() @ q.float()
+    return p @ q
+
+
+# ------------------------------------------------------------------ generic op
+def lowrank_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of :func:`lowrank_linear` on 2-D ``x`` (T, in): returns ``(y (T, out), t = x @ B.T (T, r))``.
+
+    ``t`` is rounded to ``x.dtype`` (it is what the backward saves). The low-rank term is accumulated
+    into ``y`` in place (``addmm_``, beta = 1): no second pass over ``y`` and no (T, out) temporary.
+    """
+    a_ = cast_factor(a, x.dtype)
+    b_ = cast_factor(b, x.dtype)
+    t = x @ b_.T
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    y.addmm_(t, a_.T)
+    return y, t
+
+
+def lowrank_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Closed-form backward of :func:`lowrank_forward` for ``x``, ``A`` and ``B``.
+
+    dy (T, out); x (T, in), needed only for ``dB``; t (T, r). Returns ``(dx (T, in) in dy.dtype,
+    dA (out, r) in a.dtype, dB (r, in) in b.dtype)``, None where not asked for:
+    ``s = dy @ A``; ``dx = dy @ W + s @ B`` (the second term added in place); ``dA = dy.T @ t`` and
+    ``dB = s.T @ x`` accumulated in fp32 whatever the activation dtype.
+    """
+    dt = dy.dtype
+    s = dy @ cast_factor(a, dt) if (need_dx or need_db) else None
+    dx = da = db = None
+    if need_dx:
+        dx = dy @ weight
+        dx.addmm_(s, cast_factor(b, dt))
+    if need_da:
+        da = _mm_fp32(dy.T, t).to(a.dtype)
+    if need_db:
+        db = _mm_fp32(s.T, x).to(b.dtype)
+    return dx, da, db
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """Autograd of :func:`lowrank_forward` with the closed-form backward of :func:`lowrank_backward`.
+
+    Saves ``t`` (T, r) and the factors; ``x`` only when ``dB`` or ``dW`` is asked for, so PiCa's input
+    side (``B = P`` frozen) keeps the frozen layer's activations plus ``T * r``. Outputs ``(y, t)``;
+    ``t`` is not differentiable.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, a, b):
+        return lowrank_forward(x, weight, bias, a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, a, b = inputs
+        _, t = output
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad
+        ctx.save_for_backward(x if (need_b or need_w) else None, t, weight, a, b)
+        ctx.mark_non_differentiable(t)
+
+    @staticmethod
+    def backward(ctx, dy, _dt):
+        x, t, weight, a, b = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad
+        dx, da, db = lowrank_backward(dy, x, t, weight, a, b, need_x, need_a, need_b)
+        dw = (dy.T @ x).to(weight.dtype) if need_w else None  # not PiCa's case: W is frozen there
+        dbias = dy.sum(0) if need_bias else None
+        return dx, dw, dbias, da, db
+
+
 def lowrank_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -67,13 +188,18 @@ def lowrank_linear(
     x: (..., in); weight: (out, in); bias: (out,) or None; a: (out, r); b: (r, in).
     Returns (..., out) in ``x.dtype``. ``a``/``b`` are cast to ``x.dtype`` when
     they differ (e.g. an fp32 ``M`` with bf16 activations); the cast is of an
-    ``r``-wide matrix, never of ``W``.
+    ``r``-wide matrix, never of ``W``, and is reused while the factor is unchanged.
+    Differentiable in every argument; gradients of ``a``/``b`` come back in
+    their own dtype, accumulated in fp32.
     """
-    if a.dtype != x.dtype:
-        a = a.to(x.dtype)
-    if b.dtype != x.dtype:
-        b = b.to(x.dtype)
-    return F.linear(x, weight, bias) + F.linear(F.linear(x, b), a)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    args = (x2, weight, bias, a, b)
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in args):
+        y, _ = _LowRankLinear.apply(*args)
+    else:
+        y, _ = lowrank_forward(*args)
+    return y.reshape(*lead, weight.shape[0])
 
 
 def pica_linear(
