@@ -18,14 +18,11 @@ Returns [y_i (..., out_i)].
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .backend import resolve_backend
-
-# The module (kernels, launcher, alloc), not the function pica_kernels.ops re-exports under its name.
-_ll = importlib.import_module(f"{__package__}.lowrank_linear")
+from .kernels import launchers
+from .lowrank import check_lowrank_args
 
 
 def _slices(ranks):
@@ -47,12 +44,12 @@ def _grouped_op(
 ) -> list[torch.Tensor]:
     """x (T, in) -> [y_i (T, out_i)] + [t (T, sum r_i)] (t last, saved for backward)."""
     if resolve_backend(backend, x.device, x.dtype) == "triton":
-        t = _ll.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
-        _ll.fused_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
+        t = launchers.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
+        launchers.launch_lowrank_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
         ys = []
         for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
-            y = _ll.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
-            ys.append(_ll.fused_gemm(y, x, w.T, a2=t[:, lo:hi], b2=ai.T, bias=bias))
+            y = launchers.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
+            ys.append(launchers.launch_lowrank_gemm(y, x, w.T, t=t[:, lo:hi], factor_up=ai.T, bias=bias))
         return [*ys, t]
     t = torch.nn.functional.linear(x, b_cat.to(x.dtype))
     ys = [
@@ -73,6 +70,9 @@ def _setup_context(ctx, inputs, output):
     need_x, need_b = x.requires_grad, b_cat.requires_grad
     ctx.save_for_backward(x if need_b else None, output[-1], b_cat, *weights, *a)
     ctx.n = len(weights)
+    # torch.library flattens a list of optional tensors holding a None as ONE leaf (its gradient is
+    # a single None), but a list of tensors only as one leaf per tensor (a list of n gradients).
+    ctx.biases_are_one_leaf = any(bias is None for bias in biases)
     ctx.ranks = list(ranks)
     ctx.need_x, ctx.need_b = need_x, need_b
     ctx.need_a = any(ai.requires_grad for ai in a)
@@ -93,8 +93,8 @@ def _backward(ctx, grads):
             dx = gx if dx is None else dx + gx
         da.append(ga if ctx.need_a else None)
         db.append(gb)
-    # torch.library sees an optional-tensor list (biases) as one leaf: frozen biases only.
-    return dx, [None] * ctx.n, None, da, torch.cat(db) if ctx.need_b else None, None, None
+    dbiases = None if ctx.biases_are_one_leaf else [None] * ctx.n  # frozen biases only
+    return dx, [None] * ctx.n, dbiases, da, torch.cat(db) if ctx.need_b else None, None, None
 
 
 _grouped_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,7 +120,7 @@ def grouped_lowrank_linear(
     if sum(ranks) != b_cat.shape[0]:
         raise ValueError(f"b_cat has {b_cat.shape[0]} rows, ranks sum to {sum(ranks)}")
     for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
-        _ll.check_lowrank_args(x, w, bias, ai, b_cat[lo:hi])
+        check_lowrank_args(x, w, bias, ai, b_cat[lo:hi])
         if w.requires_grad or (bias is not None and bias.requires_grad):
             raise ValueError("grouped_lowrank_linear expects a frozen weight and bias; use lowrank_linear otherwise")
     lead = x.shape[:-1]

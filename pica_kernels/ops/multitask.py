@@ -20,15 +20,12 @@ sequence; ``dM`` of each adapter sums its sequences through a one-hot matmul
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
 from .backend import resolve_backend
-
-# The module (kernels, launcher, alloc), not the function pica_kernels.ops re-exports under its name.
-_ll = importlib.import_module(f"{__package__}.lowrank_linear")
+from .kernels import launchers
+from .lowrank import check_lowrank_args
 
 
 @torch.library.custom_op("pica_kernels::multitask_lowrank_linear", mutates_args=())
@@ -45,12 +42,12 @@ def _multitask_op(
     nseq, seq_len, in_f = x.shape
     x2 = x.reshape(nseq * seq_len, in_f)
     if resolve_backend(backend, x.device, x.dtype) == "triton":
-        t = _ll.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
-        _ll.fused_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
-        y = _ll.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
+        t = launchers.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
+        launchers.launch_lowrank_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
+        y = launchers.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
         if seq_len > 0:
-            _ll.fused_gemm(
-                y, x2, weight.T, a2=t, b2=m_stack.transpose(1, 2), bias=bias,
+            launchers.launch_lowrank_gemm(
+                y, x2, weight.T, t=t, factor_up=m_stack.transpose(1, 2), bias=bias,
                 tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
             )
         return y.view(nseq, seq_len, -1), t.view(nseq, seq_len, -1)
@@ -112,7 +109,7 @@ def multitask_pica_linear(
     if m_stack.dim() != 3 or basis.dim() != 2:
         raise ValueError(f"m_stack must be (n, out, r) and basis (r, in), got {tuple(m_stack.shape)}, "
                          f"{tuple(basis.shape)}")
-    _ll.check_lowrank_args(x, weight, bias, m_stack[0], basis)
+    check_lowrank_args(x, weight, bias, m_stack[0], basis)
     if adapter_ids.shape != (x.shape[0],) or adapter_ids.dtype.is_floating_point:
         raise ValueError(f"adapter_ids must be integer of shape ({x.shape[0]},), got {adapter_ids.dtype} "
                          f"{tuple(adapter_ids.shape)}")

@@ -2,8 +2,8 @@
 
 Without a GPU, Triton runs only in its interpreter, on CPU tensors, and only
 if ``TRITON_INTERPRET=1`` is set before a kernel is built; it is set here, on
-import (pica_kernels builds its kernels lazily, on first launch, so an
-earlier ``import pica_kernels`` does not matter). The tests then force the
+import (pica_kernels imports its kernel module, which decorates the kernels,
+lazily on the first launch, so an earlier ``import pica_kernels`` does not matter). The tests then force the
 kernel path with ``backend="triton"``.
 
 Not a conftest.py: tests elsewhere in tests/ do ``from conftest import ...``,
@@ -13,7 +13,6 @@ and a second conftest module would shadow theirs. Test modules import
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -23,9 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pica_kernels.ops.backend import triton_available  # noqa: E402
-
-# The module, not the function of the same name that pica_kernels.ops re-exports.
-ll = importlib.import_module("pica_kernels.ops.lowrank_linear")
+from pica_kernels.ops.kernels import launchers  # noqa: E402
 
 # One tolerance table per dtype (FlagGems style): the largest error allowed,
 # relative to max(1, max |expected|), of a result against the float64
@@ -60,8 +57,6 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3e} > {TOLERANCES[dtype]:.1e} for {dtype}"
 
 
-
-
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN, so an element left unwritten fails the test."""
@@ -69,4 +64,4 @@ def poison_kernel_outputs(monkeypatch):
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ll, "alloc", poisoned)
+    monkeypatch.setattr(launchers, "alloc", poisoned)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from kernel_helpers import (
@@ -17,8 +15,8 @@ from kernel_helpers import (
 
 from pica_kernels import reference
 from pica_kernels.ops import grouped_lowrank_linear, multitask_pica_linear
-
-ll = importlib.import_module("pica_kernels.ops.lowrank_linear")
+from pica_kernels.ops.kernels import launchers
+from pica_kernels.ops.kernels.configs import config_override
 
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 
@@ -66,8 +64,8 @@ def test_grouped_matches_per_projection_reference(dtype, backend):
 @needs_triton
 def test_grouped_shrink_is_one_launch(monkeypatch):
     launches = []
-    real = ll.fused_gemm
-    monkeypatch.setattr(ll, "fused_gemm", lambda *a, **k: launches.append(a[2].shape) or real(*a, **k))
+    real = launchers.launch_lowrank_gemm
+    monkeypatch.setattr(launchers, "launch_lowrank_gemm", lambda *a, **k: launches.append(a[2].shape) or real(*a, **k))
     x, ws, bs, ms, b_cat, ranks = qkv(torch.float32)
     grouped_lowrank_linear(x, ws, bs, ms, b_cat, ranks, backend="triton")
     # 1 shrink against the concatenated bases (in, 17), then one GEMM per projection.
@@ -123,9 +121,9 @@ def test_multitask_matches_one_adapter_at_a_time(dtype, backend):
 
 
 @needs_triton
-def test_multitask_segments_span_several_tiles(monkeypatch):
+@config_override(BLOCK_ROWS=16, BLOCK_COLS=16, BLOCK_DEPTH=16)
+def test_multitask_segments_span_several_tiles():
     # 37-token sequences with 16-row tiles: 3 tiles per segment, the last one ragged.
-    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     x, w, b, p, ms = mt_inputs(torch.float32, nseq=4, seq=37, n_adapters=3, seed=4)
     ids = torch.tensor([1, 2, 0, 1], device=DEVICE)
     y = multitask_pica_linear(x, w, b, p, ms, ids, backend="triton")
@@ -154,3 +152,29 @@ def test_opcheck_grouped_and_multitask(backend):
         torch.ops.pica_kernels.multitask_lowrank_linear.default,
         (x.requires_grad_(), w, b, ms.requires_grad_(), p, torch.tensor([1, 0], device=DEVICE), backend),
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_backward_when_every_projection_has_a_bias(backend):
+    """Regression: with a bias on every projection the backward returned one None for the whole bias
+    list, which torch.library rejected ("... the same structure as the inputs")."""
+    x, ws, _, ms, b_cat, ranks = qkv(torch.float32, seed=6)
+    g = torch.Generator().manual_seed(6)
+    bs = [(torch.randn(w.shape[0], generator=g) * 0.1).to(DEVICE) for w in ws]
+    xg = x.clone().requires_grad_()
+    mg = [m.clone().requires_grad_() for m in ms]
+    ys = grouped_lowrank_linear(xg, ws, bs, mg, b_cat, ranks, backend=backend)
+    sum((y * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+    x64 = f64(x).requires_grad_()
+    m64 = [f64(m).requires_grad_() for m in ms]
+    total, off = 0, 0
+    for i, (w, b, m, r) in enumerate(zip(ws, bs, m64, ranks)):
+        total = total + (i + 1) * reference.lowrank_linear(x64, f64(w), f64(b), m, f64(b_cat[off:off + r])).sum()
+        off += r
+    total.backward()
+    for y, w, b, m, r, lo in zip(ys, ws, bs, ms, ranks, (0, 8, 12)):
+        want = reference.lowrank_linear(f64(x), f64(w), f64(b), f64(m), f64(b_cat[lo:lo + r]))
+        assert_close_to_reference(y.detach().cpu(), want, torch.float32, "y")
+    assert_close_to_reference(xg.grad.cpu(), x64.grad, torch.float32, "dx")
+    for i, (got, want) in enumerate(zip(mg, m64)):
+        assert_close_to_reference(got.grad.cpu(), want.grad, torch.float32, f"dM[{i}]")

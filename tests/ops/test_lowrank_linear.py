@@ -6,8 +6,6 @@ small shapes (see kernel_helpers.py); every kernel output buffer starts NaN-fill
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from kernel_helpers import (
@@ -20,10 +18,10 @@ from kernel_helpers import (
 )
 
 from pica_kernels import reference
-from pica_kernels.ops import pica_linear
+from pica_kernels.ops import lowrank_linear, pica_linear
 from pica_kernels.ops.backend import ENV_VAR, resolve_backend
-
-ll = importlib.import_module("pica_kernels.ops.lowrank_linear")  # the module, not the re-exported function
+from pica_kernels.ops.kernels import launchers
+from pica_kernels.ops.kernels.configs import config_override
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -87,14 +85,12 @@ def test_forward_backward_match_reference(side, dtype, rows):
 
 @needs_triton
 @pytest.mark.parametrize("side", reference.SIDES)
-def test_many_tiles_in_every_dimension(side, monkeypatch):
-    # Blocks of 16 give 4 row tiles, 6 column tiles, 5 K steps and 2 K2 steps
-    # (r=20), with GROUP_M=3 leaving a ragged last group of row tiles.
-    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
-    real_config = ll._config
-    monkeypatch.setattr(ll, "_config", lambda *a: {**real_config(*a), "GROUP_M": 3})
+def test_many_tiles_in_every_dimension(side):
+    # Blocks of 16 give 4 row tiles, 6 column tiles, 5 depth steps and 2 rank
+    # steps (r=20), with GROUP_ROWS=3 leaving a ragged last group of row tiles.
     x, w, b, basis, m = make_inputs(50, 70, 90, 20, side, torch.float32, seed=7)
-    check_against_reference(x, w, b, basis, m, side, torch.float32)
+    with config_override(BLOCK_ROWS=16, BLOCK_COLS=16, BLOCK_DEPTH=16, GROUP_ROWS=3):
+        check_against_reference(x, w, b, basis, m, side, torch.float32)
 
 
 @needs_triton
@@ -102,61 +98,62 @@ def test_many_tiles_in_every_dimension(side, monkeypatch):
 def test_decode_and_two_launch_forms_agree(rows):
     x, w, b, basis, m = make_inputs(rows, 80, 72, 64, "input", torch.float16, seed=rows)
     a, bb = reference.lowrank_factors(basis, m, "input")
-    y1, t1 = ll.triton_forward(x, w, b, a, bb, decode=True)
-    y2, t2 = ll.triton_forward(x, w, b, a, bb, decode=False)
+    y1, t1 = launchers.triton_forward(x, w, b, a, bb, decode=True)
+    y2, t2 = launchers.triton_forward(x, w, b, a, bb, decode=False)
     want_y, want_t = reference.lowrank_linear(f64(x), f64(w), f64(b), f64(a), f64(bb)), f64(x) @ f64(bb).T
     for got_y, got_t in ((y1, t1), (y2, t2)):
         assert_close_to_reference(got_y.cpu(), want_y, torch.float16, "y")
         assert_close_to_reference(got_t.cpu(), want_t, torch.float16, "t")
     # Both forms round t to fp16 once from an fp32 accumulator over the same K order.
     assert max_rel_err(t1, t2) <= TOLERANCES[torch.float16]
-    assert ll.use_decode(rows, 64) == (rows <= ll.DECODE_MAX_T)
+    assert launchers.use_decode(rows, 64) == (rows <= launchers.DECODE_MAX_T)
 
 
 @needs_triton
 @pytest.mark.parametrize("split_k", [2, 3, 7])
-def test_split_k_partials_sum_to_the_product(split_k, monkeypatch):
+@config_override(BLOCK_ROWS=16, BLOCK_COLS=16, BLOCK_DEPTH=16)
+def test_split_k_partials_sum_to_the_product(split_k):
     # The skinny GEMMs of the shrink and of dA/dB split K on a GPU; force it here.
-    # 7 splits of K=70 in 16-wide blocks: 5 blocks, so the launcher trims to 5 splits.
-    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    # 7 splits of depth 70 in 16-wide blocks: 5 blocks, so the launcher trims to 5 splits.
     g = torch.Generator().manual_seed(split_k)
     x = torch.randn(37, 70, generator=g).to(DEVICE)
     p = torch.randn(12, 70, generator=g).to(DEVICE)
     for a1, b1 in ((x, p.T), (x.T, x[:, :12])):  # shrink (T, r); dA-like (in, r) reducing over T
-        c = ll.alloc((a1.shape[0], b1.shape[1]), torch.float32, a1.device)
-        ll.fused_gemm(c, a1, b1, split_k=split_k)
+        c = launchers.alloc((a1.shape[0], b1.shape[1]), torch.float32, a1.device)
+        launchers.launch_lowrank_gemm(c, a1, b1, split_k=split_k)
         assert_close_to_reference(c, f64(a1) @ f64(b1), torch.float32, f"split_k={split_k}")
-        again = ll.fused_gemm(ll.alloc(c.shape, torch.float32, c.device), a1, b1, split_k=split_k)
+        again = launchers.launch_lowrank_gemm(launchers.alloc(c.shape, torch.float32, c.device), a1, b1,
+                                              split_k=split_k)
         assert torch.equal(again, c)  # fixed-order reduction: bitwise reproducible
 
 
 @needs_triton
 @pytest.mark.parametrize("decode", [True, False])
-def test_split_k_in_the_fused_forms(decode, monkeypatch):
+@config_override(BLOCK_ROWS=16, BLOCK_COLS=16, BLOCK_DEPTH=16)
+def test_split_k_in_the_fused_forms(decode):
     """Split-K of the decode and concatenated-K launches: bias and low-rank term added once, t summed."""
-    monkeypatch.setattr(ll, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     x, w, b, basis, m = make_inputs(5, 70, 36, 6, "input", torch.float32, seed=4)
     a, bb = reference.lowrank_factors(basis, m, "input")
     want_y = reference.lowrank_linear(f64(x), f64(w), f64(b), f64(a), f64(bb))
-    y = ll.alloc((5, 36), torch.float32, x.device)
+    y = launchers.alloc((5, 36), torch.float32, x.device)
     if decode:
-        t = ll.alloc((5, 6), torch.float32, x.device)
-        ll.fused_gemm(y, x, w.T, b3=bb.T, b2=a.T, t_out=t, bias=b, split_k=3)
+        t = launchers.alloc((5, 6), torch.float32, x.device)
+        launchers.launch_lowrank_gemm(y, x, w.T, factor_down=bb.T, factor_up=a.T, t_out=t, bias=b, split_k=3)
         assert_close_to_reference(t, f64(x) @ f64(bb).T, torch.float32, "t")
     else:
         t = x @ bb.T
-        ll.fused_gemm(y, x, w.T, a2=t, b2=a.T, bias=b, split_k=3)
+        launchers.launch_lowrank_gemm(y, x, w.T, t=t, factor_up=a.T, bias=b, split_k=3)
     assert_close_to_reference(y, want_y, torch.float32, "y")
 
 
 @needs_triton
 def test_decode_path_is_one_launch(monkeypatch):
     launches = []
-    real = ll.fused_gemm
-    monkeypatch.setattr(ll, "fused_gemm", lambda *a, **k: launches.append(k) or real(*a, **k))
+    real = launchers.launch_lowrank_gemm
+    monkeypatch.setattr(launchers, "launch_lowrank_gemm", lambda *a, **k: launches.append(k) or real(*a, **k))
     x, w, b, basis, m = make_inputs(3, 48, 40, 8, "input", torch.float32)
     pica_linear(x, w, b, basis, m, backend="triton")
-    assert len(launches) == 1 and launches[0]["b3"] is not None
+    assert len(launches) == 1 and launches[0]["factor_down"] is not None
     launches.clear()
     x, w, b, basis, m = make_inputs(40, 48, 40, 8, "input", torch.float32)
     pica_linear(x, w, b, basis, m, backend="triton")
@@ -212,7 +209,7 @@ def test_lora_everything_trainable(dtype):
     b = torch.randn(8, 40, generator=g) / 40**0.5
     dy = torch.randn(29, 33, generator=g).to(dtype)
     leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, bias, a, b)]
-    ll.lowrank_linear(*leaves[:3], *leaves[3:], backend="triton").backward(dy.to(DEVICE))
+    lowrank_linear(*leaves[:3], *leaves[3:], backend="triton").backward(dy.to(DEVICE))
     leaves64 = [f64(t).requires_grad_() for t in (x, w, bias, a, b)]
     reference.lowrank_linear(*leaves64).backward(f64(dy))
     for name, got, want in zip(("dx", "dW", "dbias", "dA", "dB"), leaves, leaves64):
@@ -248,7 +245,7 @@ def test_gradcheck_reference_op():
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
             for s in ((5, 7), (6, 7), (6,), (6, 3), (3, 7))]
-    assert torch.autograd.gradcheck(lambda *t: ll.lowrank_linear(*t, backend="reference"), args)
+    assert torch.autograd.gradcheck(lambda *t: lowrank_linear(*t, backend="reference"), args)
     # PiCa input side: only x and M differentiable.
     x, w, b, basis, m = (f64(t) for t in make_inputs(5, 7, 6, 3, "input", torch.float64))
     for side in reference.SIDES:
@@ -300,8 +297,8 @@ def test_env_var_routes_pica_linear_layer_to_kernels(monkeypatch):
     from pica_kernels import PiCaLinear
 
     calls = []
-    real = ll.triton_forward
-    monkeypatch.setattr(ll, "triton_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = launchers.triton_forward
+    monkeypatch.setattr(launchers, "triton_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     layer = PiCaLinear(nn.Linear(40, 36).to(DEVICE), rank=6)
     with torch.no_grad():
@@ -333,3 +330,24 @@ def test_real_sizes_bf16_cuda(rows, out_f, in_f, rank):
         assert torch.isfinite(got).all(), name
         err = float((got.float() - want).abs().max() / want.abs().max().clamp_min(1.0))
         assert err <= TOLERANCES[dtype], f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_zero_tokens_backward(backend):
+    """Regression: backward over T = 0 (an empty batch, an MoE expert that got no tokens) raised
+    ZeroDivisionError in the Triton launcher; every gradient must come back, dA and dB exactly zero."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (
+        torch.randn(0, 40, generator=g), torch.randn(36, 40, generator=g), torch.randn(36, generator=g),
+        torch.randn(36, 6, generator=g), torch.randn(6, 40, generator=g))]
+    y = lowrank_linear(*leaves, backend=backend)
+    assert y.shape == (0, 36)
+    y.sum().backward()
+    x, w, bias, a, b = leaves
+    assert x.grad.shape == (0, 40)
+    for name, leaf in (("dW", w), ("dbias", bias), ("dA", a), ("dB", b)):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf)), name
+    for side in reference.SIDES:  # PiCa: only x and M trainable (t saved, x not)
+        x, w, b, basis, m = make_inputs(0, 40, 36, 6, side, torch.float32)
+        _, dx, dm = run_pica(x, w, b, basis, m, side, torch.zeros(0, 36, device=DEVICE), backend)
+        assert dx.shape == (0, 40) and torch.equal(dm, torch.zeros_like(m)), side

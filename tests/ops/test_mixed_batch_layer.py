@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from kernel_helpers import (
@@ -18,6 +16,7 @@ from torch import nn
 from pica_kernels import PiCaLinear
 from pica_kernels.layer import BASE_ADAPTER, grouped_forward, mixed_batch
 from pica_kernels.ops.backend import ENV_VAR
+from pica_kernels.ops.kernels import launchers
 
 
 def layer_with_adapters(side="input", rank=4, second_rank=None, seed=0):
@@ -44,10 +43,9 @@ def one_at_a_time(layer, x, names):
 @pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=needs_triton)])
 def test_mixed_batch_equals_one_adapter_at_a_time(kernels, monkeypatch):
     monkeypatch.setenv(ENV_VAR, kernels)
-    ll = importlib.import_module("pica_kernels.ops.lowrank_linear")
     launches = []
-    real = ll.fused_gemm
-    monkeypatch.setattr(ll, "fused_gemm", lambda *a, **k: launches.append(k.get("tasks")) or real(*a, **k))
+    real = launchers.launch_lowrank_gemm
+    monkeypatch.setattr(launchers, "launch_lowrank_gemm", lambda *a, **k: launches.append(k.get("tasks")) or real(*a, **k))
     layer = layer_with_adapters()
     x = torch.randn(4, 9, 32, device=DEVICE)
     names = ["b", BASE_ADAPTER, "a", "b"]

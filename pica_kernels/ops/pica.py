@@ -2,7 +2,7 @@
 
 Validates its arguments (a wrong shape must fail loudly here rather than
 broadcast into a silently wrong result) and runs the generic op
-:func:`pica_kernels.ops.lowrank_linear.lowrank_linear` with the PiCa factors:
+:func:`pica_kernels.ops.lowrank.lowrank_linear` with the PiCa factors:
 ``(A, B) = (M, P)`` on the input side, ``(U_r, M)`` on the output side. That op
 runs the fused Triton kernels for CUDA tensors and the reference math for CPU
 tensors (rule and overrides in :mod:`pica_kernels.ops.backend`).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .lowrank_linear import lowrank_linear
+from .lowrank import lowrank_linear
 
 
 def _check(x, weight, bias, basis, m, side) -> None:

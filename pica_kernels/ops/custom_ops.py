@@ -1,0 +1,120 @@
+"""``torch.library`` custom ops and autograd of :func:`pica_kernels.ops.lowrank_linear`.
+
+``pica_kernels::lowrank_linear`` (forward, returns ``y`` and the saved
+activation ``t = x @ B.T``) and ``pica_kernels::lowrank_linear_backward``,
+each with a fake kernel, and the autograd formula tying them together, so
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work. Which
+implementation runs inside (Triton launches or the reference math) is decided
+at run time by :func:`pica_kernels.ops.backend.resolve_backend`.
+
+Which factors are trainable is chosen by ``requires_grad``: the backward
+computes only the gradients autograd asks for, and saves ``x`` only when a
+gradient needs it (``dB`` or ``dW``). With ``B`` frozen (PiCa input side) the
+only activation saved besides what the frozen layer needs is ``t``, (T, r).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backend import resolve_backend
+from .kernels import launchers
+
+
+def reference_forward(x, weight, bias, a, b):
+    """Same contract as :func:`launchers.triton_forward`; the math of :func:`pica_kernels.reference.lowrank_linear`."""
+    t = F.linear(x, b.to(x.dtype))
+    return F.linear(x, weight, bias) + F.linear(t, a.to(x.dtype)), t
+
+
+def reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
+    """Same contract as :func:`launchers.triton_backward`; what autograd computes through the reference."""
+    dt = dy.dtype
+    s = dy @ a.to(dt) if (need_dx or need_db) else None
+    dx = dy @ weight + s @ b.to(dt) if need_dx else None
+    da = (dy.T @ t).to(a.dtype) if need_da else None
+    db = (s.T @ x).to(b.dtype) if need_db else None
+    return dx, da, db
+
+
+@torch.library.custom_op("pica_kernels::lowrank_linear", mutates_args=())
+def lowrank_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, in) -> (y (T, out), t = x @ B.T (T, r)), both in x.dtype. ``t`` is saved for backward."""
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
+        return launchers.triton_forward(x, weight, bias, a, b)
+    return reference_forward(x, weight, bias, a, b)
+
+
+@lowrank_linear_op.register_fake
+def _(x, weight, bias, a, b, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[1])
+
+
+@torch.library.custom_op("pica_kernels::lowrank_linear_backward", mutates_args=())
+def lowrank_linear_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx (T, in), dA (out, r), dB (r, in)); a gradient not asked for is an empty (0,) tensor."""
+    if resolve_backend(backend, dy.device, dy.dtype) == "triton":
+        grads = launchers.triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
+    else:
+        grads = reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
+    like = (dy, a, b)
+    return tuple(g if g is not None else like[i].new_empty(0) for i, g in enumerate(grads))
+
+
+@lowrank_linear_backward_op.register_fake
+def _(dy, x, t, weight, a, b, need_dx, need_da, need_db, backend):
+    return (
+        dy.new_empty(dy.shape[0], weight.shape[1]) if need_dx else dy.new_empty(0),
+        a.new_empty(a.shape) if need_da else a.new_empty(0),
+        b.new_empty(b.shape) if need_db else b.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, a, b, backend = inputs
+    _, t = output
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    # x is kept only when a gradient needs it: with B frozen (PiCa input side)
+    # the saved activation is t alone, (T, r).
+    ctx.save_for_backward(x if (need_b or need_w) else None, t, weight, a, b)
+    ctx.flags = (need_x, need_w, need_bias, need_a, need_b)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(t)
+
+
+def _backward(ctx, dy, _dt):
+    x, t, weight, a, b = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.flags
+    dx = da = db = dw = dbias = None
+    if need_x or need_a or need_b:
+        dx, da, db = torch.ops.pica_kernels.lowrank_linear_backward(
+            dy, x, t, weight, a, b, need_x, need_a, need_b, ctx.backend
+        )
+        dx, da, db = (g if n else None for g, n in ((dx, need_x), (da, need_a), (db, need_b)))
+    if need_w:  # not PiCa's case (W frozen); kept so the op is a complete linear layer
+        dw = (dy.T @ x).to(weight.dtype)
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, dw, dbias, da, db, None
+
+
+lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)

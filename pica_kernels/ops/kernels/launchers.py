@@ -1,0 +1,233 @@
+"""From torch tensors to launches of :func:`~.lowrank_gemm.lowrank_gemm_kernel`: strides, grid, split-K.
+
+Kernel sequences (DESIGN: one kernel, three modes, see :class:`~.configs.Mode`):
+
+* forward, two launches: the shrink ``t = x @ B.T`` (T, r) (PLAIN), then ONE
+  GEMM over the concatenated depth, ``y = [x | t] @ [W | A].T + bias``
+  (CONCAT_K): the low-rank term lands in the base GEMM's fp32 accumulator,
+  no second pass over ``y``.
+* forward, decode (T <= 16, r <= 64): one DECODE launch; each program
+  accumulates its rows of ``t`` in the same depth loop as the base GEMM.
+* backward: ``s = dy @ A`` (T, r) (PLAIN); ``dx = [dy | s] @ [W ; B]``
+  (CONCAT_K); ``dA = dy.T @ t`` and ``dB = s.T @ x`` accumulated in fp32 by
+  PLAIN launches whose depth loop runs over tokens; when that leaves the GPU
+  idle (few output tiles, long depth) the depth loop is split and the fp32
+  partials summed in a fixed order: deterministic, never atomics.
+
+Importing this module does not import triton; the kernel module is imported on the first launch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from .configs import Mode, block_rank, select_config
+
+# Decode variant: one launch when T and r are this small. Each program then
+# recomputes its rows of t, reading r x in of B once per column tile; at
+# r <= 64 that is <= 1/2 of the W tile traffic for BLOCK_COLS = 128 (unmeasured
+# here: no GPU in the session that wrote this; benchmarks/gpu.sh times both).
+DECODE_MAX_T = 16
+DECODE_MAX_R = 64
+
+
+def kernel_module():
+    """:mod:`.lowrank_gemm`, imported (and its kernels decorated) on first use."""
+    return importlib.import_module(f"{__package__}.lowrank_gemm")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests patch it to NaN-fill, so an unwritten element fails)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_split_k(tiles: int, depth_blocks: int, device: torch.device) -> int:
+    """Split the depth loop when the output has too few tiles to fill the GPU (two programs per SM) and
+    the depth is long. Each split keeps >= 4 depth blocks so the partial-sum traffic (split x rows x
+    cols fp32) stays small next to the operands it replaces reading serially."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * _sm_count(device)
+    if tiles >= target or depth_blocks < 8:
+        return 1
+    return max(1, min(cdiv(target, tiles), depth_blocks // 4, 64))
+
+
+def launch_lowrank_gemm(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    t: torch.Tensor | None = None,
+    factor_up: torch.Tensor | None = None,
+    factor_down: torch.Tensor | None = None,
+    t_out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    tasks: torch.Tensor | None = None,
+    seg_len: int | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """Write ``out = x @ weight [+ low-rank term] [+ bias]`` (rows, cols) in place; returns ``out``.
+
+    x (rows, depth), weight (depth, cols): any strides (pass ``W.T`` as a view).
+    The mode follows from the arguments:
+      PLAIN     neither ``t`` nor ``factor_down``;
+      CONCAT_K  ``t`` (rows, rank) with ``factor_up`` (rank, cols) -- or (tasks, rank, cols) with
+                ``tasks`` (rows // seg_len,) int32 and ``seg_len``;
+      DECODE    ``factor_down`` (depth, rank) with ``factor_up`` (rank, cols) and ``t_out``
+                (rows, rank) receiving ``x @ factor_down`` rounded to x's dtype.
+    bias: (cols,). ``split_k`` splits the depth loop over that many programs per tile (not with
+    ``tasks``); default: chosen so that launches with few output tiles and a long depth (the decode
+    form, the shrink ``x @ P.T`` at moderate T, ``dA = dy.T @ t``, ``dB = s.T @ x``) fill the GPU.
+    """
+    rows, depth = x.shape
+    cols = weight.shape[1]
+    if rows == 0 or cols == 0:
+        return out
+    for name, v in (("x", x), ("weight", weight), ("t", t), ("factor_up", factor_up),
+                    ("factor_down", factor_down), ("out", out), ("t_out", t_out)):
+        # The kernel computes element offsets in int32.
+        if v is not None and sum((d - 1) * abs(st) for d, st in zip(v.shape, v.stride())) >= 2**31:
+            raise NotImplementedError(f"{name} {tuple(v.shape)} spans >= 2**31 elements; split the batch")
+    # bias and tasks are read with unit stride (a few hundred bytes: copy if needed).
+    bias = bias.contiguous() if bias is not None else None
+    tasks = tasks.contiguous() if tasks is not None else None
+    if factor_down is not None:
+        mode, rank = Mode.DECODE, factor_down.shape[1]
+        if rank > 256:
+            raise ValueError(f"the decode form keeps t in registers: r <= 256, got {rank}")
+    elif t is not None:
+        mode, rank = Mode.CONCAT_K, t.shape[1]
+    else:
+        mode, rank = Mode.PLAIN, 0
+
+    kernels = kernel_module()
+    if x.device.type == "cpu" and not kernels.INTERPRETED:
+        raise RuntimeError(
+            "the Triton kernels were decorated in compiler mode (TRITON_INTERPRET was not set when "
+            "pica_kernels first launched one), so they cannot run on CPU tensors in this process; "
+            "set TRITON_INTERPRET=1 before the first launch"
+        )
+    config = select_config(rows, cols, mode, x.dtype, interpreted=kernels.INTERPRETED)
+    blocks = config.kwargs
+    operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
+    cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes
+
+    if seg_len is None:
+        seg_len = rows
+    tiles_per_seg = cdiv(seg_len, blocks["BLOCK_ROWS"])
+    num_row_tiles = (rows // seg_len) * tiles_per_seg if tasks is not None else tiles_per_seg
+    tiles = num_row_tiles * cdiv(cols, blocks["BLOCK_COLS"])
+    depth_blocks = cdiv(depth, blocks["BLOCK_DEPTH"])
+    if tasks is not None:
+        split_k = 1
+    elif split_k is None:
+        split_k = _auto_split_k(tiles, depth_blocks, out.device)
+    # depth == 0 (a backward over zero tokens: dA = dy.T @ t reduces over nothing) still launches
+    # one split, which writes the bias / low-rank term (zeros for dA) over every output element.
+    depth_per_split = max(1, cdiv(depth_blocks, max(1, split_k))) * blocks["BLOCK_DEPTH"]
+    split_k = max(1, cdiv(depth, depth_per_split))
+    final_out, final_t = out, t_out
+    if split_k > 1:
+        # Every split writes its full tile (zeros where its depth range is empty), so no init.
+        out = torch.empty((split_k, rows, cols), dtype=torch.float32, device=out.device)
+        if mode == Mode.DECODE:
+            t_out = torch.empty((split_k, rows, rank), dtype=torch.float32, device=out.device)
+    dummy = out
+    up_strides = (0, 0, 0)
+    if factor_up is not None:
+        up_strides = (factor_up.stride(-2), factor_up.stride(-1), factor_up.stride(0) if factor_up.dim() == 3 else 0)
+    kernels.lowrank_gemm_kernel[(tiles, split_k)](
+        x, weight,
+        t if t is not None else dummy,
+        factor_up if factor_up is not None else dummy,
+        factor_down if factor_down is not None else dummy,
+        bias if bias is not None else dummy,
+        out,
+        t_out if t_out is not None else dummy,
+        tasks if tasks is not None else dummy,
+        rows, cols, depth, rank,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        *(t.stride() if t is not None else (0, 0)),
+        *up_strides,
+        *(factor_down.stride() if factor_down is not None else (0, 0)),
+        out.stride(-2), out.stride(-1),
+        *((t_out.stride(-2), t_out.stride(-1)) if t_out is not None else (0, 0)),
+        seg_len, tiles_per_seg, num_row_tiles,
+        depth_per_split, out.stride(0) if split_k > 1 else 0,
+        t_out.stride(0) if split_k > 1 and mode == Mode.DECODE else 0,
+        MODE=int(mode),
+        HAS_BIAS=bias is not None,
+        HAS_TASKS=tasks is not None,
+        CAST_F32=cast_f32,
+        PRECISION=_precision(x.dtype),
+        BLOCK_RANK=block_rank(mode, rank, blocks["BLOCK_DEPTH"]),
+        **config.all_kwargs(),
+    )
+    if split_k > 1:
+        final_out.copy_(out.sum(0))  # fixed-order reduction of the partials: deterministic
+        if mode == Mode.DECODE:
+            final_t.copy_(t_out.sum(0))
+    return final_out
+
+
+def use_decode(t_rows: int, rank: int) -> bool:
+    return 0 < t_rows <= DECODE_MAX_T and rank <= DECODE_MAX_R
+
+
+def triton_forward(x, weight, bias, a, b, *, decode: bool | None = None):
+    """x (T, in), weight (out, in), bias (out,)|None, a (out, r), b (r, in) -> (y (T, out), t (T, r)), x.dtype."""
+    rows, rank = x.shape[0], a.shape[1]
+    y = alloc((rows, weight.shape[0]), x.dtype, x.device)
+    t = alloc((rows, rank), x.dtype, x.device)
+    if decode is None:
+        decode = use_decode(rows, rank)
+    if decode:
+        launch_lowrank_gemm(y, x, weight.T, factor_down=b.T, factor_up=a.T, t_out=t, bias=bias)
+    else:
+        launch_lowrank_gemm(t, x, b.T)
+        launch_lowrank_gemm(y, x, weight.T, t=t, factor_up=a.T, bias=bias)
+    return y, t
+
+
+def triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
+    """dy (T, out), x (T, in)|None, t (T, r) -> (dx (T, in), dA (out, r), dB (r, in)); unneeded ones are None.
+
+    dA and dB are accumulated in fp32 and returned in a's / b's own dtype.
+    """
+    dx = da = db = None
+    s = None
+    if need_dx or need_db:
+        s = launch_lowrank_gemm(alloc((dy.shape[0], a.shape[1]), dy.dtype, dy.device), dy, a)
+    if need_dx:
+        dx = alloc((dy.shape[0], weight.shape[1]), dy.dtype, dy.device)
+        launch_lowrank_gemm(dx, dy, weight, t=s, factor_up=b)
+    if need_da:
+        da = alloc(a.shape, torch.float32, dy.device)
+        launch_lowrank_gemm(da, dy.T, t)
+        da = da.to(a.dtype)
+    if need_db:
+        db = alloc(b.shape, torch.float32, dy.device)
+        launch_lowrank_gemm(db, s.T, x)
+        db = db.to(b.dtype)
+    return dx, da, db
