@@ -272,6 +272,43 @@ def lowrank_linear(
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+class _LowRankTerm(torch.autograd.Function):
+    """``(x @ B.T) @ A.T`` alone with factors of another dtype than x: dA and dB accumulated in fp32."""
+
+    @staticmethod
+    def forward(x, a, b):
+        t = x @ cast_factor(b, x.dtype).T
+        return t @ cast_factor(a, x.dtype).T, t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, a, b = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, output[1], a, b)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dy, _dt):
+        x, t, a, b = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad
+        s = dy @ cast_factor(a, dy.dtype) if (need_x or need_b) else None
+        dx = s @ cast_factor(b, dy.dtype) if need_x else None
+        return dx, _grad_a(dy, t, a) if need_a else None, _grad_b(s, x, b) if need_b else None
+
+
+def lowrank_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The adapter term alone, ``(x @ B.T) @ A.T``: x (..., in), a (out, r), b (r, in) -> (..., out) in x.dtype.
+
+    For front ends that add it to a base layer's own output (several active adapters, quantized bases).
+    Factors of another dtype than x are cast like in :func:`lowrank_linear`, and their gradients are
+    accumulated in fp32 (autograd through a bf16 cast would round dM to bf16).
+    """
+    if x.dtype == a.dtype == b.dtype:
+        return (x @ b.T) @ a.T
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _ = _LowRankTerm.apply(x2, a, b)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], a.shape[0])
+
+
 def pica_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -217,7 +217,7 @@ def test_direct_path_equals_previous_reference_math(dtype, shape, side):
 
 
 @pytest.mark.parametrize("side", reference.SIDES)
-@pytest.mark.parametrize("path", ["direct", "custom-op"])
+@pytest.mark.parametrize("path", ["direct", "custom-op", "term"])
 def test_bf16_activations_fp32_m_grad_is_accumulated_in_fp32(side, path):
     """Issue 11: bf16 x with an fp32 M: dM must be the float64 ``dy.T @ t`` (input side; ``(dy @ U_r).T @ x``
     output side) of the bf16 operands to fp32 accuracy (~1e-5), not rounded to bf16 (~2e-3 off)."""
@@ -228,9 +228,11 @@ def test_bf16_activations_fp32_m_grad_is_accumulated_in_fp32(side, path):
     m.requires_grad_(True)
     if path == "direct":
         ops.pica_linear(x, w, b, basis, m, side=side).backward(dy)
-    else:
+    elif path == "custom-op":
         a, bb = reference.lowrank_factors(basis, m, side)
         torch.ops.pica_kernels.lowrank_linear(x, w, b, a, bb, "reference")[0].backward(dy)
+    else:  # the adapter term alone, as PEFT's layer adds it to the base output (several adapters, quantized)
+        reference.lowrank_term(x, *reference.lowrank_factors(basis, m, side)).backward(dy)
     assert m.grad.dtype == torch.float32
     if side == "input":
         want = dy.double().T @ (x @ basis.T).double()  # t as the forward rounds it: bf16
@@ -263,3 +265,24 @@ def test_cast_of_fp32_m_is_reused_until_m_changes():
     with torch.no_grad():
         m.data = torch.zeros_like(m)  # new storage
     torch.testing.assert_close(ops.pica_linear(x, w, b, basis, m), F.linear(x, w, b), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_lowrank_term(dtype):
+    """The adapter term alone: values and gradients; gradcheck in float64, fp32 factors under bf16 x."""
+    x, _, _, basis, m = _inputs(7, 6, 8, 3, "input")
+    a, bb = m.requires_grad_(), basis.requires_grad_()
+    if dtype == torch.float64:
+        xg = x.requires_grad_()
+        assert torch.autograd.gradcheck(lambda *t: reference.lowrank_term(*t), (xg, a, bb))
+        assert torch.autograd.gradcheck(lambda *t: reference._LowRankTerm.apply(*t)[0], (xg, a, bb))
+        return
+    x = x.reshape(7, 1, 8).bfloat16().requires_grad_()
+    a32, b32 = a.detach().float().requires_grad_(), bb.detach().float().requires_grad_()
+    y = reference.lowrank_term(x, a32, b32)
+    assert y.shape == (7, 1, 6) and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    want = (x.detach().double() @ b32.detach().double().T) @ a32.detach().double().T
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+    assert a32.grad.dtype == b32.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
