@@ -28,7 +28,10 @@ def reference_forward(x, weight, bias, a, b):
 
 
 def reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
-    """Same contract as :func:`launchers.triton_backward`; what autograd computes through the reference."""
+    """Same contract as :func:`launchers.triton_backward`: the gradients of the reference math, with dA
+    and dB accumulated in (at least) fp32 like the kernels -- several layers may share M, and a bf16
+    ``dy.T @ t`` is off by ~2e-3 relative -- and returned in a's / b's own dtype (the math lives once,
+    in :func:`pica_kernels.reference.lowrank_backward`)."""
     return reference.lowrank_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
 
 

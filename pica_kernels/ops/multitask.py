@@ -50,7 +50,7 @@ def _multitask_op(
                 y, x2, weight.T, t=t, factor_up=m_stack.transpose(1, 2), bias=bias,
                 tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
             )
-        return y.view(nseq, seq_len, -1), t.view(nseq, seq_len, -1)
+        return y.view(nseq, seq_len, weight.shape[0]), t.view(nseq, seq_len, basis.shape[0])
     t = F.linear(x, basis.to(x.dtype))
     low = torch.bmm(t, m_stack.to(x.dtype)[adapter_ids].transpose(1, 2))
     return F.linear(x, weight, bias) + low, t

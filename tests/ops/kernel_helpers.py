@@ -1,10 +1,21 @@
-"""Shared by the kernel tests: interpreter switch, NaN-poisoning fixture, tolerance table, error metric.
+"""Shared by the kernel tests: interpreter switch, strict mode, hypothesis profiles, NaN-poisoning fixture,
+tolerance table, error metric.
 
 Without a GPU, Triton runs only in its interpreter, on CPU tensors, and only
 if ``TRITON_INTERPRET=1`` is set before a kernel is built; it is set here, on
 import (pica_kernels imports its kernel module, which decorates the kernels,
 lazily on the first launch, so an earlier ``import pica_kernels`` does not matter). The tests then force the
 kernel path with ``backend="triton"``.
+
+Strict mode (``PICA_KERNELS_STRICT=1``) is set here too, before any test runs:
+a kernel that fails to compile or launch must fail the test, never fall back
+to the reference (the test would then compare the reference with itself).
+
+Hypothesis profiles: ``pica-dev`` (random examples, shrinking) and, when
+``CI=true``, ``pica-ci`` (derandomised: the same examples every run, no
+example database, no shrinking -- a failure in CI is reported as found). The
+profile is the parent of each property's settings; the example budget is set per property (an example costs 0.5-3 s under the
+interpreter).
 
 Not a conftest.py: tests elsewhere in tests/ do ``from conftest import ...``,
 and a second conftest module would shadow theirs. Test modules import
@@ -20,6 +31,24 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PICA_KERNELS_STRICT", "1")
+
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_common = dict(
+    deadline=None,
+    # The autouse NaN-poisoning fixture is function-scoped on purpose: one patch serves every example.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+settings.register_profile("pica-dev", **_common)
+settings.register_profile(
+    "pica-ci", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate], print_blob=True, **_common
+)
+#: Parent settings of every kernel property: ``@settings(KERNEL_PROFILE, max_examples=...)``. Applied per
+#: test rather than loaded globally, so hypothesis tests elsewhere keep their own profile.
+KERNEL_PROFILE = settings.get_profile(
+    "pica-ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "pica-dev"
+)
 
 from pica_kernels.ops.backend import triton_available  # noqa: E402
 from pica_kernels.ops.kernels import launchers  # noqa: E402
