@@ -1,10 +1,15 @@
 """Pure-PyTorch math of every PiCa op: the specification.
 
 Every fast path (Triton kernels, fused launches) is tested against these
-functions. They are written for clarity, not speed, but they are also the
-CPU path of :class:`pica_kernels.PiCaLinear`, so they avoid needless copies.
+functions. They are also the CPU path: eager CPU calls of
+:func:`pica_kernels.ops.pica_linear` / :func:`pica_kernels.ops.lowrank_linear`
+come straight here (no custom op), so the math is written to cost no more
+than it must: the low-rank term is added in place (``addmm_``), only ``t``
+is saved for the backward (never ``x`` unless ``B`` trains), an fp32 ``M``
+is cast to the activation dtype once per change, gradients of the factors
+are accumulated in fp32, and many fp32 tokens go through ``W + A @ B``.
 
-Conventions (PyTorch, see DESIGN.md section 1)::
+Conventions (PyTorch)::
 
     weight  W : (out, in)          y = x @ W.T + b
     x         : (..., in)          any leading dims
