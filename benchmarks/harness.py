@@ -292,6 +292,9 @@ class Interleaved:
     fns: dict[str, Callable[[], None]]
     dev: torch.device
     seed: int = 0
+    #: calls of each method per sample (the sample is their mean): a forward+backward at T = 1 takes tens
+    #: of microseconds, where one call's time is mostly timer and scheduler noise.
+    inner: int = 1
     samples: dict[str, list[float]] = field(default_factory=dict)
     wall: dict[str, list[float]] = field(default_factory=dict)
 
@@ -308,16 +311,17 @@ class Interleaved:
         for name in order:
             sync(self.dev)
             w0, c0 = time.perf_counter(), self._clock()
-            self.fns[name]()
+            for _ in range(self.inner):
+                self.fns[name]()
             sync(self.dev)
             c1, w1 = self._clock(), time.perf_counter()
             if record:
-                self.samples[name].append(c1 - c0)
-                self.wall[name].append(w1 - w0)
+                self.samples[name].append((c1 - c0) / self.inner)
+                self.wall[name].append((w1 - w0) / self.inner)
 
     def subset(self, names: dict[str, str]) -> Interleaved:
         """The samples of some methods under new names (``{new: old}``), for separate summaries."""
-        sub = Interleaved({new: self.fns[old] for new, old in names.items()}, self.dev)
+        sub = Interleaved({new: self.fns[old] for new, old in names.items()}, self.dev, inner=self.inner)
         sub.samples = {new: self.samples[old] for new, old in names.items()}
         sub.wall = {new: self.wall[old] for new, old in names.items()}
         return sub
@@ -328,7 +332,8 @@ class Interleaved:
         for name, xs in self.samples.items():
             if not xs:
                 continue
-            row = {"median_s": statistics.median(xs), "min_s": min(xs), "rounds": len(xs), "clock": self.clock_name,
+            row = {"median_s": statistics.median(xs), "min_s": min(xs), "rounds": len(xs), "inner": self.inner,
+                   "clock": self.clock_name,
                    "wall_median_s": statistics.median(self.wall[name]), "samples_s": xs}
             if base and len(base) == len(xs):
                 row["ratio_to_" + baseline] = statistics.median(a / b for a, b in zip(xs, base))

@@ -1,10 +1,15 @@
 """Pure-PyTorch math of every PiCa op: the specification.
 
 Every fast path (Triton kernels, fused launches) is tested against these
-functions. They are written for clarity, not speed, but they are also the
-CPU path of :class:`pica_kernels.PiCaLinear`, so they avoid needless copies.
+functions. They are also the CPU path: eager CPU calls of
+:func:`pica_kernels.ops.pica_linear` / :func:`pica_kernels.ops.lowrank_linear`
+come straight here (no custom op), so the math is written to cost no more
+than it must: the low-rank term is added in place (``addmm_``), only ``t``
+is saved for the backward (never ``x`` unless ``B`` trains), an fp32 ``M``
+is cast to the activation dtype once per change, gradients of the factors
+are accumulated in fp32, and many fp32 tokens go through ``W + A @ B``.
 
-Conventions (PyTorch, see DESIGN.md section 1)::
+Conventions (PyTorch)::
 
     weight  W : (out, in)          y = x @ W.T + b
     x         : (..., in)          any leading dims
@@ -26,7 +31,7 @@ Both are the generic low-rank form ``y = x@W.T + (x@B.T)@A.T + b`` with
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 SIDES = ("input", "output")
 
@@ -55,6 +60,182 @@ def lowrank_factors(basis: torch.Tensor, m: torch.Tensor, side: str) -> tuple[to
     return (m, basis) if side == "input" else (basis, m)
 
 
+# ----------------------------------------------------------------- factor casts
+# An fp32 ``M`` with bf16/fp16 activations is cast to the activation dtype for the GEMMs. The cast copy is
+# kept per factor and reused while the factor is unchanged: its version counter (bumped by every in-place
+# write: optimizer steps, ``copy_`` under no_grad), storage and dtype must all match. A write through
+# ``.data`` bypasses the version counter (as it bypasses autograd's own checks): call
+# :func:`clear_cast_cache` after one.
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def clear_cast_cache() -> None:
+    """Forget every cached factor cast (only needed after writing a factor through ``.data``)."""
+    _CASTS.clear()
+
+
+def cast_factor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` (any shape) in ``dtype``, detached; a copy is made once per change of ``v``, not once per call."""
+    if v.dtype == dtype:
+        return v
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        # Compiled graphs fuse the cast; an inference tensor may not enter a later autograd graph.
+        return v.detach().to(dtype)
+    key = (v._version, v.data_ptr(), v.device, dtype)
+    hit = _CASTS.get(v)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    cast = v.detach().to(dtype)
+    _CASTS[v] = (key, cast)
+    return cast
+
+
+def _mm_fp32(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``p @ q`` accumulated AND returned in fp32 (fp64 for fp64): a gradient of an fp32 parameter
+    (``dM = dy.T @ t``, a reduction over every token) must not be rounded to bf16/fp16 on the way
+    (rounding alone put it ~2e-3 relative from float64; CPU has no mm with an fp32 out dtype)."""
+    if p.dtype in (torch.float16, torch.bfloat16):
+        return p.float() @ q.float()
+    return p @ q
+
+
+# ------------------------------------------------------------------ generic op
+def lowrank_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of :func:`lowrank_linear` on 2-D ``x`` (T, in): returns ``(y (T, out), t = x @ B.T (T, r))``.
+
+    ``t`` is rounded to ``x.dtype`` (it is what the backward saves). The low-rank term is accumulated
+    into ``y`` in place (``addmm_``, beta = 1): no second pass over ``y`` and no (T, out) temporary.
+    """
+    a_ = cast_factor(a, x.dtype)
+    b_ = cast_factor(b, x.dtype)
+    t = x @ b_.T
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    y.addmm_(t, a_.T)
+    return y, t
+
+
+def lowrank_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Closed-form backward of :func:`lowrank_forward` for ``x``, ``A`` and ``B``.
+
+    dy (T, out); x (T, in), needed only for ``dB``; t (T, r). Returns ``(dx (T, in) in dy.dtype,
+    dA (out, r) in a.dtype, dB (r, in) in b.dtype)``, None where not asked for:
+    ``s = dy @ A``; ``dx = dy @ W + s @ B`` (the second term added in place); ``dA = dy.T @ t`` and
+    ``dB = s.T @ x`` accumulated in fp32 whatever the activation dtype.
+    """
+    dt = dy.dtype
+    s = dy @ cast_factor(a, dt) if (need_dx or need_db) else None
+    dx = None
+    if need_dx:
+        dx = dy @ weight
+        dx.addmm_(s, cast_factor(b, dt))
+    return dx, _grad_a(dy, t, a) if need_da else None, _grad_b(s, x, b) if need_db else None
+
+
+def _grad_a(dy: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``dA = dy.T @ t`` (out, r) in fp32, returned in a.dtype. Computed as ``(t.T @ dy).T``: the same
+    numbers, and with a (r, out) result MKL ran it in 5.0 ms against 7.2 ms for ``dy.T @ t``
+    (T = 4096, out = 1536, r = 32, one thread). Made contiguous like ``a`` (an (out, r) copy): custom
+    ops promise contiguous outputs, and ``.grad`` would be re-laid out anyway."""
+    return _mm_fp32(t.T, dy).T.to(a.dtype).contiguous()
+
+
+def _grad_b(s: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``dB = s.T @ x`` (r, in) in fp32, returned in b.dtype."""
+    return _mm_fp32(s.T, x).to(b.dtype)
+
+
+# The merged form: y = x @ (W + A @ B).T and dx = dy @ (W + A @ B), with W + A @ B rebuilt (never
+# kept) in forward and backward. It replaces T*r*(2*out + in) multiply-adds of the factored form
+# (the A term of y, s = dy @ A, the B term of dx: skinny GEMMs that are memory bound on CPU, a full
+# pass over y each) by 2*out*in*r and two passes over W; t = x @ B.T is still computed (dA needs it),
+# so the activations saved are the same. Only where rounding W + A @ B costs nothing the factored
+# form would not lose anyway: fp32/fp64 with both factors in x's dtype (in bf16 a small A @ B would
+# vanish into W's rounding). MERGE_MARGIN: the factored form's extra multiply-adds must be this many
+# times the merged form's before merging pays for its passes over W. Measured (fp32, one thread,
+# forward + backward / frozen, shared 2-core machine): the two forms tie where the ratio is ~2
+# (576->1536 at T = 1024: 1.175 factored vs 1.185 merged, ratio 2.1; 576->192 at T = 512: 1.43 vs
+# 1.47, ratio 2.2); merged wins from ~2.7 on (576->576, T = 1024: 1.24 vs 1.20; 576->192, T = 1024:
+# 1.42 vs 1.33) and by 8% at T = 4096.
+MERGE_DTYPES = (torch.float32, torch.float64)
+MERGE_MARGIN = 2.5
+
+
+def merged_pays(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, training: bool) -> bool:
+    """True when :func:`lowrank_linear` should compute y (and dx) through ``W + A @ B`` (see above).
+
+    x: (T, in); weight: (out, in); a: (out, r); b: (r, in). ``training``: a backward will follow.
+    """
+    if not (x.dtype == a.dtype == b.dtype and x.dtype in MERGE_DTYPES) or x.device.type != "cpu":
+        return False
+    rows = x.shape[0]
+    out_f, in_f = weight.shape
+    factored = rows * (2 * out_f + in_f if training else out_f + in_f)
+    merged = (2 if training else 1) * out_f * in_f
+    return factored >= MERGE_MARGIN * merged
+
+
+def _merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``W + A @ B`` (out, in): one addmm, a fresh tensor laid out like a contiguous W."""
+    return torch.addmm(weight, a, b)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """Autograd of :func:`lowrank_forward` (or its merged form) with a closed-form backward.
+
+    Saves ``t`` (T, r) and the factors; ``x`` only when ``dB`` or ``dW`` is asked for, so PiCa's input
+    side (``B = P`` frozen) keeps the frozen layer's activations plus ``T * r``. Outputs ``(y, t)``;
+    ``t`` is not differentiable. ``merge``: compute y and dx through ``W + A @ B``
+    (:func:`merged_pays`); dA and dB come from ``t`` and ``s = dy @ A`` either way.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, a, b, merge):
+        if not merge:
+            return lowrank_forward(x, weight, bias, a, b)
+        w_eff = _merged_weight(weight, a, b)
+        y = torch.addmm(bias, x, w_eff.T) if bias is not None else x @ w_eff.T
+        return y, x @ b.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, a, b, merge = inputs
+        _, t = output
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x if (need_b or need_w) else None, t, weight, a, b)
+        ctx.mark_non_differentiable(t)
+        ctx.merge = merge
+
+    @staticmethod
+    def backward(ctx, dy, _dt):
+        x, t, weight, a, b = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        if ctx.merge:
+            dx = dy @ _merged_weight(weight, a, b) if need_x else None
+            da = _grad_a(dy, t, a) if need_a else None
+            db = _grad_b(dy @ a, x, b) if need_b else None
+        else:
+            dx, da, db = lowrank_backward(dy, x, t, weight, a, b, need_x, need_a, need_b)
+        dw = (dy.T @ x).to(weight.dtype) if need_w else None  # not PiCa's case: W is frozen there
+        dbias = dy.sum(0) if need_bias else None
+        return dx, dw, dbias, da, db, None
+
+
 def lowrank_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -67,13 +248,70 @@ def lowrank_linear(
     x: (..., in); weight: (out, in); bias: (out,) or None; a: (out, r); b: (r, in).
     Returns (..., out) in ``x.dtype``. ``a``/``b`` are cast to ``x.dtype`` when
     they differ (e.g. an fp32 ``M`` with bf16 activations); the cast is of an
-    ``r``-wide matrix, never of ``W``.
+    ``r``-wide matrix, never of ``W``, and is reused while the factor is unchanged.
+    Differentiable in every argument; gradients of ``a``/``b`` come back in
+    their own dtype, accumulated in fp32.
+
+    How it runs (the same numbers up to rounding): with factors in x's dtype
+    and few tokens, plain autograd through :func:`lowrank_forward` (its
+    mm/addmm nodes save ``t``, and ``x`` only when ``B`` requires grad; the
+    C++ engine costs less per call than a Python ``autograd.Function``);
+    factors of another dtype through :class:`_LowRankLinear` (dA/dB in fp32);
+    many fp32 tokens through the merged weight (:func:`merged_pays`).
     """
-    if a.dtype != x.dtype:
-        a = a.to(x.dtype)
-    if b.dtype != x.dtype:
-        b = b.to(x.dtype)
-    return F.linear(x, weight, bias) + F.linear(F.linear(x, b), a)
+    # 2-D x as is: a reshape is a view node in the graph, traversed again in backward (T = 1: ~5% of a step).
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    args = (x2, weight, bias, a, b)
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or a.requires_grad or b.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
+    merge = merged_pays(x2, weight, a, b, training)
+    if training and (merge or not x.dtype == a.dtype == b.dtype):
+        y, _ = _LowRankLinear.apply(*args, merge)
+    elif merge:  # no graph: only y
+        w_eff = _merged_weight(weight, a, b)
+        y = torch.addmm(bias, x2, w_eff.T) if bias is not None else x2 @ w_eff.T
+    else:
+        y, _ = lowrank_forward(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _LowRankTerm(torch.autograd.Function):
+    """``(x @ B.T) @ A.T`` alone with factors of another dtype than x: dA and dB accumulated in fp32."""
+
+    @staticmethod
+    def forward(x, a, b):
+        t = x @ cast_factor(b, x.dtype).T
+        return t @ cast_factor(a, x.dtype).T, t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, a, b = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, output[1], a, b)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dy, _dt):
+        x, t, a, b = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad
+        s = dy @ cast_factor(a, dy.dtype) if (need_x or need_b) else None
+        dx = s @ cast_factor(b, dy.dtype) if need_x else None
+        return dx, _grad_a(dy, t, a) if need_a else None, _grad_b(s, x, b) if need_b else None
+
+
+def lowrank_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The adapter term alone, ``(x @ B.T) @ A.T``: x (..., in), a (out, r), b (r, in) -> (..., out) in x.dtype.
+
+    For front ends that add it to a base layer's own output (several active adapters, quantized bases).
+    Factors of another dtype than x are cast like in :func:`lowrank_linear`, and their gradients are
+    accumulated in fp32 (autograd through a bf16 cast would round dM to bf16).
+    """
+    if x.dtype == a.dtype == b.dtype:
+        return (x @ b.T) @ a.T
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _ = _LowRankTerm.apply(x2, a, b)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], a.shape[0])
 
 
 def pica_linear(

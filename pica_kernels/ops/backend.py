@@ -101,3 +101,19 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 
 _WARNED_NO_BF16: set[str] = set()
+
+
+def eager_reference(backend: str, x: torch.Tensor) -> bool:
+    """True when an op's public entry function should call :mod:`pica_kernels.reference` directly.
+
+    That is: CPU tensors, not being traced by ``torch.compile``/``torch.export``, and the rule above
+    resolving to the reference. The reference's own autograd (closed-form backward, same saved
+    tensors) then replaces the custom-op round trip, which cost more than the math at small T on
+    CPU. Under compilation, and wherever the kernels may run, the custom op stays (its fake kernel
+    and schema are what ``torch.compile`` and ``opcheck`` need).
+    """
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and resolve_backend(backend, x.device, x.dtype) == "reference"
+    )

@@ -19,29 +19,23 @@ only activation saved besides what the frozen layer needs is ``t``, (T, r).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
 from .backend import resolve_backend
 from .kernels import launchers
 
 
 def reference_forward(x, weight, bias, a, b):
     """Same contract as :func:`launchers.triton_forward`; the math of :func:`pica_kernels.reference.lowrank_linear`."""
-    t = F.linear(x, b.to(x.dtype))
-    return F.linear(x, weight, bias) + F.linear(t, a.to(x.dtype)), t
+    return reference.lowrank_forward(x, weight, bias, a, b)
 
 
 def reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
     """Same contract as :func:`launchers.triton_backward`: the gradients of the reference math, with dA
     and dB accumulated in (at least) fp32 like the kernels -- several layers may share M, and a bf16
-    ``dy.T @ t`` is off by ~2e-3 relative -- and returned in a's / b's own dtype."""
-    dt = dy.dtype
-    acc = torch.promote_types(dt, torch.float32)
-    s = dy @ a.to(dt) if (need_dx or need_db) else None
-    dx = dy @ weight + s @ b.to(dt) if need_dx else None
-    da = (dy.T.to(acc) @ t.to(acc)).to(a.dtype) if need_da else None
-    db = (s.T.to(acc) @ x.to(acc)).to(b.dtype) if need_db else None
-    return dx, da, db
+    ``dy.T @ t`` is off by ~2e-3 relative -- and returned in a's / b's own dtype (the math lives once,
+    in :func:`pica_kernels.reference.lowrank_backward`)."""
+    return reference.lowrank_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
 
 
 @torch.library.custom_op("pica_kernels::lowrank_linear", mutates_args=())

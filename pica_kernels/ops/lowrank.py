@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from . import custom_ops  # noqa: F401  (registers torch.ops.pica_kernels.lowrank_linear)
+from .backend import eager_reference
 
 
 def check_lowrank_args(x, weight, bias, a, b) -> None:
@@ -65,6 +67,8 @@ def lowrank_linear(
     with both requiring grad.
     """
     check_lowrank_args(x, weight, bias, a, b)
+    if eager_reference(backend, x):  # eager CPU: the reference's own autograd, no custom-op round trip
+        return reference.lowrank_linear(x, weight, bias, a, b)
     lead = x.shape[:-1]
     y, _ = torch.ops.pica_kernels.lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, a, b, backend)
     return y.reshape(*lead, weight.shape[0])

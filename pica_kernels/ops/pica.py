@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .backend import eager_reference
 from .lowrank import lowrank_linear
 
 
@@ -65,5 +66,7 @@ def pica_linear(
     input side, ``x`` on the output side (``dM`` needs it there).
     """
     _check(x, weight, bias, basis, m, side)
+    if eager_reference(backend, x):  # eager CPU: the reference's own autograd, no custom-op round trip
+        return reference.pica_linear(x, weight, bias, basis, m, side)
     a, b = reference.lowrank_factors(basis, m, side)
     return lowrank_linear(x, weight, bias, a, b, backend=backend)

@@ -166,7 +166,7 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
     def _lowrank(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """The adapter term ``(x @ B.T) @ A.T`` of ``adapter`` in ``x.dtype``: x (..., in) -> (..., out)."""
         a, b = reference.lowrank_factors(self.pica_basis[adapter], self.get_m(adapter), self.pica_side[adapter])
-        return F.linear(F.linear(x, b.to(x.dtype)), a.to(x.dtype))
+        return reference.lowrank_term(x, a, b)  # dM accumulated in fp32 when M's dtype differs from x's
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -49,6 +49,16 @@ def test_interleaved_rounds_record_every_method_and_paired_ratios():
     assert s["frozen"]["ratio_to_frozen"] == 1.0 and s["other"]["ratio_to_frozen"] > 0
 
 
+def test_interleaved_inner_calls_average_into_one_sample():
+    calls = []
+    inter = H.Interleaved({"frozen": lambda: calls.append("f"), "other": lambda: calls.append("o")},
+                          torch.device("cpu"), inner=5)
+    for _ in range(3):
+        inter.run_round()
+    assert len(calls) == 30 and all(len(v) == 3 for v in inter.samples.values())
+    assert inter.subset({"o": "other"}).summary("o")["o"]["inner"] == 5
+
+
 def test_budget_rank_and_svft_factors():
     assert H.lora_budget_rank(576, 576) == 16 and H.lora_budget_rank(1536, 576) == 23
     assert H.lora_budget_rank(576, 1536) == 9 and H.lora_budget_rank(192, 576) == 8
