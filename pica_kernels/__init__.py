@@ -10,15 +10,17 @@ Public API (see README.md):
     truncated_svd, pica_linear               the ops
     lowrank_linear                           backend entry point: y = x@W.T + (x@B.T)@A.T + b
     mixed_batch                              one adapter per sequence of a batch
+    PiCaError, AdapterMismatchError          errors (AdapterMismatchError is a PiCaError and a ValueError)
 """
 
 __version__ = "0.1.0"
 
-from .adapters import AdapterMismatchError, load_adapter, save_adapter
+from .adapters import load_adapter, save_adapter
+from .apply import apply_pica
+from .config import PiCaConfig
+from .core.errors import AdapterMismatchError, PiCaError
 from .layer import PiCaLinear, mixed_batch
 from .model import (
-    PiCaConfig,
-    apply_pica,
     delete_adapter,
     disable_adapter,
     merge,
@@ -33,6 +35,7 @@ from .svd import truncated_svd
 __all__ = [
     "AdapterMismatchError",
     "PiCaConfig",
+    "PiCaError",
     "PiCaLinear",
     "apply_pica",
     "delete_adapter",

@@ -34,7 +34,7 @@ def test_apply_replaces_targets_freezes_the_rest_and_keeps_output(tiny_llama):
     assert len(names) == 15 and all(n.split(".")[-1] in pk.model.DEFAULT_TARGETS for n in names)
     assert isinstance(tiny_llama.model.layers[0].self_attn.o_proj, nn.Linear)  # not targeted
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
-    assert trainable == {f"pica_bank.adapters.default.{k}" for k in
+    assert trainable == {f"pica_bank.default.{k}" for k in
                          ["self_attn-q_proj-48x48", "self_attn-k_proj-24x48", "self_attn-v_proj-24x48",
                           "mlp-up_proj-80x48", "mlp-down_proj-48x80"]}
     assert torch.equal(_logits(tiny_llama), before)

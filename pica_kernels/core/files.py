@@ -1,0 +1,114 @@
+"""Fingerprints and whole-file checks of adapter files, for every front end.
+
+Two kinds of fingerprint:
+
+* of a **basis**: :func:`pica_kernels.svd.basis_fingerprint` (its projections on
+  fixed probes), compared within :data:`FINGERPRINT_ATOL` of the basis dtype;
+* of a **base-model tensor** (:func:`tensor_identity`): its shape, dtype, norm
+  (one fp32-accumulated reduction on the tensor's own device, no copy) and a
+  fixed sample of 1024 entries (sha256 of their bytes and a float64 probe).
+  Same dtype: the sample must be bit-identical and the norm equal to fp32
+  reduction noise; another dtype: norm and probe within that dtype's rounding.
+  Covering every tensor of the state dict (untargeted ``o_proj``, embeddings,
+  norms included) costs two reads per tensor and no float64 copy of any weight.
+
+An adapter's JSON is covered by its own sha256 and bound to its tensor file
+(whose metadata carries the JSON's checksum, and whose sha256 the JSON holds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+
+from .errors import AdapterMismatchError
+
+SAMPLE_SIZE = 1024
+# Relative tolerance of norm and probe: same dtype, fp32 reductions in another order or on another device;
+# another dtype: the coarser dtype's rounding.
+SAME_DTYPE_RTOL = 1e-5
+CROSS_DTYPE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise AdapterMismatchError(f"unknown dtype {name!r} in adapter file")
+    return dtype
+
+
+@torch.no_grad()
+def tensor_identity(t: torch.Tensor) -> dict:
+    """Shape, dtype, norm and a fixed-sample checksum of ``t`` (any shape), computed on its device."""
+    t = t.detach()
+    flat = t.reshape(-1)
+    n = flat.numel()
+    ident = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+    if n == 0 or t.device.type == "meta":
+        return ident
+    idx = torch.linspace(0, n - 1, min(n, SAMPLE_SIZE), device=t.device).round().long()
+    sample = flat[idx].cpu()
+    ident["sample_sha256"] = hashlib.sha256(sample.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    if t.is_floating_point() or t.is_complex():
+        s64 = sample.to(torch.float64)
+        probe = torch.randn(s64.numel(), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        ident["norm"] = float(torch.linalg.vector_norm(flat, dtype=torch.float32))
+        ident["sample_norm"] = float(torch.linalg.vector_norm(s64))
+        ident["probe"] = float(s64 @ probe)
+    return ident
+
+
+def compare_identity(what: str, now: dict, saved: dict) -> str | None:
+    """None when ``now`` is the tensor ``saved`` describes (up to dtype rounding), else what differs."""
+    if now["shape"] != saved["shape"]:
+        return f"{what}: shape {now['shape']} in the model, {saved['shape']} in the adapter file"
+    if "sample_sha256" not in now or "sample_sha256" not in saved:
+        return None
+    if now["dtype"] == saved["dtype"]:
+        if now["sample_sha256"] != saved["sample_sha256"]:
+            return f"{what}: values differ (sample sha256 {now['sample_sha256'][:12]}... in the model, " \
+                   f"{saved['sample_sha256'][:12]}... in the adapter file)"
+        rtol = SAME_DTYPE_RTOL
+    else:
+        if "norm" not in now or "norm" not in saved:
+            return f"{what}: dtype {now['dtype']} in the model, {saved['dtype']} in the adapter file"
+        rtol = max(CROSS_DTYPE_RTOL.get(dtype_from_name(now["dtype"]), 1e-2),
+                   CROSS_DTYPE_RTOL.get(dtype_from_name(saved["dtype"]), 1e-2))
+    for key, scale in (("norm", "norm"), ("probe", "sample_norm")):
+        if key in now and key in saved and not math.isclose(
+            now[key], saved[key], rel_tol=rtol, abs_tol=rtol * saved[scale]
+        ):
+            return (f"{what}: {key} {now[key]:.8g} in the model ({now['dtype']}), {saved[key]:.8g} in the adapter "
+                    f"file ({saved['dtype']}), beyond rounding")
+    return None
+
+
+def json_checksum(meta: dict) -> str:
+    """sha256 of the canonical JSON of ``meta`` without its own ``json_sha256`` and ``tensors_sha256`` fields."""
+    body = {k: v for k, v in meta.items() if k not in ("json_sha256", "tensors_sha256")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def require(meta: dict, key: str, kind: type, where: str):
+    """``meta[key]`` of type ``kind``, or AdapterMismatchError naming the missing / malformed field."""
+    if key not in meta:
+        raise AdapterMismatchError(f"{where}: field {key!r} is missing (truncated or hand-edited file?)")
+    value = meta[key]
+    if not isinstance(value, kind):
+        raise AdapterMismatchError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
