@@ -5,6 +5,7 @@ Public API (see README.md):
     PiCaConfig, apply_pica, PiCaLinear       build
     parameter_report                         count trainable M and frozen bases
     save_adapter, load_adapter               adapter files (safetensors + JSON)
+    export_lora                              write the adapter as a standard PEFT LoRA adapter (LoRA servers)
     merge, unmerge, merge_and_unload         fold ΔW into the base weights
     set_adapter, disable_adapter, delete_adapter   several adapters on one model
     truncated_svd, pica_linear               the ops
@@ -19,6 +20,7 @@ from .adapters import load_adapter, save_adapter
 from .apply import apply_pica
 from .config import PiCaConfig
 from .core.errors import AdapterMismatchError, PiCaError
+from .export import export_lora
 from .layer import PiCaLinear, mixed_batch
 from .model import (
     delete_adapter,
@@ -40,6 +42,7 @@ __all__ = [
     "apply_pica",
     "delete_adapter",
     "disable_adapter",
+    "export_lora",
     "load_adapter",
     "lowrank_linear",
     "merge",
