@@ -274,10 +274,13 @@ class PiCaLinear(nn.Module):
         if names is not None:
             if self.merged:
                 raise ValueError("cannot serve a mixed batch (adapter_names) while adapters are merged; unmerge first")
-            unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.adapters})
+            known = set(self.adapters) | set(self._bank.configs) | {BASE_ADAPTER}
+            unknown = sorted({n for n in names if n not in known})
             if unknown:
-                raise KeyError(f"unknown adapters {unknown}; this layer has {sorted(self.adapters)}")
-            return core_forward.mixed_forward(self.base_layer, self.base_weight, x, list(names), self._tensors)
+                raise KeyError(f"unknown adapters {unknown}; the model has {sorted(known - {BASE_ADAPTER})}")
+            # An adapter of the model that does not cover this layer leaves it at its base output.
+            names = [n if n in self.adapters else BASE_ADAPTER for n in names]
+            return core_forward.mixed_forward(self.base_layer, self.base_weight, x, names, self._tensors)
         if self.merged or self.active_adapter is None:
             return self.base_layer(x)
         return core_forward.adapter_forward(self.base_layer, self.base_weight, x, [self._tensors(self.active_adapter)])

@@ -12,7 +12,7 @@ FSDP2, ``load_state_dict(assign=True)``) cannot leave a layer with a stale copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -80,16 +80,22 @@ def random_m_init(shape: tuple[int, int], scale: float = 0.05) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float32) * scale
 
 
-class LayerMView(MutableMapping):
-    """A layer's persistent ``{adapter: M}`` mapping onto the bank (not a Module: ``M`` is registered once).
+class LayerMView(nn.ParameterDict):
+    """A layer's persistent ``{adapter: M}`` mapping onto the bank.
 
-    ``groups`` is the layer's ``{adapter: group key}``; deleting an adapter here
-    forgets the layer's link to its group (the bank entry is the model's to drop).
+    A ``ParameterDict`` to code that inspects it (PEFT's ``get_layer_status``,
+    ``set_requires_grad``), but it stores nothing: every access looks ``M`` up
+    in the bank through the layer's ``{adapter: group key}`` (``groups``). The
+    layer holds it as a plain attribute, never as a submodule, so ``M`` is
+    registered once (by the bank). Deleting an adapter here forgets the layer's
+    link to its group; the bank entry is the model's to drop. Assigning a tensor
+    moves its values into the shared Parameter (``.data``), so sharing survives.
     """
 
     def __init__(self, bank: PiCaBank, groups: dict[str, str]) -> None:
-        self._bank = bank
-        self._groups = groups
+        super().__init__()
+        object.__setattr__(self, "_bank", bank)
+        object.__setattr__(self, "_groups", groups)
 
     def __getitem__(self, adapter: str) -> nn.Parameter:
         if adapter not in self._groups or not self._bank.has(adapter, self._groups[adapter]):
@@ -97,7 +103,6 @@ class LayerMView(MutableMapping):
         return self._bank[adapter][self._groups[adapter]]
 
     def __setitem__(self, adapter: str, value: torch.Tensor) -> None:
-        # Assignment moves values into the shared Parameter in place, so sharing survives.
         m = self[adapter]
         with torch.no_grad():
             m.data = value.data if isinstance(value, torch.Tensor) else value
@@ -105,11 +110,23 @@ class LayerMView(MutableMapping):
     def __delitem__(self, adapter: str) -> None:
         del self._groups[adapter]
 
+    def __contains__(self, adapter: object) -> bool:
+        return adapter in self._groups and self._bank.has(adapter, self._groups[adapter])
+
     def __iter__(self) -> Iterator[str]:
-        return iter([a for a in self._groups if self._bank.has(a, self._groups[a])])
+        return iter([a for a in self._groups if a in self])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
-    def __repr__(self) -> str:
-        return f"LayerMView({ {a: tuple(self[a].shape) for a in self} })"
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(a, self[a]) for a in self]
+
+    def values(self):
+        return [self[a] for a in self]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{a}: {tuple(self[a].shape)}" for a in self)

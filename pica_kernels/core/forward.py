@@ -69,7 +69,8 @@ def mixed_forward(
                          f"got {tuple(x.shape)}")
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
     tensors = {n: lookup(n) for n in used}
-    bases = {id(t[0]) for t in tensors.values()}
+    # One basis for all (the same storage, as adapters of equal side and rank share it): one multi-task launch.
+    bases = {(t[0].data_ptr(), tuple(t[0].shape), t[0].stride(), t[0].dtype) for t in tensors.values()}
     if used and x.dim() == 3 and len(bases) == 1 and all(t[2] == "input" for t in tensors.values()) \
             and x.dtype == weight.dtype:
         ms = [tensors[n][1] for n in used]
