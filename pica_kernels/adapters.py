@@ -37,6 +37,7 @@ from torch import nn
 from . import __version__
 from .apply import BANK_NAME, apply_pica, get_bank, pica_layers, set_submodule
 from .config import PiCaConfig
+from .core import quant as core_quant
 from .core.defaults import FINGERPRINT_ATOL
 from .core.errors import AdapterMismatchError
 from .core.files import (
@@ -61,17 +62,30 @@ FORMAT_VERSION = 2
 
 
 def _original_weight(module: nn.Module) -> torch.Tensor:
-    """The base weight as stored (Conv1D: (in, out)), before any merge."""
-    return module.original_weight if isinstance(module, PiCaLinear) else module.weight
+    """The base weight as stored (Conv1D: (in, out); quantized base: dequantized), before any merge."""
+    if isinstance(module, PiCaLinear):
+        return module.original_weight
+    return core_quant.dequantized_weight(module) if core_quant.is_quantized_base(module) else module.weight
 
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's own tensors by state_dict name, PiCa removed: ``…q_proj.weight`` (original, unmerged), never
     ``…base_layer.weight``, no bank, no bases."""
     out: dict[str, torch.Tensor] = {}
-    originals = {f"{n}.base_layer.weight": layer.original_weight for n, layer in pica_layers(model)}
+    layers = dict(pica_layers(model))
+    originals = {f"{n}.base_layer.weight": layer.original_weight for n, layer in layers.items()}
+    # Quantized-base hook: a quantized layer's storage entries (packed weight, absmax, SCB, quant state...) stand
+    # as one ``<layer>.weight``, its dequantized weight: the same for every fresh quantisation of the same weights,
+    # whether the layer is wrapped or not, and unchanged by a merge that re-quantizes.
+    quantized = {n: m for n, m in model.named_modules() if n and core_quant.is_quantized_base(m)}
+    for n, m in quantized.items():
+        key = f"{n}.weight"
+        originals.setdefault(key, core_quant.dequantized_weight(m))
+    storage = tuple(f"{n}." for n in quantized)
     for key, t in model.state_dict(keep_vars=True).items():
         if key.startswith(BANK_NAME + "."):
+            continue
+        if key.startswith(storage) and key not in originals and not key.endswith(".bias"):
             continue
         t = originals.get(key, t)
         out[key.replace(".base_layer.", ".")] = t
@@ -134,6 +148,7 @@ def save_adapter(
             "basis_dtype": dtype_name(basis.dtype),
             "fan_in_fan_out": layer.fan_in_fan_out,
             "weight": tensor_identity(layer.original_weight),
+            "quantization": layer.quantization,
         }
     adapted = {f"{n}.weight" for n in layers}
     meta = {
@@ -283,6 +298,13 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> None:
             raise AdapterMismatchError(
                 f"layers: layer {lname!r} of the adapter is not in this {type(model).__name__} (the adapter was "
                 f"saved from a {meta['base_model']['class']}, model_type {meta['base_model']['model_type']!r})"
+            )
+        base = module.base_layer if isinstance(module, PiCaLinear) else module
+        now_quant, saved_quant = core_quant.quant_info(base), info.get("quantization")
+        if now_quant != saved_quant:
+            raise AdapterMismatchError(
+                f"layers[{lname!r}].quantization: the adapter was trained on a base quantized as {saved_quant}, this "
+                f"model's layer is {now_quant or 'not quantized'}; quantize the base the same way before loading"
             )
         problem = compare_identity(f"layer {lname!r} weight", tensor_identity(_original_weight(module)),
                                    info["weight"])

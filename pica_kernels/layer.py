@@ -26,6 +26,7 @@ from torch import nn
 from . import reference
 from .core import forward as core_forward
 from .core import merge as core_merge
+from .core import quant as core_quant
 from .core.bank import PiCaBank
 from .core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
 from .svd import truncated_svd
@@ -39,7 +40,8 @@ except ImportError:  # transformers is optional for the core layer
 
 
 def is_supported_base(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D))
+    return (isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D))
+            or core_quant.is_quantized_base(module))  # quantized-base hook (bitsandbytes, torchao)
 
 
 def is_fan_in_fan_out(module: nn.Module) -> bool:
@@ -48,7 +50,10 @@ def is_fan_in_fan_out(module: nn.Module) -> bool:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight of a supported layer as (out, in): the tensor itself, or a transposed view (Conv1D)."""
+    """The weight of a supported layer as (out, in): the tensor itself, a transposed view (Conv1D), or the
+    dequantized weight of a quantized base (a new tensor)."""
+    if core_quant.is_quantized_base(module):  # quantized-base hook
+        return core_quant.dequantized_weight(module)
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
 
 
@@ -130,6 +135,8 @@ class PiCaLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.fan_in_fan_out = is_fan_in_fan_out(base_layer)
+        #: quantized-base hook: the base's quantisation (core.quant.quant_info), None for a plain layer.
+        self.quantization = core_quant.quant_info(base_layer)
         self.out_features, self.in_features = self.base_weight.shape
         if bank is None:
             self.pica_bank = PiCaBank()
@@ -148,8 +155,14 @@ class PiCaLinear(nn.Module):
     # ----------------------------------------------------------------- access
     @property
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as (out, in): the stored tensor, or a transposed view of a Conv1D's."""
+        """The frozen weight as (out, in): the stored tensor, a transposed view of a Conv1D's, or the dequantized
+        weight of a quantized base (computed on each access)."""
         return weight_out_in(self.base_layer)
+
+    @property
+    def _forward_weight(self) -> torch.Tensor | None:
+        """The weight the fused ops may read; None for a quantized base (forward = base layer's output + term)."""
+        return None if self.quantization else self.base_weight
 
     @property
     def bank(self) -> PiCaBank:
@@ -174,7 +187,9 @@ class PiCaLinear(nn.Module):
 
     @property
     def original_weight(self) -> torch.Tensor:
-        """The base weight as stored before any merge (Conv1D: (in, out))."""
+        """The base weight as stored before any merge (Conv1D: (in, out); quantized base: dequantized (out, in))."""
+        if self.quantization:  # quantized-base hook
+            return core_quant.original_dequantized_weight(self, self.base_layer)
         return core_merge.original_weight(self, self.base_layer.weight)
 
     # --------------------------------------------------------------- adapters
@@ -280,10 +295,11 @@ class PiCaLinear(nn.Module):
                 raise KeyError(f"unknown adapters {unknown}; the model has {sorted(known - {BASE_ADAPTER})}")
             # An adapter of the model that does not cover this layer leaves it at its base output.
             names = [n if n in self.adapters else BASE_ADAPTER for n in names]
-            return core_forward.mixed_forward(self.base_layer, self.base_weight, x, names, self._tensors)
+            return core_forward.mixed_forward(self.base_layer, self._forward_weight, x, names, self._tensors)
         if self.merged or self.active_adapter is None:
             return self.base_layer(x)
-        return core_forward.adapter_forward(self.base_layer, self.base_weight, x, [self._tensors(self.active_adapter)])
+        return core_forward.adapter_forward(self.base_layer, self._forward_weight, x,
+                                            [self._tensors(self.active_adapter)])
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
@@ -301,12 +317,18 @@ class PiCaLinear(nn.Module):
         name = adapter or self.active_adapter
         if name is None or name not in self.adapters:
             raise KeyError(f"unknown adapter {name!r}; this layer has {sorted(self.adapters)}")
-        core_merge.merge_adapters(self, self.base_layer.weight, [name], self.delta_weight,
-                                  fan_in_fan_out=self.fan_in_fan_out, safe_merge=safe_merge)
+        if self.quantization:  # quantized-base hook: re-quantize, lossy (warns)
+            core_quant.merge_quantized(self, self.base_layer, [name], self.delta_weight, safe_merge=safe_merge)
+        else:
+            core_merge.merge_adapters(self, self.base_layer.weight, [name], self.delta_weight,
+                                      fan_in_fan_out=self.fan_in_fan_out, safe_merge=safe_merge)
         self.active_adapter = name
 
     def unmerge(self) -> None:
         """Restore the exact original base weight (a no-op when nothing is merged)."""
+        if self.quantization:  # quantized-base hook: the original storage objects back
+            core_quant.unmerge_quantized(self, self.base_layer)
+            return
         core_merge.unmerge_adapters(self, self.base_layer.weight)
 
     def extra_repr(self) -> str:

@@ -111,12 +111,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Merge, then replace every PiCaLinear by its (merged) base layer and drop the bank: a plain model."""
+def merge_and_unload(
+    model: nn.Module, adapter_name: str | None = None, *, dequantize: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Merge, then replace every PiCaLinear by its (merged) base layer and drop the bank: a plain model.
+
+    Quantized bases: by default the merged weights are re-quantized (lossy, warns). With ``dequantize=True`` every
+    quantized layer becomes a plain ``nn.Linear`` (adapted ones holding ``dequant(W0) + ΔW``, rounded once from
+    fp32) in ``dtype`` (default: the dtype the weights were quantized from), so the result is an exact merge.
+    """
+    if dequantize:
+        from .core.quant import dequantize_model, unload_dequantized
+
+        for name, layer in list(pica_layers(model)):
+            if layer.quantization:
+                set_submodule(model, name, unload_dequantized(layer, adapter_name or layer.active_adapter, dtype))
     merge(model, adapter_name)
     for name, layer in list(pica_layers(model)):
         set_submodule(model, name, layer.base_layer)
     delattr(model, BANK_NAME)
+    if dequantize:
+        dequantize_model(model, dtype)
     return model
 
 

@@ -31,7 +31,8 @@ def check_input(x: torch.Tensor, in_features: int) -> None:
 def adapter_forward(
     base_layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, adapters: list[AdapterTensors]
 ) -> torch.Tensor:
-    """``base_layer(x)`` plus the low-rank terms of ``adapters``. weight: the base weight (out, in); x (..., in)."""
+    """``base_layer(x)`` plus the low-rank terms of ``adapters``. weight: the base weight (out, in), or None for a
+    base the ops cannot read (a quantized layer: its own forward runs, the term is added); x (..., in)."""
     from ..ops import lowrank_linear
 
     bias = getattr(base_layer, "bias", None)
@@ -46,7 +47,7 @@ def adapter_forward(
             dtype = torch.promote_types(torch.promote_types(dtype, fa.dtype), fb.dtype)
         a = torch.cat([fa.to(dtype) for fa, _ in factors], dim=1)  # (out, Σr)
         b = torch.cat([fb.to(dtype) for _, fb in factors], dim=0)  # (Σr, in)
-    if x.dtype == weight.dtype:
+    if weight is not None and x.dtype == weight.dtype:
         return lowrank_linear(x, weight, bias, a, b)
     # x in another dtype than W (autocast): the base layer decides the output dtype, the term follows it.
     y = base_layer(x)
@@ -72,7 +73,7 @@ def mixed_forward(
     # One basis for all (the same storage, as adapters of equal side and rank share it): one multi-task launch.
     bases = {(t[0].data_ptr(), tuple(t[0].shape), t[0].stride(), t[0].dtype) for t in tensors.values()}
     if used and x.dim() == 3 and len(bases) == 1 and all(t[2] == "input" for t in tensors.values()) \
-            and x.dtype == weight.dtype:
+            and weight is not None and x.dtype == weight.dtype:
         ms = [tensors[n][1] for n in used]
         dtype = ms[0].dtype
         for m in ms[1:]:
