@@ -23,6 +23,7 @@ from torch import nn
 from .. import reference
 from ..core import forward as core_forward
 from ..core import merge as core_merge
+from ..core import quant as core_quant
 from ..core.bank import LayerMView, PiCaBank
 from ..core.defaults import BASE_ADAPTER
 from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
@@ -77,7 +78,11 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.fan_in_fan_out = is_fan_in_fan_out(base_layer)
-        self.out_features, self.in_features = weight_out_in(base_layer).shape
+        #: quantized-base hook: the base's quantisation (core.quant.quant_info), None for a plain layer.
+        self.quantization = core_quant.quant_info(base_layer)
+        w = weight_out_in(base_layer)
+        self.out_features, self.in_features = w.shape
+        self._weight_dtype = w.dtype  # the (dequantized) weight's dtype: bases and ΔW follow it, never uint8 storage
         self.kwargs = kwargs
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r=r, side=side, group=group, basis=basis, store_basis=store_basis,
@@ -95,7 +100,7 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         if not self._pica_store.has(adapter_name, group):
             raise KeyError(f"the tuner holds no M for adapter {adapter_name!r}, group {group!r}")
         weight = self.get_base_layer().weight
-        self.pica_basis.set(adapter_name, basis.detach().to(device=weight.device, dtype=weight.dtype).contiguous(),
+        self.pica_basis.set(adapter_name, basis.detach().to(device=weight.device, dtype=self._weight_dtype).contiguous(),
                             persistent=store_basis)
         self.pica_r[adapter_name] = r
         self.pica_side[adapter_name] = side
@@ -107,7 +112,8 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         weight = self.get_base_layer().weight
         device = device if device is not None else weight.device
         if adapter_name in self.pica_basis and self.pica_basis[adapter_name].device.type != "meta":
-            self.pica_basis[adapter_name] = self.pica_basis[adapter_name].to(device, dtype=weight.dtype)
+            dtype = self._weight_dtype if self.quantization else weight.dtype
+            self.pica_basis[adapter_name] = self.pica_basis[adapter_name].to(device, dtype=dtype)
         if adapter_name in self.pica_M:
             m = self.pica_M[adapter_name]
             if m.device.type != "meta" and m.device != torch.device(device):
@@ -123,7 +129,8 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        weight = weight_out_in(self.get_base_layer())
+        # quantized-base hook: no weight for the fused ops, the base layer's own forward runs
+        weight = None if self.quantization else weight_out_in(self.get_base_layer())
         if adapter_names is not None:
             if self.merged:
                 raise ValueError("Cannot pass `adapter_names` while adapters are merged; unmerge first")
@@ -137,7 +144,7 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
     # ----------------------------------------------------------------- merge
     def _delta(self, adapter: str) -> torch.Tensor:
         basis, m, side = self._tensors(adapter)
-        return core_merge.delta_weight(basis, m, side, self.get_base_layer().weight.dtype)
+        return core_merge.delta_weight(basis, m, side, self._weight_dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW`` of ``adapter`` in the base weight's layout ((out, in); (in, out) for Conv1D), float32."""
@@ -147,12 +154,19 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold adapters into the base weight, stacking: ``round(W0 + Σ ΔW)`` in fp32 (see core.merge)."""
         names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.pica_r]
+        if self.quantization:  # quantized-base hook: re-quantize, lossy (warns)
+            core_quant.merge_quantized(self, self.get_base_layer(), names, self._delta, safe_merge=safe_merge)
+            return
         core_merge.merge_adapters(self, self.get_base_layer().weight, names, self._delta,
                                   fan_in_fan_out=self.fan_in_fan_out, safe_merge=safe_merge)
 
     def unmerge(self) -> None:
         """Restore the exact original base weight."""
-        if not core_merge.unmerge_adapters(self, self.get_base_layer().weight):
+        if self.quantization:  # quantized-base hook: the original storage objects back
+            restored = core_quant.unmerge_quantized(self, self.get_base_layer())
+        else:
+            restored = core_merge.unmerge_adapters(self, self.get_base_layer().weight)
+        if not restored:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

@@ -44,6 +44,7 @@ from ..core.defaults import (
 from ..core.errors import AdapterMismatchError, BasisMismatchError
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
+from ..core.quant import dequantized_weight, is_quantized_base
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
 from .layer import PiCaPeftLinear, adapter_names_pre_forward_hook
@@ -182,7 +183,8 @@ class PiCaPeftModel(BaseTuner):
                 weight_out_in(base), r, side, method=peft_config.svd_method, seed=peft_config.svd_seed
             )
         group = group_key(current_key, out_f, in_f, peft_config.share_m, None if r == peft_config.r else r)
-        weight = base.weight
+        # quantized-base hook: the dequantized weight gives M's dtype and device (the storage is uint8 / int8)
+        weight = dequantized_weight(base) if is_quantized_base(base) else base.weight
         if not weight.is_floating_point():
             raise TypeError(f"layer {current_key!r}: weight has dtype {weight.dtype}; PiCa needs a floating-point "
                             f"weight (dequantize the layer, or exclude it)")
