@@ -112,3 +112,22 @@ def require(meta: dict, key: str, kind: type, where: str):
     if not isinstance(value, kind):
         raise AdapterMismatchError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def check_m_tensors(found: dict[str, tuple], expected: dict[str, tuple], rank: int, side: str, where: str) -> None:
+    """The ``M`` of an adapter file (``{group: shape}``) against the groups the model built from its config.
+
+    A group in one but not the other is a ``groups`` mismatch; a shape that differs in its rank dimension is a
+    ``rank`` mismatch (the config was edited, or belongs to another file); both name the two values.
+    """
+    for g in sorted(set(found) - set(expected)):
+        raise AdapterMismatchError(f"groups: {where} holds M of group {g!r}, the model built from its config has no "
+                                   f"such group ({len(expected)} groups: {sorted(expected)[:4]}...)")
+    for g in sorted(set(expected) - set(found)):
+        raise AdapterMismatchError(f"groups: the model built from the config has group {g!r}, {where} holds no M "
+                                   f"for it (a group was removed from the file)")
+    axis = 1 if side == "input" else 0
+    for g, shape in found.items():
+        if tuple(shape) != tuple(expected[g]):
+            raise AdapterMismatchError(f"rank: the config says {expected[g][axis]}, {where} has M of group {g!r} "
+                                       f"with shape {list(shape)} (rank {shape[axis]})")
