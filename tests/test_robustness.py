@@ -284,6 +284,12 @@ def test_model_fingerprint_holds_no_float64_copy_and_samples_on_device():
     assert compare_identity("w", tensor_identity(w * 1.01), ident) is not None
 
 
+def test_model_fingerprint_of_a_tensor_beyond_float32_integer_precision():
+    t = torch.zeros(2**24 + 2, dtype=torch.uint8)  # float32 positions would round n-1 = 2**24+1 off the end
+    t[-1] = 7
+    assert tensor_identity(t)["sample_sha256"] != tensor_identity(torch.zeros_like(t))["sample_sha256"]
+
+
 # --------------------------------------------------------- (7) fused experts
 def _tiny_mixtral():
     import transformers as tf

@@ -53,7 +53,9 @@ def tensor_identity(t: torch.Tensor) -> dict:
     ident = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     if n == 0 or t.device.type == "meta":
         return ident
-    idx = torch.linspace(0, n - 1, min(n, SAMPLE_SIZE), device=t.device).round().long()
+    k = min(n, SAMPLE_SIZE)
+    # Integer positions (a float linspace rounds past the end beyond 2**24 elements).
+    idx = torch.arange(k, device=t.device, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
     sample = flat[idx].cpu()
     ident["sample_sha256"] = hashlib.sha256(sample.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     if t.is_floating_point() or t.is_complex():
