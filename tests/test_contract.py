@@ -63,6 +63,23 @@ class Native:
         (path / "pica_config.json").write_text(json.dumps(meta))
 
 
+    def remove_group(self, path, group):
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        from pica_kernels.core.files import file_sha256
+
+        file = path / "pica_adapter.safetensors"
+        with safe_open(file, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(file)
+        del tensors[f"m.{group}"]
+        save_file(tensors, file, metadata=metadata)  # a deliberate re-save, its checksum recomputed
+        meta = json.loads((path / "pica_config.json").read_text())
+        meta["tensors_sha256"] = file_sha256(file)
+        (path / "pica_config.json").write_text(json.dumps(meta))
+
+
 class Peft(Native):
     def build(self, model, **cfg):
         from peft import get_peft_model
@@ -114,6 +131,15 @@ class Peft(Native):
         cfg = json.loads((path / "adapter_config.json").read_text())
         cfg["r"] = rank
         (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+    def remove_group(self, path, group):
+        from safetensors.torch import load_file, save_file
+
+        file = path / "adapter_model.safetensors"
+        tensors = load_file(file)
+        del tensors[f"base_model.pica_M.{group}"]
+        save_file(tensors, file, metadata={"format": "pt"})
 
 
 API = {"native": Native(), "peft": Peft()}
@@ -234,3 +260,12 @@ def test_config_fields_accept_both_spellings(alias):
     native, peft = pk.PiCaConfig(**alias), PiCaPeftConfig(**alias)
     assert (native.rank, native.share, native.exclude) == (4, False, ("k_proj",))
     assert (peft.r, peft.share_m, peft.exclude_modules) == (4, False, {"k_proj"})
+
+
+@pytest.mark.parametrize("fe", FRONT_ENDS)
+def test_group_removed_from_the_tensor_file(fe, trained, tmp_path):
+    api = API[fe]
+    path = api.save(trained[fe], tmp_path / fe)
+    api.remove_group(path, "mlp-up_proj-80x48")
+    with pytest.raises(pk.AdapterMismatchError, match=r"^groups: .*'mlp-up_proj-80x48'.*holds no"):
+        api.load(path)
