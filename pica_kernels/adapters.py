@@ -203,7 +203,10 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
             f"another save"
         )
     for key in sorted(json_keys - set(tensors)):
-        raise AdapterMismatchError(f"tensors: pica_config.json lists {key!r}, the tensor file does not hold it")
+        kind, _, name = key.partition(".")
+        field = "groups" if kind == "m" else "layers"
+        raise AdapterMismatchError(f"{field}: pica_config.json lists {'group' if kind == 'm' else 'layer'} {name!r}, "
+                                   f"the tensor file holds no {key!r} (a tensor was removed from the file)")
     member_of: dict[str, str] = {}
     for key, g in groups.items():
         gw = f"{where} groups[{key!r}]"

@@ -4,13 +4,16 @@ Two kinds of fingerprint:
 
 * of a **basis**: :func:`pica_kernels.svd.basis_fingerprint` (its projections on
   fixed probes), compared within :data:`FINGERPRINT_ATOL` of the basis dtype;
-* of a **base-model tensor** (:func:`tensor_identity`): its shape, dtype, norm
-  (one fp32-accumulated reduction on the tensor's own device, no copy) and a
-  fixed sample of 1024 entries (sha256 of their bytes and a float64 probe).
-  Same dtype: the sample must be bit-identical and the norm equal to fp32
-  reduction noise; another dtype: norm and probe within that dtype's rounding.
-  Covering every tensor of the state dict (untargeted ``o_proj``, embeddings,
-  norms included) costs two reads per tensor and no float64 copy of any weight.
+* of a **base-model tensor** (:func:`tensor_identity`): its shape, dtype and a
+  fixed sample of up to 65536 evenly spaced entries, gathered on the tensor's
+  own device (sha256 of their bytes, their float64 norm and a float64 probe).
+  Same dtype: the sample must be bit-identical; another dtype: norm and probe
+  within that dtype's rounding. The sample is the same whatever the device, so
+  an adapter saved on a GPU checks on a CPU. Covering every tensor of the state
+  dict (untargeted ``o_proj``, embeddings, norms included) gathers at most
+  65536 entries per tensor and copies no weight: ~20M entries for an 8B model.
+  A change to a few entries between the sampled ones goes unseen; a different
+  or fine-tuned model does not.
 
 An adapter's JSON is covered by its own sha256 and bound to its tensor file
 (whose metadata carries the JSON's checksum, and whose sha256 the JSON holds).
@@ -18,6 +21,7 @@ An adapter's JSON is covered by its own sha256 and bound to its tensor file
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,10 +30,10 @@ import torch
 
 from .errors import AdapterMismatchError
 
-SAMPLE_SIZE = 1024
-# Relative tolerance of norm and probe: same dtype, fp32 reductions in another order or on another device;
+SAMPLE_SIZE = 65536
+# Relative tolerance of norm and probe: same dtype, float64 sums of identical values (order may differ);
 # another dtype: the coarser dtype's rounding.
-SAME_DTYPE_RTOL = 1e-5
+SAME_DTYPE_RTOL = 1e-9
 CROSS_DTYPE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -44,23 +48,30 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=8)
+def _probe(k: int) -> torch.Tensor:
+    """Fixed N(0, 1) float64 probe of length k (the same on every machine)."""
+    return torch.randn(k, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
 @torch.no_grad()
 def tensor_identity(t: torch.Tensor) -> dict:
-    """Shape, dtype, norm and a fixed-sample checksum of ``t`` (any shape), computed on its device."""
+    """Shape, dtype and a fixed sample's checksum, norm and probe of ``t`` (any shape); gathered on its device."""
     t = t.detach()
     flat = t.reshape(-1)
     n = flat.numel()
     ident = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     if n == 0 or t.device.type == "meta":
         return ident
-    idx = torch.linspace(0, n - 1, min(n, SAMPLE_SIZE), device=t.device).round().long()
+    k = min(n, SAMPLE_SIZE)
+    # Integer positions (a float linspace rounds past the end beyond 2**24 elements).
+    idx = torch.arange(k, device=t.device, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
     sample = flat[idx].cpu()
     ident["sample_sha256"] = hashlib.sha256(sample.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     if t.is_floating_point() or t.is_complex():
         s64 = sample.to(torch.float64)
-        probe = torch.randn(s64.numel(), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-        ident["norm"] = float(torch.linalg.vector_norm(flat, dtype=torch.float32))
-        ident["sample_norm"] = float(torch.linalg.vector_norm(s64))
+        probe = _probe(s64.numel())
+        ident["norm"] = ident["sample_norm"] = float(torch.linalg.vector_norm(s64))
         ident["probe"] = float(s64 @ probe)
     return ident
 
@@ -112,3 +123,22 @@ def require(meta: dict, key: str, kind: type, where: str):
     if not isinstance(value, kind):
         raise AdapterMismatchError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def check_m_tensors(found: dict[str, tuple], expected: dict[str, tuple], rank: int, side: str, where: str) -> None:
+    """The ``M`` of an adapter file (``{group: shape}``) against the groups the model built from its config.
+
+    A group in one but not the other is a ``groups`` mismatch; a shape that differs in its rank dimension is a
+    ``rank`` mismatch (the config was edited, or belongs to another file); both name the two values.
+    """
+    for g in sorted(set(found) - set(expected)):
+        raise AdapterMismatchError(f"groups: {where} holds M of group {g!r}, the model built from its config has no "
+                                   f"such group ({len(expected)} groups: {sorted(expected)[:4]}...)")
+    for g in sorted(set(expected) - set(found)):
+        raise AdapterMismatchError(f"groups: the model built from the config has group {g!r}, {where} holds no M "
+                                   f"for it (a group was removed from the file)")
+    axis = 1 if side == "input" else 0
+    for g, shape in found.items():
+        if tuple(shape) != tuple(expected[g]):
+            raise AdapterMismatchError(f"rank: the config says {expected[g][axis]}, {where} has M of group {g!r} "
+                                       f"with shape {list(shape)} (rank {shape[axis]})")

@@ -36,6 +36,8 @@ def adapter_forward(
     from ..ops import lowrank_linear
 
     bias = getattr(base_layer, "bias", None)
+    if bias is not None and bias.dtype != x.dtype and x.dtype == weight.dtype:
+        raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast the layer (module.to(dtype))")
     if not adapters:
         return base_layer(x)
     factors = [reference.lowrank_factors(basis, m, side) for basis, m, side in adapters]

@@ -42,6 +42,7 @@ from ..core.defaults import (
     default_m_dtype,
 )
 from ..core.errors import AdapterMismatchError, BasisMismatchError
+from ..core.files import check_m_tensors
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..core.quant import dequantized_weight, is_quantized_base
@@ -283,6 +284,20 @@ class PiCaPeftModel(BaseTuner):
         suffix = "." + FINGERPRINT_KEY
         fingerprints = {k[: -len(suffix)]: v for k, v in state_dict.items() if k.endswith(suffix)}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
+        bank = next((m for m in model.modules() if isinstance(m, PiCaBank)), None)
+        if bank is not None and adapter_name in bank:
+            # The file whole against the model its config built: every group's M present, nothing extra, ranks agree.
+            found = {k.rpartition(".")[2]: tuple(v.shape) for k, v in state_dict.items() if ".pica_M." in k}
+            expected = {g: tuple(m.shape) for g, m in bank.groups(adapter_name).items()}
+            check_m_tensors(found, expected, config.r, config.side, "the adapter file")
+            if not config.store_bases:
+                layers = {n.replace("_fsdp_wrapped_module.", "") for n, m in model.named_modules()
+                          if isinstance(m, PiCaPeftLinear) and adapter_name in m.pica_basis}
+                missing = sorted(n for n in layers if n not in fingerprints
+                                 and n.removeprefix("base_model.model.") not in fingerprints)
+                if missing:
+                    raise AdapterMismatchError(f"layers: the model built from the config adapts {missing[0]!r}, the "
+                                               f"adapter file has no basis fingerprint for it ({len(missing)} missing)")
         if fingerprints and not config.store_bases:
             modules = {n.replace("_fsdp_wrapped_module.", ""): m for n, m in model.named_modules()}
             for name, stored in fingerprints.items():
