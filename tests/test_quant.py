@@ -213,3 +213,40 @@ def test_smollm2_nf4_end_to_end(smollm2, smollm2_base, tmp_path):
     load_adapter(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)
+
+
+def test_peft_front_end_on_an_nf4_base(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    from pica_kernels.peft import PiCaPeftConfig
+
+    base = quantized_llama("nf4")
+    y_base = logits(base)
+    model = get_peft_model(base, PiCaPeftConfig(r=4, target_modules=TINY_TARGETS["llama"]))
+    assert torch.equal(logits(model), y_base)
+    before = storage(model.base_model.model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    trained = logits(model)
+    with pytest.warns(UserWarning, match="lossy"):
+        model.merge_adapter()
+    model.unmerge_adapter()
+    after = {k: v for k, v in storage(model.base_model.model).items()}
+    assert {k: v for k, v in after.items() if "pica" not in k}.keys() == {k for k in before if "pica" not in k}
+    assert all(torch.equal(after[k], before[k]) for k in before if "pica" not in k)
+    assert torch.equal(logits(model), trained)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(quantized_llama("nf4"), tmp_path)
+    assert torch.equal(logits(reloaded), trained)
+    export_lora(model, tmp_path / "lora")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        lora = PeftModel.from_pretrained(quantized_llama("nf4"), tmp_path / "lora")
+    assert ((logits(lora) - trained).abs().max() / trained.abs().max()).item() <= 1e-6

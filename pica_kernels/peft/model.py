@@ -43,9 +43,9 @@ from ..core.defaults import (
 )
 from ..core.errors import AdapterMismatchError, BasisMismatchError
 from ..core.files import check_m_tensors
+from ..core.quant import dequantized_weight, is_quantized_base
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
-from ..core.quant import dequantized_weight, is_quantized_base
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
 from .layer import PiCaPeftLinear, adapter_names_pre_forward_hook
