@@ -5,20 +5,24 @@ Public API (see README.md):
     PiCaConfig, apply_pica, PiCaLinear       build
     parameter_report                         count trainable M and frozen bases
     save_adapter, load_adapter               adapter files (safetensors + JSON)
+    export_lora                              write the adapter as a standard PEFT LoRA adapter (LoRA servers)
     merge, unmerge, merge_and_unload         fold ΔW into the base weights
     set_adapter, disable_adapter, delete_adapter   several adapters on one model
     truncated_svd, pica_linear               the ops
     lowrank_linear                           backend entry point: y = x@W.T + (x@B.T)@A.T + b
     mixed_batch                              one adapter per sequence of a batch
+    PiCaError, AdapterMismatchError          errors (AdapterMismatchError is a PiCaError and a ValueError)
 """
 
 __version__ = "0.1.0"
 
-from .adapters import AdapterMismatchError, load_adapter, save_adapter
+from .adapters import load_adapter, save_adapter
+from .apply import apply_pica
+from .config import PiCaConfig
+from .core.errors import AdapterMismatchError, PiCaError
+from .export import export_lora
 from .layer import PiCaLinear, mixed_batch
 from .model import (
-    PiCaConfig,
-    apply_pica,
     delete_adapter,
     disable_adapter,
     merge,
@@ -33,10 +37,12 @@ from .svd import truncated_svd
 __all__ = [
     "AdapterMismatchError",
     "PiCaConfig",
+    "PiCaError",
     "PiCaLinear",
     "apply_pica",
     "delete_adapter",
     "disable_adapter",
+    "export_lora",
     "load_adapter",
     "lowrank_linear",
     "merge",

@@ -1,4 +1,4 @@
-"""Adapter files: ``save_adapter`` / ``load_adapter`` (DESIGN.md section 5).
+"""Adapter files: ``save_adapter`` / ``load_adapter``.
 
 An adapter is a directory with two files:
 
@@ -6,104 +6,90 @@ An adapter is a directory with two files:
     ``m.<group>``            each group's M, once (never once per layer)
     ``fingerprint.<layer>``  (r, 4) float64 projection of the layer's basis
     ``basis.<layer>``        the basis itself, only with ``store_bases=True``
+    metadata ``config_sha256``: the checksum of the JSON below
 ``pica_config.json``
-    the PiCaConfig, the group map (role, shapes, member layers), per layer the
-    base weight's shape, dtype, sha256 and two float64 statistics, the
-    sha256 of the safetensors file, and the base model's class and type.
+    the PiCaConfig, the group map (role, shapes, rank, member layers), per
+    layer its group, rank and base weight identity, the identity of every
+    other tensor of the base model (``base_tensors``), the sha256 of the
+    safetensors file and the JSON's own sha256 (``json_sha256``).
 
-Loading checks, in order, and raises ``AdapterMismatchError`` naming what
-differs: file integrity (sha256), rank/side/share against an existing adapter
-of the same name, every layer present with the same weight shape, base weights
-identical (bit for bit when the dtype is the same, within the dtype's rounding
-otherwise), M shapes, and finally each recomputed (or stored) basis against its
-fingerprint. A failed load leaves the model as it was.
+Every part is checked against every other before the model is touched, and
+a mismatch raises :class:`AdapterMismatchError` naming the field and both
+values: every group and layer the JSON names must be in the tensor file and
+nothing else may be there; ranks and shapes must agree; then the checksums;
+then the base model (targeted and untargeted tensors, see
+:mod:`pica_kernels.core.files`); finally each recomputed (or stored) basis
+against its fingerprint. A failed load, also one interrupted by Ctrl-C,
+leaves the model exactly as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .layer import PiCaLinear
-from .model import (
-    BANK_NAME,
-    PiCaConfig,
-    _set_submodule,
-    active_adapter,
-    apply_pica,
-    delete_adapter,
-    get_bank,
-    group_key,
-    pica_layers,
-    role_of,
+from .apply import BANK_NAME, apply_pica, get_bank, pica_layers, set_submodule
+from .config import PiCaConfig
+from .core import quant as core_quant
+from .core.defaults import FINGERPRINT_ATOL
+from .core.errors import AdapterMismatchError
+from .core.files import (
+    compare_identity,
+    dtype_name,
+    file_sha256,
+    json_checksum,
+    require,
+    tensor_identity,
 )
+from .core.targets import group_key, role_of
+from .layer import PiCaLinear
+from .model import active_adapter, set_adapter
 from .svd import basis_fingerprint
+
+__all__ = ["CONFIG_FILE", "TENSORS_FILE", "AdapterMismatchError", "load_adapter", "read_adapter", "save_adapter"]
 
 TENSORS_FILE = "pica_adapter.safetensors"
 CONFIG_FILE = "pica_config.json"
 FORMAT = "pica_kernels.adapter"
-FORMAT_VERSION = 1
-
-# Max |fingerprint difference| accepted per basis dtype. Fingerprint entries are
-# O(1) (unit vectors against N(0,1) probes); rounding a basis to the dtype
-# moves them by about eps/2 (bf16: ~1e-3), a drifted basis by O(1).
-FINGERPRINT_ATOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-# Relative tolerance of the weight statistics when the base dtype changed.
-_WEIGHT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FORMAT_VERSION = 2
 
 
-class AdapterMismatchError(ValueError):
-    """The adapter file does not fit this model (or is damaged); the message says what differs."""
+def _original_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as stored (Conv1D: (in, out); quantized base: dequantized), before any merge."""
+    if isinstance(module, PiCaLinear):
+        return module.original_weight
+    return core_quant.dequantized_weight(module) if core_quant.is_quantized_base(module) else module.weight
 
 
-# ------------------------------------------------------------------ helpers
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise AdapterMismatchError(f"unknown dtype {name!r} in adapter file")
-    return dtype
-
-
-def _original_weight(layer: PiCaLinear) -> torch.Tensor:
-    """The base weight as stored (Conv1D: (in, out)), before any merge."""
-    return layer.original_weight if layer.merged else layer.base_layer.weight
-
-
-def weight_identity(weight: torch.Tensor) -> dict:
-    """sha256 of the raw bytes plus two float64 statistics usable across dtypes."""
-    w = weight.detach()
-    digest = hashlib.sha256(w.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
-    w64 = w.to("cpu", torch.float64)
-    gen = torch.Generator().manual_seed(7)
-    g_rows = torch.randn(w64.shape[0], generator=gen, dtype=torch.float64)
-    g_cols = torch.randn(w64.shape[1], generator=gen, dtype=torch.float64)
-    return {
-        "shape": list(w.shape),
-        "dtype": _dtype_name(w.dtype),
-        "sha256": digest,
-        "norm": float(torch.linalg.vector_norm(w64)),
-        "probe": float(g_rows @ w64 @ g_cols),
-    }
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own tensors by state_dict name, PiCa removed: ``…q_proj.weight`` (original, unmerged), never
+    ``…base_layer.weight``, no bank, no bases."""
+    out: dict[str, torch.Tensor] = {}
+    layers = dict(pica_layers(model))
+    originals = {f"{n}.base_layer.weight": layer.original_weight for n, layer in layers.items()}
+    # Quantized-base hook: a quantized layer's storage entries (packed weight, absmax, SCB, quant state...) stand
+    # as one ``<layer>.weight``, its dequantized weight: the same for every fresh quantisation of the same weights,
+    # whether the layer is wrapped or not, and unchanged by a merge that re-quantizes.
+    quantized = {n: m for n, m in model.named_modules() if n and core_quant.is_quantized_base(m)}
+    for n, m in quantized.items():
+        key = f"{n}.weight"
+        originals.setdefault(key, core_quant.dequantized_weight(m))
+    storage = tuple(f"{n}." for n in quantized)
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key.startswith(BANK_NAME + "."):
+            continue
+        if key.startswith(storage) and key not in originals and not key.endswith(".bias"):
+            continue
+        t = originals.get(key, t)
+        out[key.replace(".base_layer.", ".")] = t
+    return out
 
 
 def _base_model_identity(model: nn.Module) -> dict:
@@ -145,8 +131,9 @@ def save_adapter(
         g = groups.setdefault(spec.group, {
             "role": role_of(lname) if config.share else lname,
             "weight_shape": [layer.out_features, layer.in_features],
+            "rank": spec.rank,
             "m_shape": list(m.shape),
-            "m_dtype": _dtype_name(m.dtype),
+            "m_dtype": dtype_name(m.dtype),
             "layers": [],
         })
         g["layers"].append(lname)
@@ -157,17 +144,13 @@ def save_adapter(
             tensors[f"basis.{lname}"] = basis.detach().to("cpu").contiguous()
         layers[lname] = {
             "group": spec.group,
-            "basis_dtype": _dtype_name(basis.dtype),
+            "rank": spec.rank,
+            "basis_dtype": dtype_name(basis.dtype),
             "fan_in_fan_out": layer.fan_in_fan_out,
-            "weight": weight_identity(_original_weight(layer)),
+            "weight": tensor_identity(layer.original_weight),
+            "quantization": layer.quantization,
         }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names and rename, so an interrupted save never leaves
-    # a half-written pair that looks valid.
-    fd, tmp_tensors = tempfile.mkstemp(dir=path, suffix=".safetensors.tmp")
-    os.close(fd)
-    save_file(tensors, tmp_tensors, metadata={"format": FORMAT})
+    adapted = {f"{n}.weight" for n in layers}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -176,10 +159,20 @@ def save_adapter(
         "config": config.to_dict(),
         "stores_bases": store,
         "base_model": _base_model_identity(model),
-        "tensors_sha256": _file_sha256(Path(tmp_tensors)),
         "groups": groups,
         "layers": layers,
+        "base_tensors": {k: tensor_identity(t) for k, t in base_tensors(model).items() if k not in adapted},
     }
+    config_sha = json_checksum(meta)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Write to temporary names and rename, so an interrupted save never leaves
+    # a half-written pair that looks valid.
+    fd, tmp_tensors = tempfile.mkstemp(dir=path, suffix=".safetensors.tmp")
+    os.close(fd)
+    save_file(tensors, tmp_tensors, metadata={"format": FORMAT, "config_sha256": config_sha})
+    meta["tensors_sha256"] = file_sha256(tmp_tensors)
+    meta["json_sha256"] = config_sha
     fd, tmp_json = tempfile.mkstemp(dir=path, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(meta, f, indent=1)
@@ -188,10 +181,76 @@ def save_adapter(
     return path
 
 
-# --------------------------------------------------------------------- load
+# --------------------------------------------------------------------- read
+def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every group, layer and fingerprint the JSON names is in the tensor file, nothing else is, ranks agree."""
+    config = require(meta, "config", dict, where)
+    groups = require(meta, "groups", dict, where)
+    layers = require(meta, "layers", dict, where)
+    require(meta, "base_tensors", dict, where)
+    require(meta, "adapter_name", str, where)
+    rank, side = require(config, "rank", int, f"{where} config"), require(config, "side", str, f"{where} config")
+    stores = bool(meta.get("stores_bases"))
+    json_keys = {f"m.{g}" for g in groups} | {f"fingerprint.{n}" for n in layers}
+    if stores:
+        json_keys |= {f"basis.{n}" for n in layers}
+    for key in sorted(set(tensors) - json_keys):
+        kind, _, name = key.partition(".")
+        field = {"m": "groups", "fingerprint": "layers", "basis": "layers"}.get(kind, "tensors")
+        raise AdapterMismatchError(
+            f"{field}: the tensor file holds {key!r} but pica_config.json lists no {kind if kind != 'm' else 'group'} "
+            f"{name!r} ({len(groups)} groups, {len(layers)} layers listed); the JSON was edited or belongs to "
+            f"another save"
+        )
+    for key in sorted(json_keys - set(tensors)):
+        kind, _, name = key.partition(".")
+        field = "groups" if kind == "m" else "layers"
+        raise AdapterMismatchError(f"{field}: pica_config.json lists {'group' if kind == 'm' else 'layer'} {name!r}, "
+                                   f"the tensor file holds no {key!r} (a tensor was removed from the file)")
+    member_of: dict[str, str] = {}
+    for key, g in groups.items():
+        gw = f"{where} groups[{key!r}]"
+        g_rank = require(g, "rank", int, gw)
+        for n in require(g, "layers", list, gw):
+            member_of[n] = key
+        m = tensors[f"m.{key}"]
+        out_f, in_f = require(g, "weight_shape", list, gw)
+        expected = (out_f, g_rank) if side == "input" else (g_rank, in_f)
+        if tuple(m.shape) != expected:
+            field = "rank" if g_rank == rank else f"groups[{key!r}].rank"
+            got = m.shape[1] if side == "input" else m.shape[0]
+            raise AdapterMismatchError(
+                f"{field}: pica_config.json says {g_rank}, the tensor file's m.{key} has shape {list(m.shape)} "
+                f"(rank {got})"
+            )
+    for n, info in layers.items():
+        lw = f"{where} layers[{n!r}]"
+        g = require(info, "group", str, lw)
+        l_rank = require(info, "rank", int, lw)
+        require(info, "weight", dict, lw)
+        if member_of.get(n) != g:
+            raise AdapterMismatchError(f"layers[{n!r}].group: pica_config.json says {g!r}, its groups list it in "
+                                       f"{member_of.get(n)!r}")
+        fp = tensors[f"fingerprint.{n}"]
+        if fp.shape[0] != l_rank or groups[g]["rank"] != l_rank:
+            raise AdapterMismatchError(
+                f"rank: pica_config.json says {l_rank} for layer {n!r} (group rank {groups[g]['rank']}), its "
+                f"fingerprint in the tensor file has rank {fp.shape[0]}"
+            )
+        if l_rank != rank and not config.get("rank_pattern"):
+            raise AdapterMismatchError(f"rank: pica_config.json says {rank}, layer {n!r} has rank {l_rank} and "
+                                       f"the config has no rank_pattern")
+    for n in sorted(set(member_of) - set(layers)):
+        raise AdapterMismatchError(f"layers: group {member_of[n]!r} lists layer {n!r}, pica_config.json's "
+                                   f"layers do not")
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and integrity-check an adapter directory: ``(metadata, tensors)`` (tensors on CPU)."""
-    from safetensors import SafetensorError
+    """Read and check an adapter directory whole: ``(metadata, tensors)`` (tensors on CPU).
+
+    Raises :class:`AdapterMismatchError` naming the field when any part disagrees with another.
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -205,57 +264,98 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterMismatchError(f"{cfg_file} is not valid JSON (truncated or corrupted?): {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterMismatchError(f"{cfg_file} is not a pica_kernels adapter config (format={meta.get('format')!r})"
-                                   if isinstance(meta, dict) else f"{cfg_file} is not a pica_kernels adapter config")
+        raise AdapterMismatchError(f"format: {cfg_file} is not a pica_kernels adapter config (format="
+                                   f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterMismatchError(f"{cfg_file} has format_version {meta.get('format_version')!r}; this "
-                                   f"pica_kernels {__version__} reads version {FORMAT_VERSION}")
-    digest = _file_sha256(ten_file)
+        raise AdapterMismatchError(f"format_version: {cfg_file} has {meta.get('format_version')!r}; this "
+                                   f"pica_kernels {__version__} reads {FORMAT_VERSION} (re-save the adapter)")
+    digest = file_sha256(ten_file)
     if digest != meta.get("tensors_sha256"):
         raise AdapterMismatchError(
-            f"{ten_file} does not match the checksum recorded in {cfg_file} (truncated, corrupted, or from "
-            f"another save): sha256 {digest[:16]}... != {str(meta.get('tensors_sha256'))[:16]}..."
+            f"tensors_sha256: {ten_file} has sha256 {digest[:16]}..., {cfg_file} records "
+            f"{str(meta.get('tensors_sha256'))[:16]}... (truncated, corrupted, or from another save)"
         )
     try:
         tensors = load_file(ten_file)
+        with safe_open(ten_file, "pt") as f:
+            file_meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise AdapterMismatchError(f"{ten_file} cannot be read: {e}") from None
+    _cross_check(meta, tensors, str(cfg_file))
+    recorded, bound, actual = meta.get("json_sha256"), file_meta.get("config_sha256"), json_checksum(meta)
+    if actual != recorded or actual != bound:
+        raise AdapterMismatchError(
+            f"json_sha256: the content of {cfg_file} has sha256 {actual[:16]}..., the file records "
+            f"{str(recorded)[:16]}... and its tensor file {str(bound)[:16]}...: the JSON was edited by hand"
+        )
     return meta, tensors
 
 
-def _check_weight(lname: str, module: nn.Module, saved: dict, model: nn.Module, meta: dict) -> None:
-    w = _original_weight(module) if isinstance(module, PiCaLinear) else module.weight
-    if list(w.shape) != saved["shape"]:
-        raise AdapterMismatchError(
-            f"layer {lname!r}: the model's weight has shape {list(w.shape)}, the adapter was saved for "
-            f"{saved['shape']} (base model {meta['base_model']['class']}); is this the same base model?"
-        )
-    now = weight_identity(w)
-    if now["dtype"] == saved["dtype"]:
-        if now["sha256"] != saved["sha256"]:
+# --------------------------------------------------------------------- load
+def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> None:
+    """Targeted weights must match (always an error); untargeted tensors too (error, or a warning on request)."""
+    modules = dict(model.named_modules())
+    for lname, info in meta["layers"].items():
+        module = modules.get(lname)
+        if module is None or not (isinstance(module, PiCaLinear) or hasattr(module, "weight")):
             raise AdapterMismatchError(
-                f"layer {lname!r}: the base weight differs from the one the adapter was trained on "
-                f"(sha256 {now['sha256'][:12]}... != {saved['sha256'][:12]}...); load the adapter onto "
-                f"the same base model ({meta['base_model']})"
+                f"layers: layer {lname!r} of the adapter is not in this {type(model).__name__} (the adapter was "
+                f"saved from a {meta['base_model']['class']}, model_type {meta['base_model']['model_type']!r})"
             )
-        return
-    rtol = max(_WEIGHT_RTOL[_dtype(now["dtype"])], _WEIGHT_RTOL[_dtype(saved["dtype"])])
-    for key in ("norm", "probe"):
-        a, b = now[key], saved[key]
-        if not math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * saved["norm"]):
+        base = module.base_layer if isinstance(module, PiCaLinear) else module
+        now_quant, saved_quant = core_quant.quant_info(base), info.get("quantization")
+        if now_quant != saved_quant:
             raise AdapterMismatchError(
-                f"layer {lname!r}: base weight ({now['dtype']}) differs from the saved one ({saved['dtype']}) "
-                f"beyond rounding: {key} {a:.6g} vs {b:.6g}"
+                f"layers[{lname!r}].quantization: the adapter was trained on a base quantized as {saved_quant}, this "
+                f"model's layer is {now_quant or 'not quantized'}; quantize the base the same way before loading"
             )
+        problem = compare_identity(f"layer {lname!r} weight", tensor_identity(_original_weight(module)),
+                                   info["weight"])
+        if problem:
+            raise AdapterMismatchError(f"base model: {problem}; load the adapter onto the model it was trained on "
+                                       f"({meta['base_model']})")
+    now = base_tensors(model)
+    adapted = {f"{n}.weight" for n in meta["layers"]}
+    problems = []
+    for key, saved in meta["base_tensors"].items():
+        t = now.get(key)
+        if t is None:
+            problems.append(f"tensor {key!r} of the base model is missing from this model")
+            continue
+        p = compare_identity(f"tensor {key!r}", tensor_identity(t), saved)
+        if p:
+            problems.append(p)
+    extra = sorted(set(now) - set(meta["base_tensors"]) - adapted)
+    if extra:
+        problems.append(f"this model has tensors the adapter's base model had not: {extra[:3]}")
+    if problems:
+        msg = (f"base_tensors: the model differs from the adapter's base model outside the adapted layers "
+               f"({len(problems)} difference(s)); first: {problems[0]}")
+        if on_mismatch == "warn":
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        else:
+            raise AdapterMismatchError(msg + "; pass check_base_model='warn' to load anyway")
 
 
-def _unload(model: nn.Module) -> None:
-    """Undo apply_pica completely (no merge): base layers back in place, bank removed."""
-    for lname, layer in list(pica_layers(model)):
-        layer.unmerge()
-        _set_submodule(model, lname, layer.base_layer)
-    if hasattr(model, BANK_NAME):
-        delattr(model, BANK_NAME)
+def _rollback(model: nn.Module, new_adapter: str | None, wrapped_before: set[str], had_bank: bool, grad_flags,
+              saved_m) -> None:
+    """Undo a partial load: old M values, the new adapter, layers it wrapped, a bank it created, requires_grad."""
+    with torch.no_grad():
+        for param, value in saved_m:
+            param.copy_(value)
+    bank = getattr(model, BANK_NAME, None)
+    if new_adapter is not None and isinstance(bank, nn.Module):
+        for lname, layer in list(pica_layers(model)):
+            if new_adapter in layer.adapters:
+                layer.delete_adapter(new_adapter)
+            if lname not in wrapped_before:
+                set_submodule(model, lname, layer.base_layer)
+        bank.remove(new_adapter)
+        bank.configs.pop(new_adapter, None)
+        if not had_bank:
+            delattr(model, BANK_NAME)
+    for p, flag in grad_flags:
+        p.requires_grad_(flag)
 
 
 def load_adapter(
@@ -265,6 +365,7 @@ def load_adapter(
     *,
     progress: bool = True,
     basis_atol: float | None = None,
+    check_base_model: str = "error",
 ) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` and return it.
 
@@ -274,22 +375,28 @@ def load_adapter(
     active. Bases are recomputed with the saved SVD settings (or taken from
     the file when it stores them) and must match the saved fingerprints within
     ``basis_atol`` (default: :data:`FINGERPRINT_ATOL` of the basis dtype).
+    ``check_base_model``: "error" (default) refuses a model whose untargeted
+    tensors (embeddings, norms, other projections) differ from the adapter's
+    base model; "warn" loads with a warning. Targeted weights must always match.
+    Atomic: on any failure (also KeyboardInterrupt) the model is left as it was.
     """
+    if check_base_model not in ("error", "warn"):
+        raise ValueError(f"check_base_model must be 'error' or 'warn', got {check_base_model!r}")
     meta, tensors = read_adapter(path)
     name = adapter_name or meta["adapter_name"]
     try:
         config = PiCaConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
-        raise AdapterMismatchError(f"adapter config in {path} is invalid: {e}") from None
+        raise AdapterMismatchError(f"config: the adapter config in {path} is invalid: {e}") from None
     saved_layers: dict[str, dict] = meta["layers"]
-    modules = dict(model.named_modules())
     bank = getattr(model, BANK_NAME, None)
-    existing = bank is not None and name in getattr(bank, "configs", {})
+    had_bank = bank is not None
+    existing = had_bank and name in getattr(bank, "configs", {})
 
-    # 1. Structure and base weights, before anything is computed or changed.
+    # 1. Structure and base model, before anything is computed or changed.
     if existing:
         have: PiCaConfig = bank.configs[name]
-        for key in ("rank", "side", "share"):
+        for key in ("rank", "side", "share", "rank_pattern"):
             if getattr(have, key) != getattr(config, key):
                 raise AdapterMismatchError(
                     f"{key}: the adapter file has {getattr(config, key)!r}, the model's adapter {name!r} has "
@@ -300,44 +407,39 @@ def load_adapter(
             missing = sorted(set(saved_layers) - model_layers)[:3]
             extra = sorted(model_layers - set(saved_layers))[:3]
             raise AdapterMismatchError(
-                f"adapter {name!r} of the model covers other layers than the file: missing {missing}, extra {extra}"
+                f"layers: adapter {name!r} of the model covers other layers than the file: missing {missing}, "
+                f"extra {extra}"
             )
+    _check_base_model(model, meta, check_base_model)
+    modules = dict(model.named_modules())
     for lname, info in saved_layers.items():
-        module = modules.get(lname)
-        if module is None:
-            raise AdapterMismatchError(
-                f"layer {lname!r} of the adapter is not in this {type(model).__name__} (the adapter was saved "
-                f"from a {meta['base_model']['class']}, model_type {meta['base_model']['model_type']!r})"
-            )
-        _check_weight(lname, module, info["weight"], model, meta)
+        module = modules[lname]
         if isinstance(module, PiCaLinear) and module.merged:
             raise AdapterMismatchError(f"layer {lname!r} is merged; unmerge(model) before loading an adapter")
-        out_f, in_f = info["weight"]["shape"][::-1] if info.get("fan_in_fan_out") else info["weight"]["shape"]
-        if group_key(lname, out_f, in_f, config.share) != info["group"]:
-            raise AdapterMismatchError(f"layer {lname!r}: group {info['group']!r} in the file does not follow "
-                                       f"from its name and shape; the file is inconsistent")
-    for key, g in meta["groups"].items():
-        t = tensors.get(f"m.{key}")
-        if t is None:
-            raise AdapterMismatchError(f"group {key!r} ({g['role']}) has no tensor m.{key} in {path}")
-        if list(t.shape) != g["m_shape"]:
-            raise AdapterMismatchError(f"group {key!r}: M in the file is {list(t.shape)}, expected {g['m_shape']}")
+        shape = info["weight"]["shape"]
+        out_f, in_f = shape[::-1] if info.get("fan_in_fan_out") else shape
+        rank_suffix = None if info["rank"] == config.rank else info["rank"]
+        want = group_key(lname, out_f, in_f, config.share, rank_suffix)
+        if want != info["group"]:
+            raise AdapterMismatchError(f"layers[{lname!r}].group: the file says {info['group']!r}, its name, shape "
+                                       f"and rank give {want!r}")
 
     # 2. Apply (computing bases) when the adapter is new; roll back on any failure.
     stored = {n: tensors[f"basis.{n}"] for n in saved_layers if f"basis.{n}" in tensors}
-    if meta.get("stores_bases") and len(stored) != len(saved_layers):
-        raise AdapterMismatchError(f"{path} says it stores bases but some basis.<layer> tensors are missing")
-    created_bank = bank is None
+    wrapped_before = {n for n, _ in pica_layers(model)}
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_m: list = []
     try:
         if not existing:
-            exact = PiCaConfig(**{**config.to_dict(), "target_modules": tuple(saved_layers), "exclude": None})
+            exact = PiCaConfig(**{**config.to_dict(), "target_modules": tuple(saved_layers), "exclude": None,
+                                  "rank_pattern": {n: info["rank"] for n, info in saved_layers.items()
+                                                   if info["rank"] != config.rank}})
             apply_pica(model, exact, adapter_name=name, progress=progress, bases=stored)
             get_bank(model).configs[name] = config
         layers = dict(pica_layers(model))
         # 3. Fingerprints: the basis each M will multiply must be the one it was trained with.
         for lname in saved_layers:
-            layer = layers[lname]
-            basis = layer.basis(name)
+            basis = layers[lname].basis(name)
             atol = basis_atol if basis_atol is not None else FINGERPRINT_ATOL[basis.dtype]
             diff = float((basis_fingerprint(basis, config.side) - tensors[f"fingerprint.{lname}"]).abs().max())
             if not diff <= atol:
@@ -347,19 +449,15 @@ def load_adapter(
                     f"device). Save with store_bases=True for an exact reload."
                 )
         # 4. M, once per group.
+        bank = get_bank(model)
         with torch.no_grad():
-            bank = get_bank(model)
+            if existing:
+                saved_m = [(bank.get(name, key), bank.get(name, key).detach().clone()) for key in meta["groups"]]
             for key in meta["groups"]:
                 param = bank.get(name, key)
                 param.copy_(tensors[f"m.{key}"].to(device=param.device, dtype=param.dtype))
-    except Exception:
-        if not existing:
-            if created_bank:
-                _unload(model)
-            else:
-                delete_adapter(model, name)
+        set_adapter(model, name)
+    except BaseException:
+        _rollback(model, None if existing else name, wrapped_before, had_bank, grad_flags, saved_m)
         raise
-    from .model import set_adapter
-
-    set_adapter(model, name)
     return model

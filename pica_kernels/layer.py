@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from . import reference
+from .core import forward as core_forward
+from .core import merge as core_merge
+from .core import quant as core_quant
+from .core.bank import PiCaBank
+from .core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
 from .svd import truncated_svd
+
+__all__ = ["BASE_ADAPTER", "PiCaBank", "PiCaLinear", "grouped_forward", "mixed_batch"]
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -33,7 +40,8 @@ except ImportError:  # transformers is optional for the core layer
 
 
 def is_supported_base(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D))
+    return (isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D))
+            or core_quant.is_quantized_base(module))  # quantized-base hook (bitsandbytes, torchao)
 
 
 def is_fan_in_fan_out(module: nn.Module) -> bool:
@@ -42,56 +50,11 @@ def is_fan_in_fan_out(module: nn.Module) -> bool:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight of a supported layer as (out, in): the tensor itself, or a transposed view (Conv1D)."""
+    """The weight of a supported layer as (out, in): the tensor itself, a transposed view (Conv1D), or the
+    dequantized weight of a quantized base (a new tensor)."""
+    if core_quant.is_quantized_base(module):  # quantized-base hook
+        return core_quant.dequantized_weight(module)
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
-
-
-class PiCaBank(nn.Module):
-    """The trainable ``M`` matrices, ``adapters[adapter_name][group_key]``.
-
-    Group keys are ParameterDict keys, so they contain no ".". One bank may be
-    referenced by many layers; only its owner registers it as a submodule.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleDict()
-        # Adapter name -> PiCaConfig, filled by apply_pica (plain attribute: not state).
-        self.configs: dict = {}
-
-    def has(self, adapter: str, group: str) -> bool:
-        return adapter in self.adapters and group in self.adapters[adapter]
-
-    def get(self, adapter: str, group: str) -> nn.Parameter:
-        try:
-            return self.adapters[adapter][group]
-        except KeyError:
-            raise KeyError(f"no M for adapter {adapter!r}, group {group!r} in the PiCa bank") from None
-
-    def create(
-        self, adapter: str, group: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
-    ) -> nn.Parameter:
-        """Zero-initialised ``M`` (PiCa starts at exactly the base model); returns the existing one if present."""
-        if adapter not in self.adapters:
-            self.adapters[adapter] = nn.ParameterDict()
-        params = self.adapters[adapter]
-        if group in params:
-            existing = params[group]
-            if tuple(existing.shape) != tuple(shape):
-                raise ValueError(
-                    f"group {group!r} of adapter {adapter!r} already has M of shape {tuple(existing.shape)}, "
-                    f"a layer asked for {tuple(shape)}"
-                )
-            return existing
-        params[group] = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
-        return params[group]
-
-    def remove(self, adapter: str) -> None:
-        if adapter in self.adapters:
-            del self.adapters[adapter]
-
-    def groups(self, adapter: str) -> dict[str, nn.Parameter]:
-        return dict(self.adapters[adapter].items()) if adapter in self.adapters else {}
 
 
 @dataclass(frozen=True)
@@ -101,10 +64,6 @@ class AdapterSpec:
     side: str
     rank: int
     group: str
-
-
-#: In ``adapter_names``: this sequence uses the base model, no adapter.
-BASE_ADAPTER = "__base__"
 
 
 @contextlib.contextmanager
@@ -164,7 +123,7 @@ class PiCaLinear(nn.Module):
         group: str = "m",
         basis: torch.Tensor | None = None,
         m_dtype: torch.dtype | None = None,
-        svd_method: str = "accurate",
+        svd_method: str = DEFAULT_SVD_METHOD,
         svd_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -176,6 +135,8 @@ class PiCaLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.fan_in_fan_out = is_fan_in_fan_out(base_layer)
+        #: quantized-base hook: the base's quantisation (core.quant.quant_info), None for a plain layer.
+        self.quantization = core_quant.quant_info(base_layer)
         self.out_features, self.in_features = self.base_weight.shape
         if bank is None:
             self.pica_bank = PiCaBank()
@@ -185,7 +146,7 @@ class PiCaLinear(nn.Module):
         self.adapters: dict[str, AdapterSpec] = {}
         self.active_adapter: str | None = None
         self.disabled = False
-        self.merged_adapter: str | None = None
+        self.merged_adapters: list[str] = []
         self.add_adapter(
             adapter_name, rank, side, group=group, basis=basis, m_dtype=m_dtype,
             svd_method=svd_method, svd_seed=svd_seed,
@@ -194,8 +155,14 @@ class PiCaLinear(nn.Module):
     # ----------------------------------------------------------------- access
     @property
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as (out, in): the stored tensor, or a transposed view of a Conv1D's."""
+        """The frozen weight as (out, in): the stored tensor, a transposed view of a Conv1D's, or the dequantized
+        weight of a quantized base (computed on each access)."""
         return weight_out_in(self.base_layer)
+
+    @property
+    def _forward_weight(self) -> torch.Tensor | None:
+        """The weight the fused ops may read; None for a quantized base (forward = base layer's output + term)."""
+        return None if self.quantization else self.base_weight
 
     @property
     def bank(self) -> PiCaBank:
@@ -211,7 +178,19 @@ class PiCaLinear(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return self.merged_adapter is not None
+        return bool(self.merged_adapters)
+
+    @property
+    def merged_adapter(self) -> str | None:
+        """The adapter merged last (None when nothing is merged)."""
+        return self.merged_adapters[-1] if self.merged_adapters else None
+
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base weight as stored before any merge (Conv1D: (in, out); quantized base: dequantized (out, in))."""
+        if self.quantization:  # quantized-base hook
+            return core_quant.original_dequantized_weight(self, self.base_layer)
+        return core_merge.original_weight(self, self.base_layer.weight)
 
     # --------------------------------------------------------------- adapters
     def add_adapter(
@@ -223,11 +202,12 @@ class PiCaLinear(nn.Module):
         group: str = "m",
         basis: torch.Tensor | None = None,
         m_dtype: torch.dtype | None = None,
-        svd_method: str = "accurate",
+        svd_method: str = DEFAULT_SVD_METHOD,
         svd_seed: int = 0,
     ) -> None:
         """Add an adapter (the first one added becomes active). Adapters of equal side and rank share the basis."""
         reference.check_side(side)
+        check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         min_dim = min(self.out_features, self.in_features)
@@ -237,6 +217,15 @@ class PiCaLinear(nn.Module):
                 f"(out={self.out_features}, in={self.in_features}), got rank={rank!r}"
             )
         weight = self.base_weight
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"base_layer.weight has dtype {weight.dtype}; PiCa needs a floating-point weight (a quantized "
+                f"layer must be dequantized, or wrapped as a supported quantized base)"
+            )
+        if basis is not None and not basis.is_floating_point():
+            raise TypeError(f"basis must be a floating-point tensor, got dtype {basis.dtype}")
+        if m_dtype is not None and not m_dtype.is_floating_point:
+            raise TypeError(f"m_dtype must be a floating-point dtype, got {m_dtype}")
         name = basis_buffer_name(side, rank)
         if basis is not None or not hasattr(self, name):
             if basis is None:
@@ -252,9 +241,7 @@ class PiCaLinear(nn.Module):
             # file), so model.state_dict() stays the base model's plus M.
             self.register_buffer(name, basis, persistent=False)
         shape = reference.m_shape(self.out_features, self.in_features, rank, side)
-        if m_dtype is None:
-            m_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self._bank.create(adapter_name, group, shape, m_dtype, weight.device)
+        self._bank.create(adapter_name, group, shape, m_dtype or default_m_dtype(weight.dtype), weight.device)
         self.adapters[adapter_name] = AdapterSpec(side=side, rank=rank, group=group)
         if self.active_adapter is None:
             self.active_adapter = adapter_name
@@ -262,9 +249,9 @@ class PiCaLinear(nn.Module):
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapters:
             raise KeyError(f"unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if self.merged and self.merged_adapter != adapter_name:
+        if self.merged and adapter_name not in self.merged_adapters:
             raise RuntimeError(
-                f"adapter {self.merged_adapter!r} is merged; unmerge before switching to {adapter_name!r}"
+                f"adapters {self.merged_adapters} are merged; unmerge before switching to {adapter_name!r}"
             )
         self.active_adapter = adapter_name
 
@@ -272,8 +259,8 @@ class PiCaLinear(nn.Module):
         """Remove an adapter from this layer (its basis too, when no other adapter uses it)."""
         if adapter_name not in self.adapters:
             raise KeyError(f"unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if self.merged_adapter == adapter_name:
-            self.unmerge()
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
         spec = self.adapters.pop(adapter_name)
         if not any((s.side, s.rank) == (spec.side, spec.rank) for s in self.adapters.values()):
             delattr(self, basis_buffer_name(spec.side, spec.rank))
@@ -283,107 +270,66 @@ class PiCaLinear(nn.Module):
             self.active_adapter = next(iter(self.adapters), None)
 
     # ---------------------------------------------------------------- forward
+    def _tensors(self, name: str) -> core_forward.AdapterTensors:
+        return self.basis(name), self.m(name), self.adapters[name].side
+
     def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """``x`` (..., in) -> (..., out) with the active adapter.
 
         ``adapter_names`` (or :func:`mixed_batch` around a whole model): one
         adapter name per sequence of ``x`` (batch, seq, in), ``BASE_ADAPTER``
-        for the base model alone. Input-side adapters of equal rank share the
-        basis, so such a batch runs as one multi-task launch
-        (:func:`pica_kernels.ops.multitask_pica_linear`); other mixes run
-        sequence by sequence.
+        for the base model alone (see :func:`pica_kernels.core.forward.mixed_forward`).
         """
+        core_forward.check_input(x, self.in_features)
         names = adapter_names if adapter_names is not None else getattr(self, "_mixed_batch_names", None)
-        if names is not None and not self.disabled and not self.merged:
-            return self._forward_mixed(x, list(names))
-        if self.disabled or self.active_adapter is None:
+        if self.disabled:
+            # Like PEFT: a disabled adapter gives the base output exactly, also while merged.
+            self.unmerge()
+            return self.base_layer(x)
+        if names is not None:
             if self.merged:
-                # Like PEFT: a disabled adapter must give the base output exactly.
-                self.unmerge()
+                raise ValueError("cannot serve a mixed batch (adapter_names) while adapters are merged; unmerge first")
+            known = set(self.adapters) | set(self._bank.configs) | {BASE_ADAPTER}
+            unknown = sorted({n for n in names if n not in known})
+            if unknown:
+                raise KeyError(f"unknown adapters {unknown}; the model has {sorted(known - {BASE_ADAPTER})}")
+            # An adapter of the model that does not cover this layer leaves it at its base output.
+            names = [n if n in self.adapters else BASE_ADAPTER for n in names]
+            return core_forward.mixed_forward(self.base_layer, self._forward_weight, x, names, self._tensors)
+        if self.merged or self.active_adapter is None:
             return self.base_layer(x)
-        if self.merged:
-            return self.base_layer(x)
-        from .ops import pica_linear  # late import: ops dispatches to kernels or the reference
-
-        spec = self.adapters[self.active_adapter]
-        return pica_linear(
-            x, self.base_weight, self.base_layer.bias, self.basis(), self.m(), side=spec.side
-        )
-
-    def _forward_mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        from .ops import multitask_pica_linear, pica_linear
-
-        if x.dim() != 3 or x.shape[0] != len(names):
-            raise ValueError(f"adapter_names needs x of shape (batch={len(names)}, seq, in), got {tuple(x.shape)}")
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.adapters})
-        if unknown:
-            raise KeyError(f"unknown adapters {unknown}; this layer has {sorted(self.adapters)}")
-        used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
-        specs = {(self.adapters[n].side, self.adapters[n].rank) for n in used}
-        if len(specs) == 1 and next(iter(specs))[0] == "input":
-            # One basis for all: stack the M's (a few (out, r) copies), one multi-task launch.
-            ms = [self.m(n) for n in used]
-            dtype = torch.promote_types(ms[0].dtype, torch.float32) if len({m.dtype for m in ms}) > 1 else ms[0].dtype
-            if BASE_ADAPTER in names:
-                ms.append(torch.zeros_like(ms[0]))
-            m_stack = torch.stack([m.to(dtype) for m in ms])
-            index = {n: i for i, n in enumerate(used)}
-            ids = torch.tensor([index.get(n, len(used)) for n in names], device=x.device)
-            return multitask_pica_linear(
-                x, self.base_weight, self.base_layer.bias, self.basis(used[0]), m_stack, ids
-            )
-        outs = []
-        for i, name in enumerate(names):
-            xi = x[i : i + 1]
-            if name == BASE_ADAPTER:
-                outs.append(self.base_layer(xi))
-            else:
-                spec = self.adapters[name]
-                outs.append(pica_linear(xi, self.base_weight, self.base_layer.bias, self.basis(name),
-                                        self.m(name), side=spec.side))
-        return torch.cat(outs)
+        return core_forward.adapter_forward(self.base_layer, self._forward_weight, x,
+                                            [self._tensors(self.active_adapter)])
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
         """``ΔW`` (out, in) of an adapter in float32 (float64 for a float64 base)."""
         name = adapter or self.active_adapter
         spec = self.adapters[name]
-        d = reference.delta_weight(self.basis(name), self.m(name), spec.side)
-        return d.to(torch.float64) if self.base_weight.dtype == torch.float64 else d
+        return core_merge.delta_weight(self.basis(name), self.m(name), spec.side, self.base_weight.dtype)
 
-    @torch.no_grad()
     def merge(self, adapter: str | None = None, *, safe_merge: bool = False) -> None:
-        """Add ``ΔW`` into the base weight: computed in fp32, rounded once.
+        """Add ``ΔW`` into the base weight, stacking on adapters merged before: ``round(W0 + Σ ΔW)`` in fp32.
 
-        The original weight is kept (buffer ``original_weight``, same dtype and
-        device, i.e. one extra copy of W per merged layer) so that
-        :meth:`unmerge` restores it bit for bit.
+        The original weight is kept (one extra copy of W per merged layer) so
+        that :meth:`unmerge` restores it bit for bit.
         """
         name = adapter or self.active_adapter
         if name is None or name not in self.adapters:
             raise KeyError(f"unknown adapter {name!r}; this layer has {sorted(self.adapters)}")
-        if self.merged:
-            if self.merged_adapter == name:
-                return
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged; unmerge it first")
-        w = self.base_layer.weight
-        delta = self.delta_weight(name)
-        merged = self.base_weight.to(delta.dtype) + delta
-        if safe_merge and not bool(torch.isfinite(merged).all()):
-            raise ValueError(f"merging adapter {name!r} gives NaN or Inf in the weight; nothing was merged")
-        self.register_buffer("original_weight", w.detach().clone(), persistent=False)
-        w.copy_((merged.T if self.fan_in_fan_out else merged).to(w.dtype))
-        self.merged_adapter = name
+        if self.quantization:  # quantized-base hook: re-quantize, lossy (warns)
+            core_quant.merge_quantized(self, self.base_layer, [name], self.delta_weight, safe_merge=safe_merge)
+        else:
+            core_merge.merge_adapters(self, self.base_layer.weight, [name], self.delta_weight,
+                                      fan_in_fan_out=self.fan_in_fan_out, safe_merge=safe_merge)
         self.active_adapter = name
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact original base weight (a no-op when nothing is merged)."""
-        if not self.merged:
+        if self.quantization:  # quantized-base hook: the original storage objects back
+            core_quant.unmerge_quantized(self, self.base_layer)
             return
-        self.base_layer.weight.copy_(self.original_weight)
-        del self.original_weight
-        self.merged_adapter = None
+        core_merge.unmerge_adapters(self, self.base_layer.weight)
 
     def extra_repr(self) -> str:
         specs = ", ".join(f"{n}: side={s.side}, r={s.rank}, group={s.group}" for n, s in self.adapters.items())

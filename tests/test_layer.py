@@ -70,7 +70,7 @@ def test_basis_is_top_singular_vectors(side):
 def test_only_m_is_trainable_and_gets_gradient():
     layer = PiCaLinear(_linear(12, 10), rank=4)
     _fill_m(layer)
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["pica_bank.adapters.default.m"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["pica_bank.default.m"]
     layer(torch.randn(5, 10)).square().sum().backward()
     assert layer.m().grad is not None and layer.m().grad.abs().sum() > 0
     assert layer.base_layer.weight.grad is None

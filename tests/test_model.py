@@ -34,7 +34,7 @@ def test_apply_replaces_targets_freezes_the_rest_and_keeps_output(tiny_llama):
     assert len(names) == 15 and all(n.split(".")[-1] in pk.model.DEFAULT_TARGETS for n in names)
     assert isinstance(tiny_llama.model.layers[0].self_attn.o_proj, nn.Linear)  # not targeted
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
-    assert trainable == {f"pica_bank.adapters.default.{k}" for k in
+    assert trainable == {f"pica_bank.default.{k}" for k in
                          ["self_attn-q_proj-48x48", "self_attn-k_proj-24x48", "self_attn-v_proj-24x48",
                           "mlp-up_proj-80x48", "mlp-down_proj-48x80"]}
     assert torch.equal(_logits(tiny_llama), before)
@@ -163,27 +163,40 @@ def test_paper_parameter_counts_on_meta_device(arch, cfg, rank, targets, trainab
     assert f"{trainable:,}" in str(report)
 
 
+def _single_adapter_logits(config, m_values):
+    """Logits of a fresh tiny Llama with one adapter of ``config`` whose M are ``m_values`` (by group)."""
+    ref = pk.apply_pica(tiny_model("llama"), config, progress=False)
+    with torch.no_grad():
+        for key, p in ref.pica_bank["default"].items():
+            p.copy_(m_values[key])
+    return _logits(ref)
+
+
 def test_multiple_adapters(tiny_llama):
     base = _logits(tiny_llama)
-    pk.apply_pica(tiny_llama, pk.PiCaConfig(rank=4), progress=False)
+    cfg_a, cfg_c = pk.PiCaConfig(rank=4), pk.PiCaConfig(rank=2, target_modules=["o_proj"])
+    pk.apply_pica(tiny_llama, cfg_a, progress=False)
     randomize_m(tiny_llama, seed=1)
     y_a = _logits(tiny_llama)
     pk.apply_pica(tiny_llama, pk.PiCaConfig(rank=4), adapter_name="b", progress=False)
-    pk.apply_pica(tiny_llama, pk.PiCaConfig(rank=2, target_modules=["o_proj"]), adapter_name="c", progress=False)
+    pk.apply_pica(tiny_llama, cfg_c, adapter_name="c", progress=False)
     with torch.no_grad():
-        for p in tiny_llama.pica_bank.adapters["b"].parameters():
+        for p in tiny_llama.pica_bank["b"].parameters():
             p.normal_(0, 0.05)
-        for p in tiny_llama.pica_bank.adapters["c"].parameters():
+        for p in tiny_llama.pica_bank["c"].parameters():
             p.normal_(0, 0.05)
+    bank = {name: {k: p.detach().clone() for k, p in tiny_llama.pica_bank[name].items()} for name in "bc"}
     assert torch.equal(_logits(tiny_llama), y_a)  # added adapters start inactive
     q = tiny_llama.model.layers[0].self_attn.q_proj
     assert q.basis("b") is q.basis("default")  # same side and rank share the basis
     pk.set_adapter(tiny_llama, "b")
     y_b = _logits(tiny_llama)
-    assert not torch.allclose(y_b, y_a)
+    # Values, not only "outputs differ": each adapter gives what it gives alone on a fresh base model.
+    torch.testing.assert_close(y_b, _single_adapter_logits(cfg_a, bank["b"]), atol=1e-6, rtol=1e-6)
     pk.set_adapter(tiny_llama, "c")  # adapts o_proj only; other layers give their base output
     y_c = _logits(tiny_llama)
-    assert not torch.allclose(y_c, base) and not torch.allclose(y_c, y_b)
+    torch.testing.assert_close(y_c, _single_adapter_logits(cfg_c, bank["c"]), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(y_c, base)
     pk.set_adapter(tiny_llama, "b")
     with pk.disable_adapter(tiny_llama):
         assert torch.equal(_logits(tiny_llama), base)
@@ -196,7 +209,7 @@ def test_multiple_adapters(tiny_llama):
     assert set(tiny_llama.pica_bank.configs) == {"default", "c"}
     assert pk.model.active_adapter(tiny_llama) == "default"  # fell back to a remaining adapter
     assert torch.equal(_logits(tiny_llama), y_a)
-    assert "b" not in tiny_llama.pica_bank.adapters
+    assert "b" not in tiny_llama.pica_bank
     with pytest.raises(KeyError, match="unknown adapter 'b'"):
         pk.set_adapter(tiny_llama, "b")
     with pytest.raises(ValueError, match="already has an adapter named 'c'"):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from peft.config import PeftConfig
 
 from .. import reference
+from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS
+from ..core.targets import check_rank, check_rank_pattern
 from ._register import ensure_peft_type
 
-#: The paper's targets (DESIGN.md section 7): q, k, v, up, down projections.
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+#: The paper's targets: q, k, v, up, down projections (the native front end's default too).
+DEFAULT_TARGET_MODULES = list(DEFAULT_TARGETS)
+#: Field spellings of the native front end accepted here: ``PiCaPeftConfig(rank=8, share=False, exclude=[...])``.
+ALIASES = {"rank": "r", "share": "share_m", "exclude": "exclude_modules"}
 
 
 @dataclass
@@ -19,23 +23,23 @@ class PiCaPeftConfig(PeftConfig):
 
     PiCa adapts each targeted linear layer ``W`` (out, in) with a frozen basis
     of its own top-``r`` singular vectors and a trainable ``M`` shared by all
-    layers of the same (role, shape) group (DESIGN.md section 1)::
+    layers of the same (role, shape) group (docs/design.md)::
 
         side="input":  y = x @ W.T + (x @ P.T) @ M.T    P = Vh[:r] (r, in),   M (out, r)
         side="output": y = x @ W.T + (x @ M.T) @ U_r.T  U_r = U[:, :r] (out, r), M (r, in)
 
     Args:
-        r: basis rank.
+        r: basis rank (alias ``rank``).
         side: "input" (default, the paper's setting) or "output".
         target_modules: module-name suffixes, a regex (full match), or "all-linear".
             Defaults to the paper's q, k, v, up, down projections.
-        exclude_modules: names to skip, same forms as ``target_modules``.
+        exclude_modules: names to skip, same forms as ``target_modules`` (alias ``exclude``).
         share_m: one ``M`` per (role, shape) group, the role being the module name
             without layer indices (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``);
-            False gives one ``M`` per layer.
-        svd_method: method of :func:`pica_kernels.truncated_svd`; None means its
-            default, resolved to a concrete name when the adapter is created (so the
-            saved config records what was used).
+            False gives one ``M`` per layer (alias ``share``).
+        rank_pattern: ``{module-name suffix or regex: rank}``, a rank other than ``r`` for some layers
+            (e.g. a small layer that cannot hold rank ``r``), as LoRA's ``rank_pattern``.
+        svd_method: method of :func:`pica_kernels.truncated_svd` (default "accurate").
         svd_seed: seed of the randomised SVD sketch (bases come out identical under
             any global torch seed).
         store_bases: save every layer's basis in ``adapter_model.safetensors``
@@ -46,7 +50,7 @@ class PiCaPeftConfig(PeftConfig):
             whose weight is stored (in, out); kept for PEFT compatibility.
         modules_to_save: extra modules trained fully and saved (e.g. a classifier head).
         init_weights: True: ``M`` starts at zero, so the model starts exactly at the
-            base model. False: small random ``M`` (for tests only).
+            base model. False: small random ``M`` from the global torch RNG (for tests only).
         layers_to_transform, layers_pattern: restrict to some layer indices, as in LoRA.
     """
 
@@ -58,7 +62,8 @@ class PiCaPeftConfig(PeftConfig):
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip"})
     share_m: bool = field(default=True, metadata={"help": "One M per (role, shape) group"})
-    svd_method: str | None = field(default=None, metadata={"help": "truncated_svd method (None: its default)"})
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank: {name or regex: rank}"})
+    svd_method: str | None = field(default=DEFAULT_SVD_METHOD, metadata={"help": "truncated_svd method"})
     svd_seed: int = field(default=0, metadata={"help": "Seed of the SVD sketch"})
     store_bases: bool = field(default=False, metadata={"help": "Save the frozen bases in the adapter file"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored (in, out) (Conv1D)"})
@@ -66,12 +71,18 @@ class PiCaPeftConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={"help": "Zero-init M (identity at start)"})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices"})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Layer list name"})
+    rank: InitVar[int | None] = None
+    share: InitVar[bool | None] = None
+    exclude: InitVar[list[str] | str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, rank=None, share=None, exclude=None) -> None:
         super().__post_init__()
+        for alias, value in (("rank", rank), ("share", share), ("exclude", exclude)):
+            if value is not None:
+                setattr(self, ALIASES[alias], value)
         self.peft_type = ensure_peft_type()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        check_rank(self.r, "r")
+        self.rank_pattern = check_rank_pattern(self.rank_pattern)
         reference.check_side(self.side)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)

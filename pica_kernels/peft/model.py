@@ -1,6 +1,6 @@
 """``PiCaPeftModel``: the PEFT tuner of PiCa.
 
-Shared state (DESIGN.md section 9): every ``M`` lives once, in
+Shared state (docs/design.md): every ``M`` lives once, in
 ``self.pica_M[adapter][group]`` on the tuner (``base_model.pica_M`` of a
 ``PeftModel``), so it is one Parameter in ``parameters()`` and one tensor in
 ``adapter_model.safetensors``; layers hold an unregistered reference to the
@@ -23,8 +23,6 @@ here, and what this class does instead:
 
 from __future__ import annotations
 
-import inspect
-import zlib
 from contextlib import contextmanager
 from functools import partial
 
@@ -34,28 +32,28 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .. import reference
+from ..core.bank import PiCaBank, random_m_init
+from ..core.bases import batched_bases
+from ..core.defaults import (
+    BASE_ADAPTER,
+    DEFAULT_SVD_METHOD,
+    FINGERPRINT_ATOL,
+    check_adapter_name,
+    default_m_dtype,
+)
+from ..core.errors import AdapterMismatchError, BasisMismatchError
+from ..core.files import check_m_tensors
+from ..core.quant import dequantized_weight, is_quantized_base
+from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
-from ..model import batched_bases, group_key
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
 from .layer import PiCaPeftLinear, adapter_names_pre_forward_hook
 
+__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaPeftModel"]
+
 _LOW_PRECISION = {torch.float16, torch.bfloat16}
 FINGERPRINT_KEY = "pica_fingerprint"
-
-
-class BasisMismatchError(ValueError):
-    """The bases recomputed on load differ from those the adapter was trained with."""
-
-
-def _default_svd_method() -> str:
-    return inspect.signature(truncated_svd).parameters["method"].default
-
-
-def _fingerprint_tolerance(dtype: torch.dtype) -> float:
-    # Fingerprints are projections of unit vectors on N(0, 1) probes (O(1) values). A basis
-    # of another weight differs by O(1); rounding a basis to bf16 moves them by ~1e-2.
-    return 3e-2 if dtype in _LOW_PRECISION else 1e-3
 
 
 class PiCaPeftModel(BaseTuner):
@@ -67,10 +65,10 @@ class PiCaPeftModel(BaseTuner):
     uses_shared_state: bool = True
 
     # ------------------------------------------------------------ shared M
-    def _m_store(self) -> nn.ModuleDict:
+    def _m_store(self) -> PiCaBank:
         store = self._modules.get("pica_M")
         if store is None:
-            store = nn.ModuleDict()
+            store = PiCaBank()
             self.pica_M = store
         return store
 
@@ -79,22 +77,10 @@ class PiCaPeftModel(BaseTuner):
         init_weights: bool,
     ) -> nn.Parameter:
         store = self._m_store()
-        if adapter_name not in store:
-            store[adapter_name] = nn.ParameterDict()
-        params = store[adapter_name]
-        if group in params:
-            if tuple(params[group].shape) != tuple(shape):
-                raise ValueError(
-                    f"group {group!r} of adapter {adapter_name!r} has M of shape {tuple(params[group].shape)}, "
-                    f"a layer asked for {tuple(shape)}"
-                )
-            return params[group]
-        m = torch.zeros(shape, dtype=dtype, device=device)
-        if not init_weights and device.type != "meta":
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{adapter_name}/{group}".encode()))
-            m.copy_(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * 0.05)
-        params[group] = nn.Parameter(m)
-        return params[group]
+        # init_weights=False: small random M from the global torch RNG (PEFT's convention: the adapter name
+        # must not change the weights), drawn once per group.
+        init = None if init_weights or store.has(adapter_name, group) or device.type == "meta" else random_m_init(shape)
+        return store.create(adapter_name, group, shape, dtype, device, init=init)
 
     def _pre_injection_hook(self, model: nn.Module, config: PiCaPeftConfig, adapter_name: str) -> None:
         self._m_store()
@@ -104,7 +90,7 @@ class PiCaPeftModel(BaseTuner):
         if peft_config.target_modules is None:
             raise ValueError("Please specify `target_modules` in the PiCa config")
         if peft_config.svd_method is None:
-            peft_config.svd_method = _default_svd_method()
+            peft_config.svd_method = DEFAULT_SVD_METHOD
         return peft_config
 
     def _target_items(self, model: nn.Module, config: PiCaPeftConfig) -> list[tuple[str, nn.Module]]:
@@ -130,7 +116,8 @@ class PiCaPeftModel(BaseTuner):
                 for other, r in module.pica_r.items():
                     oc = self.peft_config.get(other)
                     if (
-                        oc is not None and r == config.r and module.pica_side[other] == config.side
+                        oc is not None and r == rank_for(key, config.r, config.rank_pattern)
+                        and module.pica_side[other] == config.side
                         and (oc.svd_method, oc.svd_seed) == (config.svd_method, config.svd_seed)
                     ):
                         bases[key] = module.pica_basis[other]
@@ -141,10 +128,11 @@ class PiCaPeftModel(BaseTuner):
             if not is_supported_base(base):
                 continue  # _create_and_replace raises the clear error
             w = weight_out_in(base)
-            if config.r > min(w.shape) or w.device.type == "meta":
-                continue
+            if rank_for(key, config.r, config.rank_pattern) > min(w.shape) or w.device.type == "meta":
+                continue  # _create_and_replace raises the clear error
             weights.append((key, w))
-        bases.update(batched_bases(weights, config.r, config.side, method=config.svd_method, seed=config.svd_seed))
+        ranks = {key: rank_for(key, config.r, config.rank_pattern) for key, _ in weights}
+        bases.update(batched_bases(weights, ranks, config.side, method=config.svd_method, seed=config.svd_seed))
         return bases
 
     def inject_adapter(
@@ -155,8 +143,11 @@ class PiCaPeftModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
+        if config.target_modules == "all-linear":
+            warn_left_out(model, fused_expert_parameters(model))
         _maybe_include_all_linear_layers(config, model)
         self._pending_bases = self._compute_bases(model, config)
         try:
@@ -182,12 +173,9 @@ class PiCaPeftModel(BaseTuner):
                 "transformers Conv1D only (check target_modules)"
             )
         out_f, in_f = weight_out_in(base).shape
-        r, side = peft_config.r, peft_config.side
-        if r > min(out_f, in_f):
-            raise ValueError(
-                f"r={r} is larger than min(out, in) = {min(out_f, in_f)} of layer {current_key!r} "
-                f"(out={out_f}, in={in_f}); lower r or exclude that layer"
-            )
+        side = peft_config.side
+        r = rank_for(current_key, peft_config.r, peft_config.rank_pattern)
+        check_layer_rank(current_key, r, out_f, in_f, "r" if r == peft_config.r else "rank_pattern rank")
         if is_fan_in_fan_out(base):
             peft_config.fan_in_fan_out = True
         basis = (getattr(self, "_pending_bases", None) or {}).get(current_key)
@@ -195,9 +183,13 @@ class PiCaPeftModel(BaseTuner):
             basis, _ = truncated_svd(
                 weight_out_in(base), r, side, method=peft_config.svd_method, seed=peft_config.svd_seed
             )
-        group = group_key(current_key, out_f, in_f, peft_config.share_m)
-        weight = base.weight
-        m_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        group = group_key(current_key, out_f, in_f, peft_config.share_m, None if r == peft_config.r else r)
+        # quantized-base hook: the dequantized weight gives M's dtype and device (the storage is uint8 / int8)
+        weight = dequantized_weight(base) if is_quantized_base(base) else base.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"layer {current_key!r}: weight has dtype {weight.dtype}; PiCa needs a floating-point "
+                            f"weight (dequantize the layer, or exclude it)")
+        m_dtype = default_m_dtype(weight.dtype)
         m = self._get_or_create_m(
             adapter_name, group, reference.m_shape(out_f, in_f, r, side), m_dtype, weight.device,
             peft_config.init_weights,
@@ -252,7 +244,7 @@ class PiCaPeftModel(BaseTuner):
             return
         if self.merged:
             raise ValueError("Cannot pass `adapter_names` while adapters are merged; unmerge first")
-        unknown = {n for n in adapter_names if n != "__base__"} - set(self.peft_config)
+        unknown = {n for n in adapter_names if n != BASE_ADAPTER} - set(self.peft_config)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         names = list(adapter_names)
@@ -292,6 +284,20 @@ class PiCaPeftModel(BaseTuner):
         suffix = "." + FINGERPRINT_KEY
         fingerprints = {k[: -len(suffix)]: v for k, v in state_dict.items() if k.endswith(suffix)}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
+        bank = next((m for m in model.modules() if isinstance(m, PiCaBank)), None)
+        if bank is not None and adapter_name in bank:
+            # The file whole against the model its config built: every group's M present, nothing extra, ranks agree.
+            found = {k.rpartition(".")[2]: tuple(v.shape) for k, v in state_dict.items() if ".pica_M." in k}
+            expected = {g: tuple(m.shape) for g, m in bank.groups(adapter_name).items()}
+            check_m_tensors(found, expected, config.r, config.side, "the adapter file")
+            if not config.store_bases:
+                layers = {n.replace("_fsdp_wrapped_module.", "") for n, m in model.named_modules()
+                          if isinstance(m, PiCaPeftLinear) and adapter_name in m.pica_basis}
+                missing = sorted(n for n in layers if n not in fingerprints
+                                 and n.removeprefix("base_model.model.") not in fingerprints)
+                if missing:
+                    raise AdapterMismatchError(f"layers: the model built from the config adapts {missing[0]!r}, the "
+                                               f"adapter file has no basis fingerprint for it ({len(missing)} missing)")
         if fingerprints and not config.store_bases:
             modules = {n.replace("_fsdp_wrapped_module.", ""): m for n, m in model.named_modules()}
             for name, stored in fingerprints.items():
@@ -304,7 +310,7 @@ class PiCaPeftModel(BaseTuner):
                 basis = module.pica_basis[adapter_name]
                 got = basis_fingerprint(basis, module.pica_side[adapter_name])
                 stored = stored.to(got.dtype)
-                tol = _fingerprint_tolerance(basis.dtype)
+                tol = FINGERPRINT_ATOL[basis.dtype]
                 if got.shape != stored.shape or float((got - stored).abs().max()) > tol:
                     diff = float((got - stored).abs().max()) if got.shape == stored.shape else float("inf")
                     raise BasisMismatchError(

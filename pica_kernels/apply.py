@@ -1,0 +1,220 @@
+"""``apply_pica``: find the targets, compute their bases, wrap them in :class:`PiCaLinear` — atomically.
+
+Everything that can fail (target matching, ranks, group keys, the SVD of
+every basis) runs before the model is touched; the edit itself (freezing,
+the bank, the module swaps) is undone on any exception, KeyboardInterrupt
+included, so the model is either fully adapted or exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import PiCaConfig
+from .core.bank import PiCaBank
+from .core.bases import batched_bases
+from .core.defaults import DTYPES, check_adapter_name
+from .core.targets import (
+    check_layer_rank,
+    fused_expert_parameters,
+    group_key,
+    matches,
+    rank_for,
+    role_of,
+    suffix_match,
+    warn_left_out,
+)
+from .layer import PiCaLinear, basis_buffer_name, is_supported_base, weight_out_in
+
+BANK_NAME = "pica_bank"
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, skipping PiCa's own internals (base layers inside PiCaLinear, the bank)."""
+    inside = set()
+    for name, module in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, (PiCaLinear, PiCaBank)):
+            inside.add(name)
+        if name and not isinstance(module, PiCaBank):
+            yield name, module
+
+
+def find_targets(model: nn.Module, config: PiCaConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs ``config`` selects; raises on a name that matches nothing or a non-linear match.
+
+    With ``target_modules="all-linear"``, warns about fused 3-D expert weights left out.
+    """
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = config.target_modules
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in candidate_modules(model):
+        if config.exclude is not None and matches(name, config.exclude):
+            continue
+        if targets == "all-linear":
+            if not (isinstance(module, PiCaLinear) or is_supported_base(module)):
+                continue
+            base = module.base_layer if isinstance(module, PiCaLinear) else module
+            if base is out_emb or name.split(".")[-1] == "lm_head":
+                continue
+        elif not matches(name, targets):
+            continue
+        if not (isinstance(module, PiCaLinear) or is_supported_base(module)):
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; PiCa adapts nn.Linear and "
+                f"transformers Conv1D layers only (check target_modules={config.target_modules!r})"
+            )
+        found.append((name, module))
+    if not isinstance(targets, str):
+        for t in targets:
+            if not any(suffix_match(n, t) for n, _ in found):
+                excluded = config.exclude is not None and any(suffix_match(n, t) for n, _ in candidate_modules(model))
+                why = " (all its matches are excluded)" if excluded else ""
+                raise ValueError(
+                    f"target module {t!r} matches no module of {type(model).__name__}{why}; "
+                    f"linear layers here are named like {_example_linear_names(model)}"
+                )
+    if not found:
+        raise ValueError(f"target_modules={targets!r} matches no linear layer of {type(model).__name__}")
+    if targets == "all-linear":
+        warn_left_out(model, fused_expert_parameters(model))
+    return found
+
+
+def _example_linear_names(model: nn.Module, k: int = 6) -> list[str]:
+    roles = []
+    for name, module in candidate_modules(model):
+        if is_supported_base(module) or isinstance(module, PiCaLinear):
+            r = role_of(name)
+            if r not in roles:
+                roles.append(r)
+    return roles[:k]
+
+
+def get_bank(model: nn.Module) -> PiCaBank:
+    bank = getattr(model, BANK_NAME, None)
+    if not isinstance(bank, PiCaBank):
+        raise ValueError(f"{type(model).__name__} has no PiCa adapters; call apply_pica(model, config) first")
+    return bank
+
+
+def pica_layers(model: nn.Module) -> Iterator[tuple[str, PiCaLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, PiCaLinear):
+            yield name, module
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _weight_oi(module: nn.Module) -> torch.Tensor:
+    return module.base_weight if isinstance(module, PiCaLinear) else weight_out_in(module)
+
+
+def layer_plan(model: nn.Module, config: PiCaConfig) -> list[tuple[str, nn.Module, int, str]]:
+    """``(name, module, rank, group key)`` of every target; checks ranks and that group keys are unambiguous."""
+    plan = []
+    claimed: dict[str, tuple] = {}
+    for name, module in find_targets(model, config):
+        out_f, in_f = _weight_oi(module).shape
+        rank = rank_for(name, config.rank, config.rank_pattern)
+        check_layer_rank(name, rank, out_f, in_f, "rank" if rank == config.rank else "rank_pattern rank")
+        key = group_key(name, out_f, in_f, config.share, None if rank == config.rank else rank)
+        ident = (role_of(name) if config.share else name, (out_f, in_f), rank)
+        if claimed.setdefault(key, ident) != ident:
+            raise ValueError(f"group key {key!r} is claimed by {claimed[key]} and {ident}; rename a module")
+        plan.append((name, module, rank, key))
+    return plan
+
+
+def apply_pica(
+    model: nn.Module,
+    config: PiCaConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    progress: bool = True,
+    bases: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Replace the targeted layers of ``model`` by :class:`PiCaLinear` (in place) and return it.
+
+    All parameters of the model are frozen; the new ``M`` (zero-initialised, so
+    the output is unchanged) are the only trainable ones. On a model that
+    already has PiCa adapters, adds ``adapter_name`` as a new, inactive adapter
+    (bases are shared with existing adapters of the same side and rank). On a
+    model on the ``meta`` device only shapes are built (no SVD): use it with
+    :func:`parameter_report` to plan budgets without weights. Atomic: on any
+    exception (also KeyboardInterrupt) the model is left exactly as it was.
+
+    ``bases`` maps layer names to precomputed bases (load_adapter passes stored ones).
+    """
+    config = config or PiCaConfig()
+    check_adapter_name(adapter_name)
+    existing = getattr(model, BANK_NAME, None)
+    bank = existing if isinstance(existing, PiCaBank) else None
+    if bank is not None and adapter_name in bank.configs:
+        raise ValueError(f"model already has an adapter named {adapter_name!r}")
+    plan = layer_plan(model, config)
+
+    # 1. Everything that can fail or take long, before the model is touched.
+    bases = dict(bases or {})
+    needed = []
+    for name, module, rank, _ in plan:
+        if name in bases:
+            continue
+        if isinstance(module, PiCaLinear) and hasattr(module, basis_buffer_name(config.side, rank)):
+            continue  # shared with an existing adapter of the same side and rank
+        needed.append((name, _weight_oi(module)))
+    ranks = {name: rank for name, _, rank, _ in plan}
+    bases.update(batched_bases(needed, {n: ranks[n] for n, _ in needed}, config.side, method=config.svd_method,
+                               seed=config.svd_seed, progress=progress))
+
+    # 2. The edit, undone on any exception.
+    first = bank is None
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    swapped: list[tuple[str, nn.Module]] = []
+    extended: list[PiCaLinear] = []
+    m_dtype = DTYPES[config.m_dtype] if config.m_dtype else None
+    try:
+        if first:
+            bank = PiCaBank()
+            model.add_module(BANK_NAME, bank)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in bank.parameters():
+                p.requires_grad_(True)
+        for name, module, rank, key in plan:
+            kwargs = dict(group=key, basis=bases.get(name), m_dtype=m_dtype,
+                          svd_method=config.svd_method, svd_seed=config.svd_seed)
+            if isinstance(module, PiCaLinear):
+                module.add_adapter(adapter_name, rank, config.side, **kwargs)
+                extended.append(module)
+            else:
+                layer = PiCaLinear(module, rank, config.side, adapter_name=adapter_name, bank=bank, **kwargs)
+                if not first:
+                    # PEFT semantics: an added adapter starts inactive, also on layers it newly wraps.
+                    layer.active_adapter = None
+                set_submodule(model, name, layer)
+                swapped.append((name, module))
+        bank.configs[adapter_name] = config
+    except BaseException:
+        for name, module in reversed(swapped):
+            set_submodule(model, name, module)
+        for layer in extended:
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+        if bank is not None:
+            bank.remove(adapter_name)
+            bank.configs.pop(adapter_name, None)
+        if first and BANK_NAME in model._modules:
+            delattr(model, BANK_NAME)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        raise
+    return model

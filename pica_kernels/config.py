@@ -1,0 +1,83 @@
+"""``PiCaConfig``: how the native front end applies PiCa."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import InitVar, asdict, dataclass, field, fields
+
+from . import reference
+from .core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS, DTYPES
+from .core.targets import check_rank, check_rank_pattern
+from .svd import SVD_METHODS
+
+#: Field spellings of the PEFT front end accepted here: ``PiCaConfig(r=8, share_m=False, exclude_modules=[...])``.
+ALIASES = {"r": "rank", "share_m": "share", "exclude_modules": "exclude"}
+
+
+@dataclass
+class PiCaConfig:
+    """How to apply PiCa.
+
+    Attributes:
+        rank: basis rank r (alias ``r``).
+        side: "input" (default; basis P = Vh[:r], M (out, r)) or "output".
+        target_modules: a list of module-name suffixes (matched on "."
+            boundaries, e.g. "q_proj" or "attention.output.dense"), a single
+            regex string (full match on the module name), or "all-linear"
+            (every linear layer except the output embedding / lm_head).
+        exclude: names to skip, same forms as ``target_modules`` (alias ``exclude_modules``).
+        share: one M per (role, shape) group (True) or one per layer (False) (alias ``share_m``).
+        rank_pattern: ``{module-name suffix or regex: rank}``, a rank for some layers other than ``rank``.
+        svd_method, svd_seed: basis computation, see :func:`truncated_svd`
+            ("accurate" randomised block Krylov by default, "fast", or "exact").
+        m_dtype: dtype of M; None means float32 (also for bf16/fp16 models),
+            float64 for float64 layers.
+        store_bases: save the bases in adapter files (exact reload without SVD).
+    """
+
+    rank: int = 32
+    side: str = "input"
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS
+    exclude: str | Sequence[str] | None = None
+    share: bool = True
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    svd_method: str = DEFAULT_SVD_METHOD
+    svd_seed: int = 0
+    m_dtype: str | None = None
+    store_bases: bool = False
+    r: InitVar[int | None] = None
+    share_m: InitVar[bool | None] = None
+    exclude_modules: InitVar[str | Sequence[str] | None] = None
+
+    def __post_init__(self, r=None, share_m=None, exclude_modules=None) -> None:
+        for alias, value in (("r", r), ("share_m", share_m), ("exclude_modules", exclude_modules)):
+            if value is not None:
+                setattr(self, ALIASES[alias], value)
+        check_rank(self.rank)
+        self.rank_pattern = check_rank_pattern(self.rank_pattern)
+        reference.check_side(self.side)
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        if self.m_dtype is not None and self.m_dtype not in DTYPES:
+            raise ValueError(f"m_dtype must be one of {sorted(DTYPES)}, got {self.m_dtype!r}")
+        if not isinstance(self.target_modules, str):
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules is empty")
+        if self.exclude is not None and not isinstance(self.exclude, str):
+            self.exclude = tuple(self.exclude)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("target_modules", "exclude"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PiCaConfig:
+        known = {f.name for f in fields(cls)} | set(ALIASES)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PiCaConfig fields {sorted(unknown)}")
+        return cls(**d)

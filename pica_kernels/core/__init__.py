@@ -1,0 +1,14 @@
+"""The adapter core shared by the native front end (``apply_pica`` & co.) and the PEFT tuner.
+
+``bank``      where ``M`` lives (once per model) and each layer's view of it
+``targets``   target matching, roles, group keys, per-module ranks
+``merge``     delta weight, exact stacking merge / bit-exact unmerge
+``forward``   the adapted forward and the mixed-task forward (dispatch to the ops)
+``files``     fingerprints and the whole-file checks of adapter files
+``defaults``  defaults and reserved names
+``errors``    ``PiCaError`` and its subclasses
+"""
+
+from .errors import AdapterMismatchError, BasisMismatchError, PiCaError
+
+__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaError"]

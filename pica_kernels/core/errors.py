@@ -1,0 +1,21 @@
+"""One error hierarchy for both front ends.
+
+``PiCaError`` is the base of every error pica_kernels raises about adapters.
+``AdapterMismatchError`` (also a ``ValueError``, as before) says an adapter file
+does not fit a model, or is damaged; the message names the field and both
+values. ``BasisMismatchError`` is its old PEFT-side name, kept as an alias.
+"""
+
+from __future__ import annotations
+
+
+class PiCaError(Exception):
+    """Base class of the errors raised by pica_kernels' adapter code."""
+
+
+class AdapterMismatchError(PiCaError, ValueError):
+    """An adapter file does not fit this model (or is damaged); the message names what differs."""
+
+
+#: Former name on the PEFT side (a drifted basis); the same class.
+BasisMismatchError = AdapterMismatchError

@@ -1,0 +1,135 @@
+"""``export_lora``: write a PiCa adapter as a standard PEFT LoRA adapter (both front ends).
+
+The native front end (a model from :func:`pica_kernels.apply_pica`) and the PEFT
+front end (a ``PeftModel`` with a PiCa config) only differ in where they keep
+the basis and ``M``; both hand the per-layer tensors to
+:func:`pica_kernels.core.export.write_lora_adapter`. See docs/export.md for
+serving the result with vLLM, SGLang and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .core.export import PEFT_KEY_PREFIX, LoraFactors, lora_factors, write_lora_adapter
+from .layer import PiCaLinear, is_supported_base
+
+__all__ = ["export_lora"]
+
+
+def _peft_layer_class():
+    try:
+        from .peft.layer import PiCaPeftLinear
+    except ImportError:  # peft not installed: no PEFT front end models can exist
+        return None
+    return PiCaPeftLinear
+
+
+def _plain_name(name: str) -> str:
+    """Module name in the base model: a PeftModel's ``base_model.model.`` prefix removed."""
+    return name[len(PEFT_KEY_PREFIX):] if name.startswith(PEFT_KEY_PREFIX) else name
+
+
+def _collect(model: nn.Module, adapter_name: str | None) -> tuple[list[LoraFactors], list[str], str]:
+    """The LoRA factors of ``adapter_name`` (default: the active adapter), every adaptable module name, the adapter."""
+    peft_cls = _peft_layer_class()
+    adapter_types = (PiCaLinear,) if peft_cls is None else (PiCaLinear, peft_cls)
+    layers: list[LoraFactors] = []
+    linear_names: list[str] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, adapter_types):
+            inside.append(name)
+            linear_names.append(_plain_name(name))
+            if isinstance(module, PiCaLinear):
+                adapter = adapter_name or module.active_adapter
+                if adapter is None or adapter not in module.adapters:
+                    continue
+                spec = module.adapters[adapter]
+                basis, m, side = module.basis(adapter), module.m(adapter), spec.side
+            else:
+                active = list(module.active_adapters)
+                adapter = adapter_name or (active[0] if active else None)
+                if adapter is None or adapter not in module.pica_r:
+                    continue
+                basis, m, side = module.pica_basis[adapter], module.get_m(adapter), module.pica_side[adapter]
+            if adapter_name is None:
+                adapter_name = adapter  # the first active adapter found decides for the whole model
+            layers.append(lora_factors(_plain_name(name), basis, m, side, module.fan_in_fan_out))
+        elif name and is_supported_base(module):
+            linear_names.append(_plain_name(name))
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no PiCa layer with adapter {adapter_name!r}; "
+            f"export_lora needs a model from apply_pica or a PeftModel with a PiCa config"
+        )
+    return layers, linear_names, adapter_name
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (``model.base_model.model``), else ``model``."""
+    tuner = getattr(model, "base_model", None)
+    return tuner.model if type(model).__name__.startswith("PeftModel") and hasattr(tuner, "model") else model
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    cfg = getattr(_inner_model(model), "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(_inner_model(model)).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def export_lora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write PiCa adapter ``adapter_name`` (default: the active one) of ``model`` as a PEFT LoRA adapter; returns path.
+
+    ``path`` becomes a directory holding ``adapter_config.json`` and
+    ``adapter_model.safetensors``: ``lora_A = P`` (r, in), ``lora_B = M`` (out, r)
+    on the input side, ``lora_A = M`` (r, in), ``lora_B = U_r`` (out, r) on the
+    output side, ``lora_alpha = r`` (scaling 1), ``rank_pattern`` / ``alpha_pattern``
+    for layers of another rank. ``peft.PeftModel.from_pretrained(base, path)`` on the
+    same base model then computes what the PiCa model computes.
+
+    Works for models from :func:`pica_kernels.apply_pica` and for PEFT models with a
+    PiCa config. ``base_model_name_or_path`` and ``task_type`` default to what the
+    model's config and class say.
+    """
+    layers, linear_names, _ = _collect(model, adapter_name)
+    peft_cls = _peft_layer_class()
+    adapter_types = (PiCaLinear,) if peft_cls is None else (PiCaLinear, peft_cls)
+    merged = [name for name, m in model.named_modules() if isinstance(m, adapter_types) and m.merged]
+    if merged:
+        import warnings
+
+        warnings.warn(
+            f"{len(merged)} PiCa layer(s) are merged (e.g. {merged[0]!r}); the exported LoRA adapter is meant for the "
+            f"unmerged base model, not for this model's merged weights",
+            UserWarning,
+            stacklevel=2,
+        )
+    return write_lora_adapter(
+        path,
+        layers,
+        base_model_name_or_path=base_model_name_or_path or _base_model_name(model),
+        task_type=task_type or _task_type(model),
+        all_linear_names=linear_names,
+    )

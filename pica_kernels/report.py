@@ -1,0 +1,101 @@
+"""``parameter_report``: trainable ``M`` and frozen basis counts per group, and what was left out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .apply import BANK_NAME, get_bank, pica_layers
+from .core.targets import fused_expert_parameters, role_of
+from .model import active_adapter
+
+
+@dataclass
+class GroupReport:
+    key: str
+    role: str
+    weight_shape: tuple[int, int]
+    m_shape: tuple[int, int]
+    layers: list[str]
+    trainable: int
+    frozen_bases: int
+
+
+@dataclass
+class ParameterReport:
+    adapter: str
+    rank: int
+    side: str
+    groups: list[GroupReport]
+    base_parameters: int
+    #: ``{module name: parameters}`` of fused 3-D expert weights PiCa left out (not adaptable yet).
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def left_out_share(self) -> float:
+        """Share of the base model's parameters in fused expert weights that are not adapted."""
+        return sum(self.left_out.values()) / max(self.base_parameters, 1)
+
+    @property
+    def trainable(self) -> int:
+        return sum(g.trainable for g in self.groups)
+
+    @property
+    def frozen_bases(self) -> int:
+        return sum(g.frozen_bases for g in self.groups)
+
+    @property
+    def layers(self) -> int:
+        return sum(len(g.layers) for g in self.groups)
+
+    def __str__(self) -> str:
+        rows = [("group", "weight (out x in)", "M", "layers", "trainable", "frozen basis")]
+        for g in self.groups:
+            rows.append((g.role, "x".join(map(str, g.weight_shape)), "x".join(map(str, g.m_shape)),
+                         str(len(g.layers)), f"{g.trainable:,}", f"{g.frozen_bases:,}"))
+        rows.append(("total", "", "", str(self.layers), f"{self.trainable:,}", f"{self.frozen_bases:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"PiCa adapter {self.adapter!r}: rank {self.rank}, {self.side} side, "
+                 f"base model {self.base_parameters:,} parameters "
+                 f"(trainable = {100 * self.trainable / max(self.base_parameters, 1):.3f}% of it)"]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        if self.left_out:
+            lines.append(f"not adapted: {len(self.left_out)} fused expert module(s) "
+                         f"({', '.join(sorted({role_of(n) for n in self.left_out}))}), "
+                         f"{sum(self.left_out.values()):,} parameters = {100 * self.left_out_share:.1f}% of the model")
+        return "\n".join(lines)
+
+
+def parameter_report(model: nn.Module, adapter_name: str | None = None) -> ParameterReport:
+    """Trainable M and frozen basis counts per group (works on the meta device)."""
+    bank = get_bank(model)
+    adapter_name = adapter_name or active_adapter(model)
+    if adapter_name not in bank.configs:
+        raise KeyError(f"unknown adapter {adapter_name!r}; the model has {sorted(bank.configs)}")
+    config = bank.configs[adapter_name]
+    groups: dict[str, GroupReport] = {}
+    base_params = 0
+    for name, layer in pica_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        spec = layer.adapters[adapter_name]
+        m = layer.m(adapter_name)
+        g = groups.get(spec.group)
+        if g is None:
+            g = groups[spec.group] = GroupReport(
+                spec.group, role_of(name) if config.share else name,
+                (layer.out_features, layer.in_features), tuple(m.shape), [], m.numel(), 0)
+        g.layers.append(name)
+        g.frozen_bases += layer.basis(adapter_name).numel()
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(BANK_NAME + ".") or id(p) in seen:
+            continue
+        seen.add(id(p))
+        base_params += p.numel()
+    return ParameterReport(adapter_name, config.rank, config.side, list(groups.values()), base_params,
+                           fused_expert_parameters(model))
