@@ -4,7 +4,7 @@
 apply_pica, load_adapter all call it). Methods:
 
 * ``"accurate"`` (default) and ``"fast"``: randomised block Krylov
-  (DESIGN.md section 4). A seeded Gaussian sketch ``Omega`` (d, b) is drawn on
+  (docs/svd.md). A seeded Gaussian sketch ``Omega`` (d, b) is drawn on
   the CPU, ``b = rank + oversample``; the Krylov basis
   ``Q = orth[Omega, (AᵀA)Omega, ..., (AᵀA)^steps Omega]`` (d, (steps+1)·b) is
   built block by block with full re-orthogonalisation (block Gram-Schmidt
@@ -66,9 +66,9 @@ from .reference import check_side
 #: weight (d >= 2048; 4096², r = 256: 9 x 320 >= 2048), "accurate" narrows the
 #: block to r + 16 and takes the most steps, down to 6, that stay below it, instead
 #: of falling back to an eigh of d x d: at 4096², r = 256 block 272 with 6 steps
-#: (Krylov dimension 1904) reached energy 1.000000, cos² 0.99999 (5 steps:
-#: 0.99999 / 0.9999; block 320 with 4 steps: 0.99994 / 0.9994) in 1/8 of the
-#: float32 full SVD's CPU time. Small weights keep the Gram path (eigh of d <= 2048
+#: (Krylov dimension 1904) reached energy 1.000000, cos² 1.00000 on the LLM-like
+#: benchmark matrix (5 steps: 0.99999 / 0.9999; block 320 with 4 steps: 0.99994 /
+#: 0.9994) in 1/8 of the float32 full SVD's single-thread CPU time (2.3 vs 18 s). Small weights keep the Gram path (eigh of d <= 2048
 #: is cheap, and 6 steps are not enough on SmolLM2's flat spectra at r = 16).
 SVD_PRESETS = {
     "accurate-v1": {"oversample": 16, "oversample_frac": 0.25, "steps": 8, "algorithm": 1},
@@ -548,7 +548,7 @@ def accuracy_report(
     weight: torch.Tensor, basis: torch.Tensor, side: str = "input", singular_values: torch.Tensor | None = None,
     reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Accuracy of a basis of one weight against the float64 SVD (DESIGN.md section 4), worst over a batch.
+    """Accuracy of a basis of one weight against the float64 SVD (docs/svd.md), worst over a batch.
 
     weight (out, in) or (L, out, in); basis as :func:`truncated_svd` returns it;
     singular_values (r,) or (L, r), optional; reference: a precomputed
