@@ -1,7 +1,7 @@
 // Randomised block-Krylov truncated SVD, batched over layers, in ATen.
 //
 // Line-by-line twin of pica_kernels/svd.py (_cholqr, _eigh_orth, _orth_block,
-// _krylov, _gram, _full, _core_torch): the same ATen calls in the same order,
+// _krylov, _orth_block2, _krylov2, _gram, _full, _core_torch): the same ATen calls in the same order,
 // so on the CPU the C++ and pure-torch backends give the same bits
 // (tests/test_svd.py::test_cpp_matches_torch). Keep the two in step.
 //
@@ -112,6 +112,43 @@ std::tuple<Tensor, Tensor> krylov(const Tensor& a, const Tensor& sketch, int64_t
   return finish(at::matmul(q.to(at::kDouble), e), at::matmul(c64, e), rank, want_short, a.scalar_type());
 }
 
+// v2 orthonormalisation: BCGS2 with one projection per pass (see svd.py::_orth_block2).
+Tensor orth_block2(Tensor z, const c10::optional<Tensor>& q) {
+  const double eps = z.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                   : std::numeric_limits<float>::epsilon();
+  Tensor scale = at::linalg_matrix_norm(z, "fro");
+  z = project_out(z, q);
+  auto [z1, ok] = cholqr(z);
+  if (ok) {
+    z1 = project_out(z1, q);
+    auto [z2, ok2] = cholqr(z1);
+    if (ok2) return z2;
+  }
+  const double tol = 1e3 * eps;
+  z = eigh_orth(z, scale, tol);
+  z = project_out(z, q);
+  return eigh_orth(z, at::ones_like(scale), tol);
+}
+
+// v2 block Krylov: preallocated Q and Z = AᵀA Q, Ritz matrix QᵀZ (see svd.py::_krylov2).
+std::tuple<Tensor, Tensor> krylov2(const Tensor& a, const Tensor& sketch, int64_t rank, int64_t steps,
+                                   bool want_short) {
+  const int64_t nb = a.size(0), d = a.size(-1), b = sketch.size(-1), k = (steps + 1) * b;
+  Tensor q = at::empty({nb, d, k}, a.options());
+  Tensor z = at::empty({nb, d, k}, a.options());
+  q.narrow(-1, 0, b).copy_(orth_block2(sketch.to(a.scalar_type()).unsqueeze(0), c10::nullopt));
+  for (int64_t j = 0; j <= steps; ++j) {
+    Tensor zj = at::matmul(mT(a), at::matmul(a, q.narrow(-1, j * b, b)));
+    z.narrow(-1, j * b, b).copy_(zj);
+    if (j < steps) q.narrow(-1, (j + 1) * b, b).copy_(orth_block2(zj, q.narrow(-1, 0, (j + 1) * b)));
+  }
+  Tensor t = at::matmul(mT(q), z);
+  t = (t + mT(t)) * 0.5;
+  auto [lam, e] = at::linalg_eigh(t, "L");
+  Tensor v = at::matmul(q, e.narrow(-1, e.size(-1) - rank, rank).flip({-1}));
+  return finish(v.to(at::kDouble), at::matmul(a, v).to(at::kDouble), rank, want_short, a.scalar_type());
+}
+
 std::tuple<Tensor, Tensor> gram(const Tensor& a, int64_t rank, bool want_short) {
   Tensor a64 = a.to(at::kDouble);
   // Gram in float64, eigh in the working precision (see svd.py::_gram for why).
@@ -145,9 +182,9 @@ std::tuple<Tensor, Tensor> truncated_svd_core(const Tensor& weight, const Tensor
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "pica::truncated_svd_core: weight must be floating point");
   const int64_t m = weight.size(1), n = weight.size(2), d = std::min(m, n);
   TORCH_CHECK(rank > 0 && rank <= d, "pica::truncated_svd_core: rank must be in [1, ", d, "], got ", rank);
-  TORCH_CHECK(path >= 0 && path <= 2, "pica::truncated_svd_core: path must be 0, 1 or 2, got ", path);
+  TORCH_CHECK(path >= 0 && path <= 3, "pica::truncated_svd_core: path must be 0, 1, 2 or 3, got ", path);
   TORCH_CHECK(steps >= 0, "pica::truncated_svd_core: steps must be >= 0");
-  if (path == 0) {
+  if (path == 0 || path == 3) {
     TORCH_CHECK(sketch.dim() == 2 && sketch.size(0) == d && sketch.size(1) >= rank,
                 "pica::truncated_svd_core: sketch must be (min(m, n), >= rank), got ", sketch.sizes());
     TORCH_CHECK(sketch.device() == weight.device(), "pica::truncated_svd_core: sketch and weight on different devices");
@@ -164,6 +201,8 @@ std::tuple<Tensor, Tensor> truncated_svd_core(const Tensor& weight, const Tensor
     Tensor cols;
     if (path == 0) {
       std::tie(cols, sigma) = krylov(a, sketch, rank, steps, want_short);
+    } else if (path == 3) {
+      std::tie(cols, sigma) = krylov2(a, sketch, rank, steps, want_short);
     } else {
       std::tie(cols, sigma) = gram(a, rank, want_short);
     }

@@ -11,7 +11,8 @@ namespace pica {
 // The numeric core behind pica_kernels.truncated_svd (see svd.cpp; its
 // pure-torch twin is pica_kernels/svd.py::_core_torch).
 //   weight (L, m, n) float; sketch (d, b) float32, d = min(m, n);
-//   path 0 = block Krylov, 1 = exact Gram + eigh, 2 = full float64 SVD.
+//   path 0 = block Krylov (v1 presets), 1 = exact Gram + eigh, 2 = full float64 SVD,
+//   3 = block Krylov v2 (v2 presets: leaner orthonormalisation, Ritz matrix QᵀAᵀAQ).
 // Returns rows (L, rank, n if side_input else m) in the working dtype
 // (float64 for a float64 weight, float32 otherwise) with canonical signs, and
 // the singular values (L, rank) float64.

@@ -4,7 +4,7 @@
 apply_pica, load_adapter all call it). Methods:
 
 * ``"accurate"`` (default) and ``"fast"``: randomised block Krylov
-  (DESIGN.md section 4). A seeded Gaussian sketch ``Omega`` (d, b) is drawn on
+  (docs/svd.md). A seeded Gaussian sketch ``Omega`` (d, b) is drawn on
   the CPU, ``b = rank + oversample``; the Krylov basis
   ``Q = orth[Omega, (AᵀA)Omega, ..., (AᵀA)^steps Omega]`` (d, (steps+1)·b) is
   built block by block with full re-orthogonalisation (block Gram-Schmidt
@@ -44,21 +44,63 @@ import torch
 
 from .reference import check_side
 
-#: Methods ``truncated_svd`` accepts (also valid ``PiCaConfig.svd_method``).
-SVD_METHODS = ("accurate", "fast", "exact")
-
-#: Knobs of the randomised presets. Real LLM spectra are flat near r
-#: (SmolLM2-135M up_proj: sigma_1..40 = 13.3 ... 11.3), so Krylov needs many
-#: steps: measured on SmolLM2 up/o projections (worst of 10 layers, r=16 and 32),
-#: block r+16 with 4 steps reached energy 0.9905 / cos² 0.913, 6 steps 0.9995 /
-#: 0.984, 8 steps 0.99999 / 1.0000. "accurate": block r+max(16, r/4), 8 steps
-#: (energy >= 0.9999, mean cos² >= 0.99 on every SmolLM2 projection for r in
-#: 16..128, tests/test_svd.py::test_smollm2_accuracy). "fast": block r+8,
-#: 3 steps, for quick experiments (~99% of the optimal energy on those layers).
+#: Versioned presets. A preset's name with its version ("accurate-v2") always
+#: computes the same basis, so an adapter file that records it can be verified
+#: against a recomputed basis after the defaults change; the plain names
+#: ("accurate", "fast") point at the newest version (:data:`SVD_METHOD_ALIASES`).
+#: Adapter files written before presets were versioned recorded the plain names:
+#: those meant the v1 presets (:data:`LEGACY_SVD_METHODS`).
+#:
+#: v1 (the settings of pica_kernels <= 0.1 adapter files): block Krylov, block
+#: r + max(16, r/4), 8 steps, Gram path when (steps+1)·block >= 0.5·d. Real LLM
+#: spectra are flat near r (SmolLM2-135M up_proj: sigma_1..40 = 13.3 ... 11.3),
+#: so Krylov needs many steps: on SmolLM2 up/o projections (worst of 10 layers,
+#: r=16 and 32) block r+16 with 4 steps reached energy 0.9905 / cos² 0.913,
+#: 6 steps 0.9995 / 0.984, 8 steps 0.99999 / 1.0000. "fast": block r+8, 3 steps.
+#:
+#: v2: the same block and steps, run by the leaner Krylov of :func:`_krylov2`
+#: (BCGS2 with two projections instead of three, preallocated blocks, the
+#: Rayleigh-Ritz matrix Qᵀ(AᵀA Q) assembled from the Krylov products on the short
+#: side instead of a float64 Gram of A Q on the long side: 17% less CPU at
+#: 4096², r = 256). And where 8 steps would cross the Gram switch on a large
+#: weight (d >= 2048; 4096², r = 256: 9 x 320 >= 2048), "accurate" narrows the
+#: block to r + 16 and takes the most steps, down to 6, that stay below it, instead
+#: of falling back to an eigh of d x d: at 4096², r = 256 block 272 with 6 steps
+#: (Krylov dimension 1904) reached energy 1.000000, cos² 1.00000 on the LLM-like
+#: benchmark matrix (5 steps: 0.99999 / 0.9999; block 320 with 4 steps: 0.99994 /
+#: 0.9994) in 1/8 of the float32 full SVD's single-thread CPU time (2.3 vs 18 s). Small weights keep the Gram path (eigh of d <= 2048
+#: is cheap, and 6 steps are not enough on SmolLM2's flat spectra at r = 16).
 SVD_PRESETS = {
-    "accurate": {"oversample": 16, "oversample_frac": 0.25, "steps": 8},
-    "fast": {"oversample": 8, "oversample_frac": 0.0, "steps": 3},
+    "accurate-v1": {"oversample": 16, "oversample_frac": 0.25, "steps": 8, "algorithm": 1},
+    "fast-v1": {"oversample": 8, "oversample_frac": 0.0, "steps": 3, "algorithm": 1},
+    "accurate-v2": {"oversample": 16, "oversample_frac": 0.25, "steps": 8, "algorithm": 2,
+                    "wide_oversample": 16, "wide_min_steps": 6, "wide_min_d": 2048},
+    "fast-v2": {"oversample": 8, "oversample_frac": 0.0, "steps": 3, "algorithm": 2},
 }
+
+#: Plain preset names -> the versioned preset they run today.
+SVD_METHOD_ALIASES = {"accurate": "accurate-v2", "fast": "fast-v2"}
+
+#: Plain preset names as recorded by adapter files written before presets were
+#: versioned -> the preset that reproduces those files' bases.
+LEGACY_SVD_METHODS = {"accurate": "accurate-v1", "fast": "fast-v1"}
+
+#: Methods ``truncated_svd`` accepts (also valid ``PiCaConfig.svd_method``):
+#: the plain names, every versioned preset, and "exact" (full float64 SVD; it
+#: has no knobs, so it needs no version).
+SVD_METHODS = ("accurate", "fast", "exact", *SVD_PRESETS)
+
+
+def versioned_method(method: str) -> str:
+    """The versioned preset ``method`` runs today ("accurate" -> "accurate-v2"; "exact" stays).
+
+    Adapter files should record this name, so that their bases can be recomputed
+    (and verified against the stored fingerprints) after the plain names move on.
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
+    return SVD_METHOD_ALIASES.get(method, method)
+
 
 # Use the exact Gram+eigh path when the Krylov space would span at least this
 # fraction of the short side d. Measured on this 2-core CPU (benchmarks/
@@ -143,16 +185,21 @@ def resolve_knobs(
     method: str, rank: int, out_f: int, in_f: int, oversample: int | None = None, steps: int | None = None,
     exact_ratio: float | None = None,
 ) -> dict:
-    """The effective settings of a call: ``{"path": "krylov"|"gram"|"full", "block", "steps"}``.
+    """The effective settings of a call.
 
+    Returns ``{"method": versioned preset, "path": "krylov"|"gram"|"full",
+    "algorithm": 1|2 (which Krylov; 0 off the Krylov path), "block", "steps"}``.
     ``block = rank + oversample`` (capped at d = min(out, in)); ``path`` is
-    "gram" when ``(steps+1)·block >= exact_ratio·d``.
+    "gram" when ``(steps+1)·block >= min(exact_ratio, 1)·d``. "accurate-v2" on a weight
+    with d >= 2048 first tries a narrower block (r + 16) with fewer steps (>= 6)
+    below that switch (see :data:`SVD_PRESETS`); explicit ``oversample`` or
+    ``steps`` turn that off: explicit knobs are used as given.
     """
-    if method not in SVD_METHODS:
-        raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
+    method = versioned_method(method)
     if method == "exact":
-        return {"path": "full", "block": 0, "steps": 0}
+        return {"method": method, "path": "full", "algorithm": 0, "block": 0, "steps": 0}
     preset = SVD_PRESETS[method]
+    explicit = oversample is not None or steps is not None
     if oversample is None:
         oversample = max(preset["oversample"], int(preset["oversample_frac"] * rank + 0.5))
     steps = preset["steps"] if steps is None else steps
@@ -164,8 +211,21 @@ def resolve_knobs(
         raise ValueError(f"exact_ratio must be >= 0, got {ratio!r}")
     d = min(out_f, in_f)
     block = min(rank + oversample, d)
-    path = "gram" if (steps + 1) * block >= ratio * d else "krylov"
-    return {"path": path, "block": block, "steps": steps}
+    # A Krylov space of (steps+1)·block >= d directions would exhaust the short
+    # side: its last blocks are rounding noise (9 x 48 of d = 384 gave energy
+    # 0.994), and the Gram path is exact there, whatever exact_ratio asks.
+    if (steps + 1) * block < min(ratio * d, d):
+        return {"method": method, "path": "krylov", "algorithm": preset["algorithm"], "block": block, "steps": steps}
+    if not explicit and "wide_min_steps" in preset and d >= preset["wide_min_d"]:
+        # Large rank on a large weight: a narrower block and fewer steps instead
+        # of the d x d eigh (a Krylov step on a narrow block gains more than the
+        # same Krylov dimension spent on a wider block: measured in SVD_PRESETS).
+        wide = min(rank + preset["wide_oversample"], d)
+        for s in range(steps, preset["wide_min_steps"] - 1, -1):
+            if (s + 1) * wide < min(ratio * d, d):
+                return {"method": method, "path": "krylov", "algorithm": preset["algorithm"], "block": wide,
+                        "steps": s}
+    return {"method": method, "path": "gram", "algorithm": 0, "block": block, "steps": steps}
 
 
 def make_sketch(d: int, block: int, seed: int) -> torch.Tensor:
@@ -283,6 +343,58 @@ def _krylov(a: torch.Tensor, sketch: torch.Tensor, rank: int, steps: int, want_s
     return _finish(q.to(torch.float64) @ e, c64 @ e, rank, want_short, a.dtype)
 
 
+def _orth_block2(z: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+    """BCGS2 of the block z (L, n, b) against the orthonormal q (L, n, k): (project, CholeskyQR) twice.
+
+    The v2 Krylov's orthonormalisation: one projection per pass (v1's
+    :func:`_orth_block` projects twice before the first CholeskyQR: 3 projections
+    in all, the bulk of the orthonormalisation cost at k >> b). Same eigh
+    fallback for rank-deficient blocks.
+    """
+    eps = torch.finfo(z.dtype).eps
+    scale = torch.linalg.matrix_norm(z)  # (L,) before projection: what "numerically null" is relative to
+    z = _project_out(z, q)
+    z1, ok = _cholqr(z)
+    if ok:
+        z1 = _project_out(z1, q)
+        z2, ok = _cholqr(z1)
+        if ok:
+            return z2
+    tol = 1e3 * eps
+    z = _eigh_orth(z, scale, tol)
+    z = _project_out(z, q)
+    return _eigh_orth(z, torch.ones_like(scale), tol)
+
+
+def _krylov2(a: torch.Tensor, sketch: torch.Tensor, rank: int, steps: int, want_short: bool):
+    """Block Krylov v2 + Rayleigh-Ritz on a (L, p, d), p >= d. Same returns as :func:`_krylov`.
+
+    Q (L, d, k) and Z = AᵀA Q (L, d, k), k = (steps+1)·b, fill preallocated
+    buffers block by block (no growing concatenations); the Rayleigh-Ritz
+    matrix is T = QᵀZ = Qᵀ AᵀA Q (k, k), a float32 GEMM over the short side d,
+    symmetrised (v1 forms the float64 Gram of A Q over the long side p: 3.5x
+    the work at 4096 x 14336, plus the float64 copies). One extra AᵀA product
+    for the last block pays for it. Its top ``rank`` eigenvectors give
+    V = Q E (L, d, r); _finish then does the float64 Rayleigh-Ritz on V with
+    B = A V.
+    """
+    nb, d, b = a.shape[0], a.shape[-1], sketch.shape[-1]
+    k = (steps + 1) * b
+    q = a.new_empty(nb, d, k)
+    z = a.new_empty(nb, d, k)
+    q[..., :b] = _orth_block2(sketch.to(a.dtype).unsqueeze(0), None)  # the same (d, b) block for every layer
+    for j in range(steps + 1):
+        zj = a.transpose(-1, -2) @ (a @ q[..., j * b:(j + 1) * b])  # (L, d, b) = AᵀA q_j
+        z[..., j * b:(j + 1) * b] = zj
+        if j < steps:
+            q[..., (j + 1) * b:(j + 2) * b] = _orth_block2(zj, q[..., :(j + 1) * b])
+    t = q.transpose(-1, -2) @ z  # (L, k, k), symmetric up to rounding
+    t = (t + t.transpose(-1, -2)) * 0.5
+    _, e = torch.linalg.eigh(t)  # ascending
+    v = q @ e[..., -rank:].flip(-1)  # (L, d, r)
+    return _finish(v.to(torch.float64), (a @ v).to(torch.float64), rank, want_short, a.dtype)
+
+
 def _gram(a: torch.Tensor, rank: int, want_short: bool):
     """Gram path on a (L, p, d): eigh(aᵀa). Same returns as :func:`_krylov`."""
     a64 = a.to(torch.float64)
@@ -323,6 +435,8 @@ def _core_torch(weight: torch.Tensor, sketch: torch.Tensor, rank: int, steps: in
     else:
         if path == 0:
             cols, sigma = _krylov(a, sketch, rank, steps, want_short)
+        elif path == 3:
+            cols, sigma = _krylov2(a, sketch, rank, steps, want_short)
         else:
             cols, sigma = _gram(a, rank, want_short)
         vecs = cols.transpose(-1, -2)  # (L, rank, dim)
@@ -333,6 +447,29 @@ def _core_torch(weight: torch.Tensor, sketch: torch.Tensor, rank: int, steps: in
             # any orthonormal completion, which only the full SVD provides.
             vecs, sigma = _full(w, rank, side_input)
     return canonicalize_signs(vecs.to(work)).contiguous(), sigma.contiguous()
+
+
+def _normalise_scale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (L, m, n) divided per layer by the power of two ``2^e`` that brings max|w| into [0.5, 1); returns (w, 2^e (L,)).
+
+    The Gram and Ritz matrices square the weight's scale, and their eigh runs in
+    float32: a float32 weight of |W| ~ 1e-25 underflowed there (1e-50) and one
+    of ~1e18 overflowed on the Krylov path (AᵀA q ~ 1e36·d), each giving a wrong
+    basis without an error. Singular vectors do not depend on the scale. A
+    power of two makes the division exact, so every weight of ordinary scale
+    gives the same bits as without it (ATen's and LAPACK's float arithmetic is
+    invariant under power-of-two scaling away from under/overflow).
+    """
+    amax = w.abs().amax(dim=(-1, -2))  # (L,)
+    _, exponent = torch.frexp(amax)  # amax = mantissa·2^exponent, mantissa in [0.5, 1); 0 for a zero layer
+    # Keep 2^-e representable in w's dtype (subnormal weights are scaled up as far as that allows).
+    bound = 120 if w.dtype != torch.float64 else 1000
+    exponent = exponent.clamp(-bound, bound)
+    scale = torch.pow(2.0, exponent.to(torch.float64))  # exact powers of two, also beyond float32's range
+    inv = torch.pow(2.0, -exponent.to(torch.float64))
+    if bool((exponent == 0).all()):
+        return w, scale
+    return w * inv.to(w.dtype).view(-1, 1, 1), scale
 
 
 # --------------------------------------------------------------------------- front end
@@ -391,8 +528,9 @@ def truncated_svd(
     w = weight.detach()
     if w.dim() == 2:
         w = w.unsqueeze(0)
-    path = {"krylov": 0, "gram": 1, "full": 2}[knobs["path"]]
-    if path == 0:
+    w, scale = _normalise_scale(w.to(out_dtype))
+    path = {"krylov": 0 if knobs["algorithm"] == 1 else 3, "gram": 1, "full": 2}[knobs["path"]]
+    if knobs["path"] == "krylov":
         sketch = make_sketch(min(out_f, in_f), knobs["block"], seed).to(w.device)
     else:
         sketch = torch.empty(0, 0, dtype=torch.float32, device=w.device)
@@ -400,6 +538,7 @@ def truncated_svd(
         vecs, sigma = torch.ops.pica.truncated_svd_core(w, sketch, rank, knobs["steps"], path, side == "input")
     else:
         vecs, sigma = _core_torch(w, sketch, rank, knobs["steps"], path, side == "input")
+    sigma = sigma * scale.to(sigma.dtype).unsqueeze(-1)
     basis = vecs if side == "input" else vecs.transpose(-1, -2)
     basis = basis.to(out_dtype).reshape(shape).contiguous()
     return basis, sigma.to(out_dtype).reshape(*lead, rank).contiguous()
@@ -409,7 +548,7 @@ def accuracy_report(
     weight: torch.Tensor, basis: torch.Tensor, side: str = "input", singular_values: torch.Tensor | None = None,
     reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Accuracy of a basis of one weight against the float64 SVD (DESIGN.md section 4), worst over a batch.
+    """Accuracy of a basis of one weight against the float64 SVD (docs/svd.md), worst over a batch.
 
     weight (out, in) or (L, out, in); basis as :func:`truncated_svd` returns it;
     singular_values (r,) or (L, r), optional; reference: a precomputed

@@ -165,11 +165,14 @@ def test_rank_deficient_block_falls_back_to_eigh_orthonormalisation():
 
 
 @pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("method", ["accurate", "accurate-v1"])
 @pytest.mark.parametrize("ratio", [0.5, 1e9])
-def test_rank_below_requested_rank_still_orthonormal(side, ratio):
+def test_rank_below_requested_rank_still_orthonormal(side, ratio, method):
     """GQA-like 192 x 576 of rank 10 asked for r = 32: the extra vectors are an orthonormal completion."""
     w = make_matrix(192, 576, "lowrank10").float()
-    basis, sigma = truncated_svd(w, 32, side, exact_ratio=ratio)
+    # 2 steps keep the Krylov space (3 x 48 = 144) below d = 192, so ratio 1e9 takes the Krylov path.
+    assert resolve_knobs(method, 32, 192, 576, steps=2, exact_ratio=ratio)["path"] == ("gram" if ratio < 1 else "krylov")
+    basis, sigma = truncated_svd(w, 32, side, method=method, steps=2, exact_ratio=ratio)
     rep = accuracy_report(w, basis, side, sigma)
     assert rep["ortho"] <= ORTHO_TOL[torch.float32] and rep["energy"] >= 1 - 1e-6
     assert rep["sigma_rel_err"] <= 1e-5
@@ -189,6 +192,58 @@ def test_accuracy_report_detects_a_wrong_basis():
     bad = torch.linalg.qr(good.T + 0.3 * torch.randn(128, 8, dtype=torch.float64))[0].T
     rep_good, rep_bad = accuracy_report(w, good), accuracy_report(w, bad)
     assert rep_good["cos2"] > 1 - 1e-12 and rep_bad["cos2"] < 0.99 and rep_bad["energy"] < 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["krylov", "krylov-v1", "gram", "full"])
+def test_extreme_scale_weights_give_the_same_basis(path, dtype):
+    """A weight times 1e-25 or 1e18 (float32; 1e-200 / 1e160 float64) has the singular vectors of the weight.
+
+    Regression: the Gram/Ritz eigh runs in float32 on squared scales, so |W| ~ 1e-25 underflowed (Gram path)
+    and ~1e18 overflowed (Krylov path) into a wrong basis with no error. Each layer of a batch is normalised
+    by its own power of two, so a power-of-two multiple of W gives the very same bits.
+    """
+    w = make_matrix(256, 384, "gap8").to(dtype)
+    kw = {"krylov": {"exact_ratio": 1e9}, "krylov-v1": {"exact_ratio": 1e9, "method": "accurate-v1"},
+          "gram": {}, "full": {"method": "exact"}}[path]
+    assert resolve_knobs(kw.get("method", "accurate"), 8, 256, 384, exact_ratio=kw.get("exact_ratio"))["path"] == (
+        path.split("-")[0])
+    base, sigma = truncated_svd(w, 8, "input", **kw)
+    tiny, huge = (1e-25, 1e18) if dtype == torch.float32 else (1e-200, 1e160)
+    for factor in (tiny, huge):
+        basis, s = truncated_svd(w * factor, 8, "input", **kw)
+        torch.testing.assert_close(basis, base, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+        torch.testing.assert_close(s / factor, sigma, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    basis, s = truncated_svd(w * 2.0**-90, 8, "input", **kw)
+    assert torch.equal(basis, base) and torch.equal(s, sigma * 2.0**-90)
+    # A batch of one layer at each scale: each is normalised by its own scale.
+    batch, s = truncated_svd(torch.stack([w, w * tiny, w * huge]), 8, "input", **kw)
+    for i in range(3):
+        torch.testing.assert_close(batch[i], base, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+
+
+def test_oversampling_is_needed_on_a_cluster_below_r():
+    """The "accurate" preset's oversampling is what resolves a spectrum crowded just below sigma_r.
+
+    sigma_1..32 fall from 2 to 1, then sigma_33, sigma_34, ... = 0.999, 0.998, ...: a relative gap of 1e-3
+    at r = 32 with a dense cluster under it (real LLM spectra are this flat near r). With block r + 16 the
+    8 Krylov steps resolve it (mean cos² 0.99992); with block r they stop at 0.998 (and sigma errors 7x
+    larger). Runs the default preset on the Krylov path (1024², 9 x 48 < 512), in a second.
+    """
+    gen = torch.Generator().manual_seed(0)
+    i = torch.arange(1, 1025, dtype=torch.float64)
+    s = torch.where(i <= 32, 2.0 - (i - 1) / 31, 1.0 - 1e-3 * (i - 32)).clamp(min=0.3)
+    w = ((_orthonormal(1024, 1024, gen) * s) @ _orthonormal(1024, 1024, gen).T).float()
+    ref = torch.linalg.svd(w.double(), full_matrices=False)
+    basis, sigma = truncated_svd(w, 32)
+    rep = accuracy_report(w, basis, "input", sigma, reference=ref)
+    assert rep["energy"] >= 0.9999 and rep["cos2"] >= 0.999 and rep["sigma_rel_err"] <= 1.5e-4, rep
+    assert resolve_knobs("accurate", 32, 1024, 1024) == {
+        "method": "accurate-v2", "path": "krylov", "algorithm": 2, "block": 48, "steps": 8}
+    # The bar is not loose: the same 8 steps without oversampling miss it.
+    basis0, sigma0 = truncated_svd(w, 32, oversample=0)
+    rep0 = accuracy_report(w, basis0, "input", sigma0, reference=ref)
+    assert rep0["cos2"] < 0.999 and rep0["sigma_rel_err"] > 1.5e-4, rep0
 
 
 # --------------------------------------------------------------------------- determinism
@@ -220,10 +275,13 @@ def test_cpp_backend_matches_torch_fallback_bit_for_bit():
     if not svd_mod.HAS_CPP:
         pytest.skip(f"C++ extension not built: {svd_mod.backend_error()}")
     for shape, rank, side, kw in [
-        ((2, 256, 384), 12, "input", {}),  # Krylov
+        ((2, 256, 384), 12, "input", {}),  # Krylov v2
+        ((2, 256, 384), 12, "input", {"method": "accurate-v1"}),  # Krylov v1
+        ((384, 256), 12, "output", {"method": "fast"}),  # Krylov v2, tall
         ((384, 256), 12, "output", {}),  # Krylov, tall
         ((192, 576), 64, "output", {}),  # Gram
-        ((384, 384), 16, "input", {"steps": 4, "exact_ratio": 1e9}),  # eigh orthonormalisation
+        ((384, 384), 16, "input", {"steps": 4, "exact_ratio": 1e9}),  # eigh orthonormalisation (v2)
+        ((384, 384), 16, "input", {"steps": 4, "exact_ratio": 1e9, "method": "accurate-v1"}),  # (v1)
         ((128, 96), 8, "input", {"method": "exact"}),
     ]:
         spectrum = "lowrank40" if "exact_ratio" in kw else "power"
@@ -302,13 +360,81 @@ def test_mismatched_shapes_in_a_batch_are_an_error():
 
 
 def test_knobs_and_path_selection():
-    assert resolve_knobs("accurate", 16, 4096, 4096) == {"path": "krylov", "block": 32, "steps": 8}
-    assert resolve_knobs("accurate", 128, 4096, 4096)["block"] == 160  # oversample r/4 above 64
-    assert resolve_knobs("accurate", 64, 576, 1536)["path"] == "gram"  # 9 x 80 >= 0.5 x 576
-    assert resolve_knobs("fast", 16, 576, 1536) == {"path": "krylov", "block": 24, "steps": 3}
-    assert resolve_knobs("accurate", 8, 6, 6)["block"] == 6  # block capped at d
+    def knobs(*args, **kw):
+        k = resolve_knobs(*args, **kw)
+        return k["path"], k["block"], k["steps"]
+
+    assert resolve_knobs("accurate", 16, 4096, 4096) == {
+        "method": "accurate-v2", "path": "krylov", "algorithm": 2, "block": 32, "steps": 8}
+    assert knobs("accurate", 128, 4096, 4096) == ("krylov", 160, 8)  # oversample r/4 above 64
+    assert knobs("accurate", 64, 576, 1536)[0] == "gram"  # 9 x 80 >= 0.5 x 576
+    assert resolve_knobs("fast", 16, 576, 1536) == {
+        "method": "fast-v2", "path": "krylov", "algorithm": 2, "block": 24, "steps": 3}
+    assert knobs("accurate", 8, 6, 6)[1] == 6  # block capped at d
     assert resolve_knobs("exact", 8, 64, 64)["path"] == "full"
-    assert resolve_knobs("accurate", 16, 4096, 4096, exact_ratio=0.0)["path"] == "gram"
+    assert knobs("accurate", 16, 4096, 4096, exact_ratio=0.0)[0] == "gram"
+    # r = 256 on a large weight: 9 x 320 >= 0.5 x 4096, so v2 narrows the block and takes
+    # the most steps (>= 6) below the switch instead of the 4096 x 4096 eigh that v1 runs.
+    for shape in ((4096, 4096), (14336, 4096), (4096, 14336)):
+        assert knobs("accurate", 256, *shape) == ("krylov", 272, 6)
+        assert knobs("accurate-v1", 256, *shape)[0] == "gram"
+    assert knobs("accurate", 512, 4096, 4096)[0] == "gram"  # not even 6 steps fit
+    assert knobs("accurate", 24, 576, 1536)[0] == "gram"  # small d: the Gram path stays (cheap, exact)
+    assert knobs("accurate", 256, 4096, 4096, steps=8)[0] == "gram"  # explicit knobs are taken as given
+    # A Krylov space as large as d is never run, whatever exact_ratio says (it would be rounding noise).
+    assert knobs("accurate", 32, 384, 512, exact_ratio=1e9)[0] == "gram"  # 9 x 48 >= 384
+    assert knobs("accurate", 32, 384, 512, steps=6, exact_ratio=1e9)[0] == "krylov"  # 7 x 48 < 384
+    for name in ("accurate-v1", "fast-v1"):
+        assert resolve_knobs(name, 16, 4096, 4096)["algorithm"] == 1
+
+
+def test_presets_are_versioned():
+    """Plain names follow the newest presets; versioned names, and legacy files' plain names, stay reproducible."""
+    assert svd_mod.versioned_method("accurate") == "accurate-v2"
+    assert svd_mod.versioned_method("fast") == "fast-v2"
+    assert svd_mod.versioned_method("exact") == "exact"
+    assert svd_mod.versioned_method("accurate-v1") == "accurate-v1"
+    assert svd_mod.LEGACY_SVD_METHODS == {"accurate": "accurate-v1", "fast": "fast-v1"}
+    assert set(svd_mod.SVD_METHOD_ALIASES.values()) <= set(svd_mod.SVD_METHODS)
+    with pytest.raises(ValueError, match="method must be one of"):
+        svd_mod.versioned_method("accurate-v9")
+    w = make_matrix(256, 384, "power").float()
+    v1, _ = truncated_svd(w, 6, method="accurate-v1", exact_ratio=1e9)
+    v2, _ = truncated_svd(w, 6, method="accurate", exact_ratio=1e9)
+    assert torch.equal(v2, truncated_svd(w, 6, method="accurate-v2", exact_ratio=1e9)[0])
+    assert not torch.equal(v1, v2)  # another algorithm: other rounding...
+    torch.testing.assert_close(v1, v2, atol=1e-4, rtol=0)  # ...same vectors
+
+
+# Fingerprints (first 3 vectors) of bases computed by pica_kernels before presets were versioned (the commit
+# before "truncated_svd: versioned presets"): a file recording "accurate"/"fast" from then must still verify.
+_V1_FINGERPRINTS = {
+    "accurate-v1": [[-1.3568863227817356, -0.05917444179182157, 0.15669976193482343, 1.487195466007549],
+                    [-0.40651615656624357, -1.0872082753929364, 0.14302841591184973, 0.20097772026383373],
+                    [1.224435737692715, 1.4151084374998342, -0.6330134958224795, 1.431251287298635]],
+    "fast-v1": [[-1.3568834708129451, -0.0591701332310343, 0.1567010332265679, 1.4871951924034044],
+                [-0.40649023066910944, -1.0871631941261042, 0.14302600909664095, 0.20099707360268323],
+                [1.224501313769692, 1.415235169523608, -0.6332139252035364, 1.4312386772854302]],
+    "gram": [[1.920334995005641, -0.3498845746864243, -1.7138377768696267, -0.5556861431985424],
+             [-0.23582735298311638, -0.30087509783993166, -0.27233537309067224, -0.21459978139419417],
+             [-0.7040740328123171, -0.08878178500129907, -1.0270317521672299, 0.03177449326143611]],
+}
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("case", sorted(_V1_FINGERPRINTS))
+def test_v1_presets_reproduce_old_bases(case, backend):
+    """The v1 presets (and the Gram path, unchanged) give the bases pica_kernels computed before v2."""
+    if backend == "cpp" and not svd_mod.HAS_CPP:
+        pytest.skip(f"C++ extension not built: {svd_mod.backend_error()}")
+    if case == "gram":
+        w, kw = make_matrix(192, 576, "power").float(), {"method": "accurate"}
+    else:
+        w, kw = make_matrix(256, 384, "power").float(), {"method": case, "exact_ratio": 1e9}
+    basis, _ = truncated_svd(w, 6, "input", backend=backend, **kw)
+    fp = svd_mod.basis_fingerprint(basis, "input")[:3]
+    # 1e-6: far inside the adapter files' float32 fingerprint tolerance (1e-4); the v1/v2 difference is ~1e-5..1e-4.
+    torch.testing.assert_close(fp, torch.tensor(_V1_FINGERPRINTS[case], dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_config_default_is_accurate():
