@@ -22,7 +22,7 @@ import torch
 
 from .. import reference
 from .backend import resolve_backend
-from .kernels import launchers
+from .kernels import launchers, padding
 
 
 def reference_forward(x, weight, bias, a, b):
@@ -52,13 +52,24 @@ def lowrank_linear_op(
         try:
             return launchers.triton_forward(x, weight, bias, a, b)
         except launchers.KernelFallback:
-            pass  # this shape class failed to compile or launch (warned once): the reference runs it
+            # This shape class failed to compile or launch (warned once): the reference runs it, its t
+            # laid out as the kernels lay it out (the fake kernel below promises those strides).
+            y, t = reference_forward(x, weight, bias, a, b)
+            return y, padding.pad_cols_like_kernel(t)
     return reference_forward(x, weight, bias, a, b)
+
+
+def fake_t(x: torch.Tensor, rows: int, rank: int, backend: str) -> torch.Tensor:
+    """The saved ``t`` (rows, rank) as the op returns it: on the Triton path the (rows, rank) view of a
+    (rows, padded_rank(rank)) buffer (:mod:`.kernels.padding`), else contiguous."""
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
+        return x.new_empty(rows, padding.padded_rank(rank))[:, :rank]
+    return x.new_empty(rows, rank)
 
 
 @lowrank_linear_op.register_fake
 def _(x, weight, bias, a, b, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[1])
+    return x.new_empty(x.shape[0], weight.shape[0]), fake_t(x, x.shape[0], a.shape[1], backend)
 
 
 @torch.library.custom_op("pica_kernels::lowrank_linear_backward", mutates_args=())
@@ -74,7 +85,10 @@ def lowrank_linear_backward_op(
     need_db: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx (T, in), dA (out, r), dB (r, in)); a gradient not asked for is an empty (0,) tensor."""
+    """Returns (dx (T, in), dA (out, r), dB (r, in)); a gradient not asked for is an empty (0,) tensor.
+
+    ``t`` is (T, r), any strides (the forward's is a view of a wider, padded buffer on the Triton path).
+    """
     grads = None
     if resolve_backend(backend, dy.device, dy.dtype) == "triton":
         try:

@@ -5,7 +5,9 @@ same ``x``, the shrinks of all of them run as ONE launch against the
 concatenated bases ``B_cat = cat(B_i)`` (sum r_i, in): ``t = x @ B_cat.T``
 (T, sum r_i), read ``x`` once. Each projection then runs its concatenated-K
 GEMM ``[x | t_i] @ [W_i | A_i].T`` with ``t_i`` a strided column slice of ``t``
-(no copy). n + 1 launches instead of 2n, and ``x`` is read n + 1 times
+(no copy). Ranks that are not multiples of 16 run padded (:mod:`.kernels.padding`):
+``B_cat`` with one zero-padded slot per projection (copied once per basis, cached),
+``t`` in the same slots. n + 1 launches instead of 2n, and ``x`` is read n + 1 times
 instead of 2n.
 
 ``B_cat`` is an argument, not built per call: PiCa's bases are frozen, so the
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend
-from .kernels import launchers
+from .kernels import launchers, padding
 from .lowrank import check_lowrank_args
 
 
@@ -33,13 +35,29 @@ def _slices(ranks):
 
 
 def _grouped_triton(x, weights, biases, a, b_cat, ranks):
-    t = launchers.alloc((x.shape[0], b_cat.shape[0]), x.dtype, x.device)
-    launchers.launch_lowrank_gemm(t, x, b_cat.T)  # the one shrink launch for every projection
+    # Ranks that are not multiples of 16 run padded (kernels/padding.py): B_cat with one zero-padded slot
+    # per projection (cached: once per basis), t laid out in the same slots.
+    b_pad = padding.pad_rank_slots(b_cat, ranks)
+    offs = padding.slot_offsets(ranks)
+    t = launchers.alloc((x.shape[0], b_pad.shape[0]), x.dtype, x.device)
+    launchers.launch_lowrank_gemm(t, x, b_pad.T)  # the one shrink launch for every projection
     ys = []
-    for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
+    for lo, w, bias, ai in zip(offs, weights, biases, a):
+        ai = padding.pad_rank_dim(ai, 1)
         y = launchers.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
-        ys.append(launchers.launch_lowrank_gemm(y, x, w.T, t=t[:, lo:hi], factor_up=ai.T, bias=bias))
+        ys.append(launchers.launch_lowrank_gemm(y, x, w.T, t=t[:, lo:lo + ai.shape[1]], factor_up=ai.T, bias=bias))
     return [*ys, t]
+
+
+def _t_slices(t_width, ranks):
+    """(lo, hi) of each projection's r_i columns in the saved t: packed, or in padded slots (Triton path)."""
+    if t_width == sum(ranks):
+        return list(_slices(ranks))
+    return [(lo, lo + r) for lo, r in zip(padding.slot_offsets(ranks), ranks)]
+
+
+def _triton_path(backend, x) -> bool:
+    return resolve_backend(backend, x.device, x.dtype) == "triton"
 
 
 @torch.library.custom_op("pica_kernels::grouped_lowrank_linear", mutates_args=())
@@ -52,8 +70,10 @@ def _grouped_op(
     ranks: list[int],
     backend: str,
 ) -> list[torch.Tensor]:
-    """x (T, in) -> [y_i (T, out_i)] + [t (T, sum r_i)] (t last, saved for backward)."""
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
+    """x (T, in) -> [y_i (T, out_i)] + [t] (t last, saved for backward): t is (T, sum r_i), or on the
+    Triton path (T, sum padded_rank(r_i)) with each projection's columns at the start of its slot."""
+    triton_path = _triton_path(backend, x)
+    if triton_path:
         try:
             return _grouped_triton(x, weights, biases, a, b_cat, ranks)
         except launchers.KernelFallback:
@@ -63,12 +83,13 @@ def _grouped_op(
         torch.nn.functional.linear(x, w, bias) + torch.nn.functional.linear(t[:, lo:hi], ai.to(x.dtype))
         for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a)
     ]
-    return [*ys, t]
+    return [*ys, padding.pad_slots_like_kernel(t, ranks) if triton_path else t]
 
 
 @_grouped_op.register_fake
 def _(x, weights, biases, a, b_cat, ranks, backend):
-    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], b_cat.shape[0])]
+    width = padding.slot_offsets(ranks)[-1] if _triton_path(backend, x) else b_cat.shape[0]
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], width)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,9 +113,10 @@ def _backward(ctx, grads):
     weights, a = rest[: ctx.n], rest[ctx.n :]
     dx = None
     da, db = [], []
-    for i, ((lo, hi), dy) in enumerate(zip(_slices(ctx.ranks), grads[:-1])):
+    t_cols = _t_slices(t.shape[1], ctx.ranks)
+    for i, ((lo, hi), (b_lo, b_hi), dy) in enumerate(zip(t_cols, _slices(ctx.ranks), grads[:-1])):
         gx, ga, gb = torch.ops.pica_kernels.lowrank_linear_backward(
-            dy, x, t[:, lo:hi], weights[i], a[i], b_cat[lo:hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend
+            dy, x, t[:, lo:hi], weights[i], a[i], b_cat[b_lo:b_hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend
         )
         if ctx.need_x:
             dx = gx if dx is None else dx + gx

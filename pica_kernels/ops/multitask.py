@@ -24,22 +24,30 @@ import torch
 import torch.nn.functional as F
 
 from .backend import resolve_backend
-from .kernels import launchers
+from .kernels import launchers, padding
 from .lowrank import check_lowrank_args
 
 
 def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids):
     nseq, seq_len, in_f = x.shape
+    rank = basis.shape[0]
     x2 = x.reshape(nseq * seq_len, in_f)
-    t = launchers.alloc((x2.shape[0], basis.shape[0]), x.dtype, x.device)
-    launchers.launch_lowrank_gemm(t, x2, basis.T)  # shared basis: one shrink for every adapter
+    # A rank that is not a multiple of 16 runs padded (kernels/padding.py): the shared basis and the M's are
+    # zero-padded copies, cached per tensor and version; t is the (.., r) view of the padded buffer.
+    basis_p, m_p = padding.pad_rank_dim(basis, 0), padding.pad_rank_dim(m_stack, 2)
+    t_p, t = padding.padded_view((x2.shape[0],), rank, lambda shape: launchers.alloc(shape, x.dtype, x.device))
+    launchers.launch_lowrank_gemm(t_p, x2, basis_p.T)  # shared basis: one shrink for every adapter
     y = launchers.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
     if seq_len > 0:
         launchers.launch_lowrank_gemm(
-            y, x2, weight.T, t=t, factor_up=m_stack.transpose(1, 2), bias=bias,
+            y, x2, weight.T, t=t_p, factor_up=m_p.transpose(1, 2), bias=bias,
             tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
         )
-    return y.view(nseq, seq_len, weight.shape[0]), t.view(nseq, seq_len, basis.shape[0])
+    return y.view(nseq, seq_len, weight.shape[0]), t.unflatten(0, (nseq, seq_len))
+
+
+def _triton_path(backend, x) -> bool:
+    return resolve_backend(backend, x.device, x.dtype) == "triton"
 
 
 @torch.library.custom_op("pica_kernels::multitask_lowrank_linear", mutates_args=())
@@ -52,20 +60,27 @@ def _multitask_op(
     adapter_ids: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward."""
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
+    """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward (on the Triton path, the view
+    of a buffer padded to a rank multiple of 16)."""
+    triton_path = _triton_path(backend, x)
+    if triton_path:
         try:
             return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
     t = F.linear(x, basis.to(x.dtype))
     low = torch.bmm(t, m_stack.to(x.dtype)[adapter_ids].transpose(1, 2))
-    return F.linear(x, weight, bias) + low, t
+    return F.linear(x, weight, bias) + low, padding.pad_cols_like_kernel(t) if triton_path else t
 
 
 @_multitask_op.register_fake
 def _(x, weight, bias, m_stack, basis, adapter_ids, backend):
-    return x.new_empty(*x.shape[:2], weight.shape[0]), x.new_empty(*x.shape[:2], basis.shape[0])
+    rank = basis.shape[0]
+    if _triton_path(backend, x):
+        t = x.new_empty(*x.shape[:2], padding.padded_rank(rank))[..., :rank]
+    else:
+        t = x.new_empty(*x.shape[:2], rank)
+    return x.new_empty(*x.shape[:2], weight.shape[0]), t
 
 
 def _setup_context(ctx, inputs, output):

@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from .configs import Mode, choose_split_k, device_props, select_config
+from .padding import pad_rank_dim, padded_view, widen_cols
 
 # Decode variant: one launch when T and r are this small. Each program then
 # recomputes its rows of t, reading r x in of B once per column tile; at
@@ -261,38 +262,50 @@ def use_decode(t_rows: int, rank: int) -> bool:
 
 
 def triton_forward(x, weight, bias, a, b, *, decode: bool | None = None):
-    """x (T, in), weight (out, in), bias (out,)|None, a (out, r), b (r, in) -> (y (T, out), t (T, r)), x.dtype."""
+    """x (T, in), weight (out, in), bias (out,)|None, a (out, r), b (r, in) -> (y (T, out), t (T, r)), x.dtype.
+
+    A rank that is not a multiple of 16 runs padded (:mod:`.padding`): the launches see the cached
+    zero-padded factors and rank rp; ``t`` is the (T, r) view of the (T, rp) buffer the kernel wrote.
+    """
     rows, rank = x.shape[0], a.shape[1]
+    a_p, b_p = pad_rank_dim(a, 1), pad_rank_dim(b, 0)
     y = alloc((rows, weight.shape[0]), x.dtype, x.device)
-    t = alloc((rows, rank), x.dtype, x.device)
+    t_p, t = padded_view((rows,), rank, lambda shape: alloc(shape, x.dtype, x.device))
     if decode is None:
         decode = use_decode(rows, rank)
     if decode:
-        launch_lowrank_gemm(y, x, weight.T, factor_down=b.T, factor_up=a.T, t_out=t, bias=bias)
+        launch_lowrank_gemm(y, x, weight.T, factor_down=b_p.T, factor_up=a_p.T, t_out=t_p, bias=bias)
     else:
-        launch_lowrank_gemm(t, x, b.T)
-        launch_lowrank_gemm(y, x, weight.T, t=t, factor_up=a.T, bias=bias)
+        launch_lowrank_gemm(t_p, x, b_p.T)
+        launch_lowrank_gemm(y, x, weight.T, t=t_p, factor_up=a_p.T, bias=bias)
     return y, t
 
 
 def triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
     """dy (T, out), x (T, in)|None, t (T, r) -> (dx (T, in), dA (out, r), dB (r, in)); unneeded ones are None.
 
-    dA and dB are accumulated in fp32 and returned in a's / b's own dtype.
+    dA and dB are accumulated in fp32 and returned in a's / b's own dtype, at their true shape. A rank
+    that is not a multiple of 16 runs padded (:mod:`.padding`); ``t`` is read at the padded width where
+    its storage has room (the forward's t does), else at width r.
     """
     dx = da = db = None
     s = None
+    rank = a.shape[1]
+    a_p, b_p = pad_rank_dim(a, 1), pad_rank_dim(b, 0)
+    width = a_p.shape[1]
     if need_dx or need_db:
-        s = launch_lowrank_gemm(alloc((dy.shape[0], a.shape[1]), dy.dtype, dy.device), dy, a)
+        # s = dy @ A at width rp: its padding columns are exact zeros (A's are).
+        s = launch_lowrank_gemm(alloc((dy.shape[0], width), dy.dtype, dy.device), dy, a_p)
     if need_dx:
         dx = alloc((dy.shape[0], weight.shape[1]), dy.dtype, dy.device)
-        launch_lowrank_gemm(dx, dy, weight, t=s, factor_up=b)
+        launch_lowrank_gemm(dx, dy, weight, t=s, factor_up=b_p)
     if need_da:
-        da = alloc(a.shape, torch.float32, dy.device)
-        launch_lowrank_gemm(da, dy.T, t)
-        da = da.to(a.dtype)
+        t_wide = widen_cols(t, width)
+        da = alloc((a.shape[0], t_wide.shape[1]), torch.float32, dy.device)
+        launch_lowrank_gemm(da, dy.T, t_wide)  # column j of dA reads column j of t only
+        da = da[:, :rank].to(a.dtype).contiguous()
     if need_db:
-        db = alloc(b.shape, torch.float32, dy.device)
+        db = alloc((width, b.shape[1]), torch.float32, dy.device)
         launch_lowrank_gemm(db, s.T, x)
-        db = db.to(b.dtype)
+        db = db[:rank].to(b.dtype)
     return dx, da, db

@@ -1,0 +1,182 @@
+"""Rank padding: every Triton launch sees a rank that is a multiple of 16.
+
+The JIT specialises an integer argument divisible by 16 (``tt.divisibility``), and
+the kernel compiled without that hint is a different, worse one: sm_90, the fused
+forward GEMM, 122 registers at r = 16, 176 at r = 8, 254 at r = 24 (issue 12). Zero
+rows / columns in the factors are exact (``t @ 0 = 0``, ``0 @ B = 0``), so the
+launchers run rank ``r`` as ``rp = padded_rank(r)``:
+
+* the factors ``A`` (out, r) and ``B`` (r, in) get ``rp - r`` zero columns / rows.
+  The copy is made ONCE per change of the factor, not per call (:data:`PAD_CACHE`,
+  keyed like :func:`pica_kernels.reference.cast_factor`: the tensor's identity -- the
+  root of a view, plus the view's geometry -- and its version counter, bumped by every
+  in-place write). A frozen basis is padded once, on its first launch; a trainable
+  ``M`` at most once per optimizer step, however many layers share it.
+* ``t = x @ B.T`` is computed into a (T, rp) buffer and handed on as its (T, r) view
+  (no copy); the backward reads the view's row back at width rp where the storage has
+  room (:func:`widen_cols`: extra columns only feed output columns that are dropped).
+* gradients are sliced back to the true shape (``dM`` (out, r) or (r, in)): the zero
+  rows / columns never leave the launchers.
+
+A write through ``.data`` bypasses the version counter (as it bypasses autograd's own
+checks): call :func:`clear_pad_cache` after one. Inference tensors have no version
+counter; they are padded per call. The reference path is never padded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+#: Ranks are padded to a multiple of this: the JIT's divisibility hint.
+RANK_ALIGN = 16
+
+
+def padded_rank(rank: int) -> int:
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN
+
+
+class PadCache:
+    """Zero-padded copies of factors, one per (source, geometry, padding), rebuilt when the source changes.
+
+    ``builds`` counts the copies made (tests read it: a second forward with an unchanged ``M`` builds
+    nothing; an optimizer step makes one build of ``M`` on the next forward).
+    """
+
+    def __init__(self) -> None:
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.builds = 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return sum(len(specs) for specs in self._entries.values())
+
+    def get(self, v: torch.Tensor, spec: tuple, build) -> torch.Tensor:
+        """``build(v)``, cached for ``v`` under ``spec`` (how it is padded) until ``v`` is written in place."""
+        if v.is_inference() or torch.compiler.is_compiling():
+            self.builds += 1
+            return build(v)
+        root = v._base if v._base is not None else v
+        geometry = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype, v.device)
+        key = (v._version, geometry)
+        specs = self._entries.get(root)
+        if specs is None:
+            specs = self._entries[root] = {}
+        hit = specs.get((geometry, spec))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad(), torch.inference_mode(False):  # a plain tensor, usable outside inference mode
+            padded = build(v.detach())
+        self.builds += 1
+        # Copies of an older version of this storage are stale (the version counter is shared by all views
+        # of it): drop them, so a trained M holds one padded copy, not one per step.
+        for k in [k for k, e in specs.items() if e[0][0] != v._version]:
+            del specs[k]
+        specs[(geometry, spec)] = (key, padded)
+        return padded
+
+
+#: The process-wide cache of padded factors.
+PAD_CACHE = PadCache()
+
+
+def clear_pad_cache() -> None:
+    """Forget every padded copy (only needed after writing a factor through ``.data``)."""
+    PAD_CACHE.clear()
+
+
+def _pad_dim(v: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    shape = list(v.shape)
+    shape[dim] = width
+    out = v.new_zeros(shape)
+    out.narrow(dim, 0, v.shape[dim]).copy_(v)
+    return out
+
+
+def pad_rank_dim(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``v`` with its rank dimension ``dim`` zero-padded to :func:`padded_rank` (``v`` itself when aligned)."""
+    rank = v.shape[dim]
+    width = padded_rank(rank)
+    if width == rank:
+        return v
+    dim = dim % v.dim()
+    return PAD_CACHE.get(v, ("dim", dim, width), lambda s: _pad_dim(s, dim, width))
+
+
+def slot_offsets(ranks) -> list[int]:
+    """Start of each rank's slot when every rank is padded: ``[0, rp_0, rp_0 + rp_1, ...]`` (n + 1 entries)."""
+    offs = [0]
+    for r in ranks:
+        offs.append(offs[-1] + padded_rank(r))
+    return offs
+
+
+def _pad_slots(v: torch.Tensor, ranks: tuple[int, ...], dim: int) -> torch.Tensor:
+    offs = slot_offsets(ranks)
+    shape = list(v.shape)
+    shape[dim] = offs[-1]
+    out = v.new_zeros(shape)
+    lo = 0
+    for r, start in zip(ranks, offs):
+        out.narrow(dim, start, r).copy_(v.narrow(dim, lo, r))
+        lo += r
+    return out
+
+
+def pad_rank_slots(v: torch.Tensor, ranks, dim: int = 0) -> torch.Tensor:
+    """Concatenated factors (``sum r_i`` along ``dim``, e.g. grouped ``B_cat``) with each block of ``r_i``
+    padded to its own slot of ``padded_rank(r_i)`` (:func:`slot_offsets`); ``v`` itself when all are aligned."""
+    ranks = tuple(int(r) for r in ranks)
+    if all(padded_rank(r) == r for r in ranks):
+        return v
+    dim = dim % v.dim()
+    return PAD_CACHE.get(v, ("slots", dim, ranks), lambda s: _pad_slots(s, ranks, dim))
+
+
+def padded_view(shape: tuple[int, ...], rank: int, alloc) -> tuple[torch.Tensor, torch.Tensor]:
+    """A buffer whose last dimension is ``padded_rank(rank)`` wide, from ``alloc(shape_padded)``, and its
+    view at width ``rank``: ``(buffer, view)``."""
+    width = padded_rank(rank)
+    buf = alloc((*shape, width))
+    return buf, (buf if width == rank else buf[..., :rank])
+
+
+def pad_cols_like_kernel(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., r) copied into the layout the kernels give it: the (..., r) view of a zero-padded
+    (..., padded_rank(r)) buffer (the reference branch, when a kernel fell back, returns this so the
+    op's output strides match its fake kernel's)."""
+    rank = t.shape[-1]
+    width = padded_rank(rank)
+    if width == rank:
+        return t
+    buf = t.new_zeros((*t.shape[:-1], width))
+    buf[..., :rank].copy_(t)
+    return buf[..., :rank]
+
+
+def pad_slots_like_kernel(t: torch.Tensor, ranks) -> torch.Tensor:
+    """Grouped ``t`` (T, sum r_i) laid out in padded slots (T, sum padded_rank(r_i)), zeros between."""
+    ranks = tuple(int(r) for r in ranks)
+    if all(padded_rank(r) == r for r in ranks):
+        return t
+    return _pad_slots(t, ranks, t.dim() - 1)
+
+
+def widen_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` (rows, r) read as (rows, width >= r) over the same storage, or ``t`` itself where the row stride
+    or the storage leaves no room.
+
+    Only for a launch where column j of ``t`` feeds output column j alone (``dA = dy.T @ t``): the columns
+    beyond r -- the zero padding of the kernels' t, or a neighbour's slot in the grouped t -- only make
+    output columns that are dropped. Never for operands whose extra entries would be multiplied into kept
+    outputs (a NaN there would spread).
+    """
+    rows, rank = t.shape
+    if width <= rank or rows == 0 or t.stride(1) != 1 or t.stride(0) < width:
+        return t
+    last = t.storage_offset() + (rows - 1) * t.stride(0) + width
+    if last * t.element_size() > t.untyped_storage().nbytes():
+        return t
+    return t.as_strided((rows, width), (t.stride(0), 1))
