@@ -68,8 +68,9 @@ def test_grouped_shrink_is_one_launch(monkeypatch):
     monkeypatch.setattr(launchers, "launch_lowrank_gemm", lambda *a, **k: launches.append(a[2].shape) or real(*a, **k))
     x, ws, bs, ms, b_cat, ranks = qkv(torch.float32)
     grouped_lowrank_linear(x, ws, bs, ms, b_cat, ranks, backend="triton")
-    # 1 shrink against the concatenated bases (in, 17), then one GEMM per projection.
-    assert launches == [(48, 17), (48, 48), (48, 16), (48, 16)]
+    # 1 shrink against the concatenated bases -- ranks 8, 4, 5 each padded to a slot of 16: (in, 48) --
+    # then one GEMM per projection.
+    assert launches == [(48, 48), (48, 48), (48, 16), (48, 16)]
 
 
 @needs_triton
