@@ -18,6 +18,7 @@ from pica_kernels.ops import backend as backend_mod
 from pica_kernels.ops import custom_ops, grouped_lowrank_linear, pica_linear
 from pica_kernels.ops.kernels import configs, launchers
 from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, config_override, estimate_shared_memory, select_config
+from pica_kernels.ops.kernels.padding import padded_rank
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -28,6 +29,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def launches_of_a_layer(rows, out_f, in_f, rank, dtype, factor_dtype):
     """(rows, cols, depth, rank, mode, dtypes) of every launch the ops make for one layer (fwd + bwd)."""
     x, f = dtype, factor_dtype
+    rank = padded_rank(rank)  # the launchers run every rank padded to a multiple of 16
     if launchers.use_decode(rows, rank):
         fwd = [(rows, out_f, in_f, rank, Mode.DECODE, (x, x, f))]
     else:
@@ -130,6 +132,30 @@ def test_split_k_only_below_one_wave():
     assert configs.choose_split_k(32, 7, h100) == 1  # short depth: not worth the partials
     assert configs.choose_split_k(1, 4096, h100) == 64  # capped
     assert configs.choose_split_k(3, 64, None) == 1  # CPU interpreter
+
+
+@pytest.mark.parametrize("arch", sorted(GPU_TABLE))
+def test_grouped_qkv_launches_split_k_only_below_one_wave(arch):
+    """The grid the launcher plans (configs + tiles + split-K) for grouped q/k/v at Llama-3-8B prefill:
+    x (4096, 4096), q 4096 and k/v 1024 outputs, ranks padded (8 -> 16). A launch with a wave of tiles or
+    more never splits K (k/v on 132 SMs: 256 tiles, split 1 -- not 2, ~32 MB of fp32 partials each)."""
+    props = GPU_TABLE[arch]
+    dtype = torch.float16 if arch == "sm_75" else torch.bfloat16
+    rows, in_f, outs, rank = 4096, 4096, (4096, 1024, 1024), padded_rank(8)
+    shrink = (rows, 3 * rank, in_f, 0, Mode.PLAIN, (dtype, dtype, dtype))
+    launches = [shrink] + [(rows, out_f, in_f, rank, Mode.CONCAT_K, (dtype, dtype, torch.float32)) for out_f in outs]
+    for launch in launches:
+        cfg = select_config(*launch, props)
+        grid = launchers.plan_grid(*launch[:3], cfg.kwargs, props)
+        if grid.tiles >= props.sm_count:
+            assert grid.split_k == 1, (arch, launch, grid)
+        else:  # below one wave, with a long depth: split to fill the GPU
+            assert grid.split_k > 1 and grid.tiles * grid.split_k >= props.sm_count, (arch, launch, grid)
+        if launch[4] == Mode.CONCAT_K:
+            assert grid.split_k == 1, (arch, launch, grid)
+    if arch == "sm_90":
+        kv = select_config(*launches[2], props)
+        assert launchers.plan_grid(rows, 1024, in_f, kv.kwargs, props).tiles == 256
 
 
 def test_config_override_validates_and_nests():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -119,6 +120,40 @@ def _on_launch_failure(err: BaseException, key: tuple, device: torch.device, wha
     raise KernelFallback(message) from err
 
 
+class Grid(NamedTuple):
+    """The launch grid of one launch: ``(tiles, split_k)`` programs and what the kernel needs to map them."""
+
+    seg_len: int
+    tiles_per_seg: int
+    num_row_tiles: int
+    tiles: int
+    split_k: int
+    depth_per_split: int
+
+
+def plan_grid(rows: int, cols: int, depth: int, blocks: dict, props, *, seg_len: int | None = None,
+              segmented: bool = False, split_k: int | None = None) -> Grid:
+    """Output tiles and split-K of a launch with ``blocks`` (a config's kwargs) on ``props`` (a
+    :class:`~.configs.DeviceProps`; None for the CPU interpreter). Pure: ahead-of-time checks call it with
+    :data:`~.configs.GPU_TABLE` entries. Split-K follows :func:`~.configs.choose_split_k` (only below one
+    wave of tiles) unless ``split_k`` is given; segmented (multi-task) launches never split."""
+    if seg_len is None:
+        seg_len = rows
+    tiles_per_seg = cdiv(seg_len, blocks["BLOCK_ROWS"])
+    num_row_tiles = (rows // seg_len) * tiles_per_seg if segmented else tiles_per_seg
+    tiles = num_row_tiles * cdiv(cols, blocks["BLOCK_COLS"])
+    depth_blocks = cdiv(depth, blocks["BLOCK_DEPTH"])
+    if segmented:
+        split_k = 1
+    elif split_k is None:
+        split_k = choose_split_k(tiles, depth_blocks, props)
+    # depth == 0 (a backward over zero tokens: dA = dy.T @ t reduces over nothing) still launches
+    # one split, which writes the bias / low-rank term (zeros for dA) over every output element.
+    depth_per_split = max(1, cdiv(depth_blocks, max(1, split_k))) * blocks["BLOCK_DEPTH"]
+    split_k = max(1, cdiv(depth, depth_per_split))
+    return Grid(seg_len, tiles_per_seg, num_row_tiles, tiles, split_k, depth_per_split)
+
+
 def launch_lowrank_gemm(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -193,20 +228,10 @@ def launch_lowrank_gemm(
     if key in FALLBACK_SHAPE_CLASSES:
         raise KernelFallback(FALLBACK_SHAPE_CLASSES[key])
 
-    if seg_len is None:
-        seg_len = rows
-    tiles_per_seg = cdiv(seg_len, blocks["BLOCK_ROWS"])
-    num_row_tiles = (rows // seg_len) * tiles_per_seg if tasks is not None else tiles_per_seg
-    tiles = num_row_tiles * cdiv(cols, blocks["BLOCK_COLS"])
-    depth_blocks = cdiv(depth, blocks["BLOCK_DEPTH"])
-    if tasks is not None:
-        split_k = 1
-    elif split_k is None:
-        split_k = choose_split_k(tiles, depth_blocks, props)
-    # depth == 0 (a backward over zero tokens: dA = dy.T @ t reduces over nothing) still launches
-    # one split, which writes the bias / low-rank term (zeros for dA) over every output element.
-    depth_per_split = max(1, cdiv(depth_blocks, max(1, split_k))) * blocks["BLOCK_DEPTH"]
-    split_k = max(1, cdiv(depth, depth_per_split))
+    grid = plan_grid(rows, cols, depth, blocks, props, seg_len=seg_len, segmented=tasks is not None,
+                     split_k=split_k)
+    seg_len, tiles_per_seg, num_row_tiles, tiles = grid.seg_len, grid.tiles_per_seg, grid.num_row_tiles, grid.tiles
+    split_k, depth_per_split = grid.split_k, grid.depth_per_split
     final_out, final_t = out, t_out
     if split_k > 1:
         # Every split writes its full tile (zeros where its depth range is empty), so no init.
