@@ -221,6 +221,19 @@ def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tu
                              f"memory on {device.arch}")
 
 
+def heuristic_blocks(rows: int, cols: int, rank: int, mode: Mode, dtypes: tuple[torch.dtype, ...],
+                     device: DeviceProps) -> tuple[dict, int, int]:
+    """(blocks, num_warps, num_stages) of the per-regime heuristic, fitted to ``device``'s shared memory."""
+    sizes = tuple(dt.itemsize for dt in dtypes)
+    blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, sizes[0], device)
+    return _fit(blocks, warps, stages, mode, rank, sizes, device)
+
+
+def override_active() -> bool:
+    """True inside a :func:`config_override` block."""
+    return bool(_override.get())
+
+
 def select_config(
     rows: int,
     cols: int,
@@ -241,14 +254,15 @@ def select_config(
     large tiles keep the tests fast).
 
     Returns ``triton.Config(kwargs={BLOCK_ROWS, BLOCK_COLS, BLOCK_DEPTH, BLOCK_RANK, GROUP_ROWS},
-    num_warps, num_stages)``: the launch's tile shape per :func:`regime`, shrunk to fit
+    num_warps, num_stages)``: the entry of the tuned-config table (:mod:`.tuned`) for this
+    (architecture, regime, shape bucket, dtypes, mode) when there is one that fits the device; else
+    the launch's tile shape per :func:`regime`, shrunk to fit
     ``device.smem_per_block`` (see :func:`estimate_shared_memory`). ``depth`` does not change the tile
     (it decides split-K, :func:`choose_split_k`); it is an argument so that a table of tuned configs
     can key on it. An active :func:`config_override` is applied last, unfitted.
     """
     import triton
 
-    x_bytes, weight_bytes, factor_bytes = (dt.itemsize for dt in dtypes)
     if interpreted:
         blocks = dict(INTERPRETER_BLOCKS)
         if mode == Mode.DECODE:
@@ -258,9 +272,10 @@ def select_config(
     else:
         if device is None:
             raise ValueError("select_config needs the DeviceProps of the GPU (or interpreted=True)")
-        blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device)
-        blocks, warps, stages = _fit(blocks, warps, stages, mode, rank, (x_bytes, weight_bytes, factor_bytes),
-                                     device)
+        from . import tuned  # the tuned-config table first (read once, lazily); the heuristic otherwise
+
+        found = tuned.lookup(rows, cols, depth, rank, mode, dtypes, device)
+        blocks, warps, stages = found or heuristic_blocks(rows, cols, rank, mode, dtypes, device)
     override = dict(_override.get())
     if override:
         warps = override.pop("num_warps", warps)

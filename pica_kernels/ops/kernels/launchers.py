@@ -16,7 +16,8 @@ Kernel sequences (DESIGN: one kernel, three modes, see :class:`~.configs.Mode`):
 
 Configs come from :func:`~.configs.select_config` (device-aware, fitted to the
 GPU's shared memory). Safety net: a launch that fails to compile or runs out of
-resources warns once for its shape class (device, shape, config) and raises
+resources (Triton's OutOfResources / PTXASError / CompilationError, or the CUDA driver's "too many
+resources requested for launch") warns once for its shape class (device, shape, config) and raises
 :class:`KernelFallback`, which the ops catch to run their reference branch --
 for that shape class from then on, without retrying the kernel.
 ``PICA_KERNELS_STRICT=1`` raises instead (the test suite runs that way).
@@ -32,7 +33,8 @@ import warnings
 
 import torch
 
-from .configs import Mode, choose_split_k, device_props, select_config
+from . import tuned
+from .configs import Mode, choose_split_k, config_override, device_props, override_active, select_config
 
 # Decode variant: one launch when T and r are this small. Each program then
 # recomputes its rows of t, reading r x in of B once per column tile; at
@@ -95,6 +97,18 @@ def _launch_failures() -> tuple[type[BaseException], ...]:
     return tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n)) + (
         CompilationError,
     )
+
+
+#: The CUDA driver's refusal of a launch whose registers x threads exceed what an SM holds
+#: (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); Triton raises it as a plain RuntimeError.
+LAUNCH_RESOURCE_ERRORS = ("too many resources requested for launch", "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
+
+
+def is_launch_failure(err: BaseException) -> bool:
+    """True for errors that mean "this kernel cannot be built or run on this GPU" (never a wrong argument)."""
+    if isinstance(err, _launch_failures()):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in LAUNCH_RESOURCE_ERRORS)
 
 
 def _describe_device(device: torch.device) -> str:
@@ -180,8 +194,20 @@ def launch_lowrank_gemm(
     factors = [f.dtype for f in (factor_up, factor_down) if f is not None] or [weight.dtype]
     factor_dtype = max(factors, key=lambda dt: dt.itemsize)
     props = device_props(x.device) if x.device.type == "cuda" else None
-    config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype), props,
-                           interpreted=kernels.INTERPRETED)
+    dtypes = (x.dtype, weight.dtype, factor_dtype)
+    config = select_config(rows, cols, depth, rank, mode, dtypes, props, interpreted=kernels.INTERPRETED)
+    if props is not None and not override_active() and tuned.autotune_enabled():
+        # PICA_KERNELS_AUTOTUNE=1: time the candidates on this launch once per shape bucket (see tuned.autotune).
+        def run(candidate):
+            with config_override(**candidate):
+                launch_lowrank_gemm(out, x, weight, t=t, factor_up=factor_up, factor_down=factor_down,
+                                    t_out=t_out, bias=bias, tasks=tasks, seg_len=seg_len, split_k=split_k)
+
+        tune_key = (props.arch, mode, *dtypes, bias is not None, tasks is not None, _precision(x.dtype),
+                    *tuned.shape_bucket(rows, cols, depth, rank).values())
+        best = tuned.autotune(tune_key, tuned.candidate_configs(rows, cols, depth, rank, mode, dtypes, props), run)
+        with config_override(**best):
+            config = select_config(rows, cols, depth, rank, mode, dtypes, props)
     blocks = config.kwargs
     operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
     cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes
@@ -246,7 +272,9 @@ def launch_lowrank_gemm(
             PRECISION=precision,
             **config.all_kwargs(),
         )
-    except _launch_failures() as err:
+    except Exception as err:
+        if not is_launch_failure(err):
+            raise
         what = f"{mode.name} rows={rows} cols={cols} depth={depth} rank={rank} {x.dtype}"
         _on_launch_failure(err, key, x.device, what, config)
     if split_k > 1:
