@@ -14,7 +14,8 @@ layers fall into (pica_kernels.ops.kernels.tuned explains the key), the sweep
 
 The table is merged into ``--table`` (default: the shipped pica_kernels/ops/kernels/tuned_configs.json)
 after every bucket, atomically, so a sweep stopped by ``--time-limit`` or a kill keeps what it measured;
-``--results`` gets every candidate's time (and the compiled kernel's shared memory, registers, spills).
+``--results`` gets every candidate's time (and the compiled kernel's shared memory, registers, spills),
+``--results`` with ``.md`` a summary table.
 
     python benchmarks/gpu_tune.py                                   # the default sweep (Llama-3-8B, bf16)
     python benchmarks/gpu_tune.py --time-limit 120 --max-candidates 6 --results r.json
@@ -176,6 +177,29 @@ def sweep_bucket(fields, spec, props, args, timer, deadline) -> dict:
     return record
 
 
+def markdown(meta: dict, records: list[dict]) -> str:
+    lines = [f"# Tuning sweep: {meta['device']} ({meta['arch']})", "",
+             f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}; {meta.get('buckets_done', 0)}/"
+             f"{meta['buckets_planned']} buckets in {meta.get('seconds', 0)} s, up to {meta['max_candidates']} "
+             f"candidates each (the heuristic's first), median of {meta['reps']} with the L2 flushed; an entry when "
+             f"> {meta['margin']:.0%} faster than the heuristic."
+             + (" DRY RUN: fake timings." if meta["dry_run"] else "")
+             + (" PARTIAL (time limit)." if meta.get("partial") else ""), "",
+             "| mode | regime | dtypes | launch | candidates (ok / wrong / failed) | heuristic ms | best ms | "
+             "speed-up | entry |", "|" + "---|" * 9]
+    for r in records:
+        st = [c["status"] for c in r["candidates"]]
+        counts = f"{st.count('ok')} / {st.count('WRONG')} / {sum(x.startswith('failed') for x in st)}"
+        heur, best = r.get("heuristic_ms"), (r.get("best") or {}).get("ms")
+        speed = f"{heur / best:.3f}" if heur and best else "-"
+        e = r.get("entry")
+        cfg = "-" if e is None else ", ".join(f"{k}={v}" for k, v in e["config"].items())
+        lines.append(f"| {r['mode']} | {r['regime']} | {r['dtypes']} | {r['launch']} | {counts} | "
+                     f"{heur if heur is None else round(heur, 4)} | {best if best is None else round(best, 4)} | "
+                     f"{speed} | {cfg} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, real checks, fake timings")
@@ -262,6 +286,7 @@ def main(argv=None) -> int:
     meta.update(buckets_done=sum(not r["partial"] for r in records), seconds=round(time.monotonic() - start, 1),
                 partial=len(records) < len(buckets) or any(r["partial"] for r in records))
     write_json(results_path, {"meta": meta, "buckets": records})
+    results_path.with_suffix(".md").write_text(markdown(meta, records))
     if not table_path.exists():
         write_json(table_path, table)
     wrong = [(r["launch"], c["config"]) for r in records for c in r["candidates"] if c["status"] == "WRONG"]
