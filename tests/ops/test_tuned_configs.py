@@ -322,7 +322,9 @@ def test_autotune_remembers_its_choice_per_key(monkeypatch):
     assert tuned.autotune(("k",), cands, run, cuda=False) == {"BLOCK_ROWS": 32}
     n = len(runs)
     assert tuned.autotune(("k",), cands[::-1], run, cuda=False) == {"BLOCK_ROWS": 32}  # cached: no runs
+    assert tuned.autotune(("k",), lambda: pytest.fail("not called when cached"), run) == {"BLOCK_ROWS": 32}
     assert len(runs) == n
+    assert tuned.autotune(("k2",), lambda: cands[2:], run, cuda=False) == {"BLOCK_ROWS": 64}  # made lazily
     assert tuned.autotune_enabled() is False  # off unless PICA_KERNELS_AUTOTUNE=1
     monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
     assert tuned.autotune_enabled()

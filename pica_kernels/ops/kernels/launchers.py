@@ -205,7 +205,8 @@ def launch_lowrank_gemm(
 
         tune_key = (props.arch, mode, *dtypes, bias is not None, tasks is not None, _precision(x.dtype),
                     *tuned.shape_bucket(rows, cols, depth, rank).values())
-        best = tuned.autotune(tune_key, tuned.candidate_configs(rows, cols, depth, rank, mode, dtypes, props), run)
+        best = tuned.autotune(
+            tune_key, lambda: tuned.candidate_configs(rows, cols, depth, rank, mode, dtypes, props), run)
         with config_override(**best):
             config = select_config(rows, cols, depth, rank, mode, dtypes, props)
     blocks = config.kwargs

@@ -421,14 +421,18 @@ def pick_fastest(candidates: Sequence[dict], run: Callable[[dict], object],
     return best, timings
 
 
-def autotune(key: tuple, candidates: Sequence[dict], run: Callable[[dict], object], cuda: bool = True) -> dict:
-    """PICA_KERNELS_AUTOTUNE=1: on the first launch of ``key`` time ``candidates`` (the launch itself,
-    rewritten in place: every launch overwrites its outputs) and remember the fastest for the process.
+def autotune(key: tuple, candidates: Sequence[dict] | Callable[[], Sequence[dict]], run: Callable[[dict], object],
+             cuda: bool = True) -> dict:
+    """PICA_KERNELS_AUTOTUNE=1: on the first launch of ``key`` time ``candidates`` (a list, or a callable
+    making it, called only then) by running the launch itself (every launch overwrites its outputs) and
+    remember the fastest for the process.
 
     Why not ``@triton.autotune``: the grid, the split-K partial buffers and the row-tile arguments of a
     launch depend on the block sizes, which the decorator's fixed arguments cannot follow; this times
     the complete launch per config instead (the decorator's method: median of CUDA-event timings)."""
     if key not in AUTOTUNED:
+        if callable(candidates):
+            candidates = candidates()
         best, _ = pick_fastest(candidates[:AUTOTUNE_CANDIDATES], run,
                                lambda fn: median_ms(fn, reps=10, warmup=1, cuda=cuda))
         AUTOTUNED[key] = best
