@@ -20,6 +20,7 @@ after every bucket, atomically, so a sweep stopped by ``--time-limit`` or a kill
     python benchmarks/gpu_tune.py                                   # the default sweep (Llama-3-8B, bf16)
     python benchmarks/gpu_tune.py --time-limit 120 --max-candidates 6 --results r.json
     python benchmarks/gpu_tune.py --dry-run                         # CPU, seconds: candidates + fake timings
+    python benchmarks/gpu_tune.py --list --arch sm_86               # the sweep's plan for an architecture
 
 ``--dry-run`` runs on the CPU (Triton's interpreter, tiny shapes): it lists the candidates per bucket for
 ``--arch`` (the ahead-of-time device table), runs the correctness check of each for real, replaces the
@@ -58,6 +59,7 @@ from benchmarks.gpu_common import (  # noqa: E402
 )
 from pica_kernels.ops.kernels import tuned  # noqa: E402
 from pica_kernels.ops.kernels.configs import config_override, regime  # noqa: E402
+from pica_kernels.ops.kernels.launchers import DECODE_MAX_T  # noqa: E402
 
 #: Order of the sweep: the launches that dominate a training step first, so a time limit cuts the least.
 KIND_ORDER = ("fused", "dx", "decode", "shrink", "s", "dM")
@@ -84,6 +86,8 @@ def plan(args, props) -> list[tuple[dict, tuple, tuple]]:
         for rank in args.ranks:
             for out_f, in_f in args.shapes:
                 for kind in kinds_for(rows, rank):
+                    if rows <= DECODE_MAX_T and kind in ("s", "dx", "dM"):
+                        continue  # T <= 16 is generation: no backward to tune
                     specs.append((KIND_ORDER.index(kind), kind, rows, out_f, in_f, rank))
     specs.sort(key=lambda s: s[0])  # stable: keeps the T / r / shape order inside a kind
     for _, kind, rows, out_f, in_f, rank in specs:
@@ -203,7 +207,9 @@ def markdown(meta: dict, records: list[dict]) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, real checks, fake timings")
-    ap.add_argument("--arch", default="sm_90", help="dry run: the architecture whose candidates are listed")
+    ap.add_argument("--arch", default="sm_90", help="dry run / --list: the architecture (ahead-of-time table)")
+    ap.add_argument("--list", action="store_true", help="print the buckets and capped candidate lists of the "
+                                                        "sweep for --arch (no launches, no GPU) and exit")
     ap.add_argument("--device", default=None)
     ap.add_argument("--table", default=None, help="table to merge into (default: the shipped one; dry run: a "
                                                   "temporary file)")
@@ -219,6 +225,8 @@ def parse_args(argv=None):
     ap.add_argument("--margin", type=float, default=0.02, help="an entry only when >= this much faster")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; stop (and keep the results) after it")
     args = ap.parse_args(argv)
+    if args.list and not args.dry_run:
+        args.device = args.device or "cpu"  # planning only: the real sweep's sizes, the table's device
     if args.dry_run:
         args.device = args.device or "cpu"
         args.shapes = args.shapes or ["48x40", "40x72"]
@@ -239,6 +247,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list:
+        props = props_for(args.device, args.arch)
+        buckets = plan(args, props)
+        compiles = set()
+        for fields, _, spec in buckets:
+            cands = tuned.candidate_configs(*launch_args(*spec), props, limit=args.max_candidates)
+            compiles.update((fields["mode"], fields["dtypes"], tuple(sorted(c.items()))) for c in cands)
+            print(f"{fields['mode']} {fields['regime']} {fields['dtypes']} {fields['bucket']}: {len(cands)} candidates")
+            for c in cands:
+                print(f"    {c}")
+        print(f"{len(buckets)} buckets on {props.arch}, about {len(compiles)} distinct kernels to compile")
+        return 0
     interpreter_on(args.device)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_tune.py: no CUDA device (use --dry-run on a CPU)")
