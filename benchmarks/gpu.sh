@@ -59,8 +59,6 @@ else
 fi
 RESULTS=$(cd "$RESULTS" && pwd)
 LOG=$RESULTS/gpu-run-$SLUG.log
-: >"$LOG"
-exec > >(tee -a "$LOG") 2>&1
 SUMMARY=()
 STATUS=0
 
@@ -81,6 +79,7 @@ run_phase() {
   echo "== phase $name: $what (rc=$rc, $((SECONDS - t0)) s)"
 }
 
+main() {
 echo "== environment ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 [[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" - <<'PY'
@@ -129,4 +128,9 @@ fi
 echo "== summary ($SLUG, $SECONDS s in all)"
 printf '%s\n' "${SUMMARY[@]}"
 ls -1 "$RESULTS"
-exit $STATUS
+return $STATUS
+}
+
+# All output into the log as well; the pipeline's status is main's.
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

@@ -97,3 +97,34 @@ def test_the_smem_check_and_the_timing_grid_wrote_rows(dry_run):
     assert {"frozen", "pica_kernel", "pica_reference", "lora_addmm"} <= methods
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in grid["results"])
     assert "| 17 | 48x40 | 4 |" in (out / "kernels-smoke-cpu.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an in-process CPU dry run would decorate the kernels for "
+                    "the interpreter; on a GPU benchmarks/gpu.sh runs the real sweep")
+def test_the_sweep_merges_into_an_existing_table(tmp_path, monkeypatch):
+    """Entries of other architectures survive a sweep; a bucket the sweep measured again loses its old
+    entry (replaced, or removed when the heuristic won); a file that is not a table is refused."""
+    pytest.importorskip("triton")
+    from benchmarks import gpu_tune
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the dry run launches in the interpreter (restored after)
+    first = tmp_path / "first.json"
+    assert gpu_tune.main(["--dry-run", "--table", str(first)]) == 0
+    measured = json.loads(first.with_name("tune-dry-run-sm_90.json").read_text())["buckets"]
+    stale_cfg = {"BLOCK_ROWS": 16, "BLOCK_COLS": 16, "BLOCK_DEPTH": 16, "GROUP_ROWS": 3, "num_warps": 2,
+                 "num_stages": 2}
+    keep = {"arch": "sm_86", "mode": "PLAIN", "regime": "prefill", "dtypes": "bf16/bf16/bf16", "bucket": {},
+            "config": {**stale_cfg, "GROUP_ROWS": 5}}
+    stale = [{k: b[k] for k in ("arch", "mode", "regime", "dtypes", "bucket")} | {"config": stale_cfg}
+             for b in measured]
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({**tuned.empty_table(), "entries": [keep, *stale]}))
+    assert gpu_tune.main(["--dry-run", "--table", str(table)]) == 0
+    entries = json.loads(table.read_text())["entries"]
+    assert keep in entries
+    assert not any(e["config"]["GROUP_ROWS"] == 3 for e in entries)
+    assert len(entries) == 1 + sum(b["entry"] is not None for b in measured)
+    assert tuned.Table.from_json(json.loads(table.read_text())).errors == []
+    table.write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(tuned.TableError):
+        gpu_tune.main(["--dry-run", "--table", str(table)])
