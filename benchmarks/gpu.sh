@@ -41,7 +41,7 @@ done
 TESTS_S=${TESTS_S:-150} TUNE_S=${TUNE_S:-120} SMEM_S=${SMEM_S:-45} BENCH_S=${BENCH_S:-130}
 
 if [[ $DRY == 1 ]]; then
-  export TRITON_INTERPRET=1
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""   # the CPU, also on a machine with a GPU
   SLUG=dry-run
   RESULTS=${RESULTS:-$(mktemp -d "${TMPDIR:-/tmp}/pica-gpu-dry-XXXXXX")}
 else
@@ -118,7 +118,7 @@ run_phase smem "$SMEM_S" "$PY" benchmarks/gpu_smem_check.py "${SMEM_ARGS[@]}"
 
 # (d) timing grid.
 if [[ $DRY == 1 ]]; then
-  run_phase bench "$BENCH_S" "$PY" benchmarks/bench_kernels.py --smoke --tokens 17 --ranks 4 --shapes 48x40 --reps 2 \
+  run_phase bench "$BENCH_S" "$PY" benchmarks/bench_kernels.py --smoke --device cpu --tokens 17 --ranks 4 --shapes 48x40 --reps 2 \
     --out-dir "$RESULTS"
 else
   run_phase bench "$BENCH_S" "$PY" benchmarks/bench_kernels.py --reps 15 --time-limit $((BENCH_S - 25)) \
