@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from . import tuned
-from .configs import Mode, choose_split_k, config_override, device_props, override_active, select_config
+from .configs import Mode, choose_split_k, device_props, select_config
 
 # Decode variant: one launch when T and r are this small. Each program then
 # recomputes its rows of t, reading r x in of B once per column tile; at
@@ -89,8 +89,8 @@ def reset_fallbacks() -> None:
     FALLBACK_SHAPE_CLASSES.clear()
 
 
-def _launch_failures() -> tuple[type[BaseException], ...]:
-    """What a launch raises when the kernel cannot be built or run on this GPU (not a wrong argument)."""
+def _triton_failures() -> tuple[type[BaseException], ...]:
+    """What Triton raises when the kernel cannot be built or loaded for this GPU (not a wrong argument)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime import errors
 
@@ -99,16 +99,23 @@ def _launch_failures() -> tuple[type[BaseException], ...]:
     )
 
 
+def _launch_failures() -> tuple[type[BaseException], ...]:
+    """The launch's ``except`` clause: Triton's failures and RuntimeError, of which only the CUDA driver's
+    refusals count (:func:`is_launch_failure`; :func:`_on_launch_failure` re-raises the rest)."""
+    return _triton_failures() + (RuntimeError,)
+
+
 #: The CUDA driver's refusal of a launch whose registers x threads exceed what an SM holds
 #: (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); Triton raises it as a plain RuntimeError.
 LAUNCH_RESOURCE_ERRORS = ("too many resources requested for launch", "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
 
 
 def is_launch_failure(err: BaseException) -> bool:
-    """True for errors that mean "this kernel cannot be built or run on this GPU" (never a wrong argument)."""
-    if isinstance(err, _launch_failures()):
+    """True for errors that mean "this kernel cannot be built or run on this GPU" (never a wrong argument,
+    never a CUDA out-of-memory)."""
+    if isinstance(err, _triton_failures()):
         return True
-    return isinstance(err, RuntimeError) and any(m in str(err) for m in LAUNCH_RESOURCE_ERRORS)
+    return type(err) is RuntimeError and any(m in str(err) for m in LAUNCH_RESOURCE_ERRORS)
 
 
 def _describe_device(device: torch.device) -> str:
@@ -119,7 +126,10 @@ def _describe_device(device: torch.device) -> str:
 
 
 def _on_launch_failure(err: BaseException, key: tuple, device: torch.device, what: str, config) -> None:
-    """Strict mode: raise. Otherwise warn once for this shape class, remember it, raise KernelFallback."""
+    """Strict mode: raise. Otherwise warn once for this shape class, remember it, raise KernelFallback.
+    An error that is no launch failure (:func:`is_launch_failure`) is raised as itself."""
+    if not is_launch_failure(err):
+        raise err
     detail = f"{what} with {config} on {_describe_device(device)}: {type(err).__name__}: {err}"
     if strict_mode():
         raise RuntimeError(f"pica_kernels: the Triton kernel failed for {detail} ({STRICT_ENV_VAR}=1)") from err
@@ -194,21 +204,14 @@ def launch_lowrank_gemm(
     factors = [f.dtype for f in (factor_up, factor_down) if f is not None] or [weight.dtype]
     factor_dtype = max(factors, key=lambda dt: dt.itemsize)
     props = device_props(x.device) if x.device.type == "cuda" else None
-    dtypes = (x.dtype, weight.dtype, factor_dtype)
-    config = select_config(rows, cols, depth, rank, mode, dtypes, props, interpreted=kernels.INTERPRETED)
-    if props is not None and not override_active() and tuned.autotune_enabled():
-        # PICA_KERNELS_AUTOTUNE=1: time the candidates on this launch once per shape bucket (see tuned.autotune).
-        def run(candidate):
-            with config_override(**candidate):
-                launch_lowrank_gemm(out, x, weight, t=t, factor_up=factor_up, factor_down=factor_down,
-                                    t_out=t_out, bias=bias, tasks=tasks, seg_len=seg_len, split_k=split_k)
-
-        tune_key = (props.arch, mode, *dtypes, bias is not None, tasks is not None, _precision(x.dtype),
-                    *tuned.shape_bucket(rows, cols, depth, rank).values())
-        best = tuned.autotune(
-            tune_key, lambda: tuned.candidate_configs(rows, cols, depth, rank, mode, dtypes, props), run)
-        with config_override(**best):
-            config = select_config(rows, cols, depth, rank, mode, dtypes, props)
+    config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype), props,
+                           interpreted=kernels.INTERPRETED)
+    if x.device.type == "cuda" and tuned.autotune_enabled():  # PICA_KERNELS_AUTOTUNE=1: see tuned.autotune
+        config = tuned.autotuned_config(
+            config, (rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype)), props,
+            (bias is not None, tasks is not None, _precision(x.dtype)),
+            lambda: launch_lowrank_gemm(out, x, weight, t=t, factor_up=factor_up, factor_down=factor_down,
+                                        t_out=t_out, bias=bias, tasks=tasks, seg_len=seg_len, split_k=split_k))
     blocks = config.kwargs
     operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
     cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes
@@ -273,9 +276,7 @@ def launch_lowrank_gemm(
             PRECISION=precision,
             **config.all_kwargs(),
         )
-    except Exception as err:
-        if not is_launch_failure(err):
-            raise
+    except _launch_failures() as err:
         what = f"{mode.name} rows={rows} cols={cols} depth={depth} rank={rank} {x.dtype}"
         _on_launch_failure(err, key, x.device, what, config)
     if split_k > 1:

@@ -57,10 +57,13 @@ from .configs import (
     DeviceProps,
     Mode,
     _block_rank,
+    config_override,
     estimate_shared_memory,
     heuristic_blocks,
     next_pow2,
+    override_active,
     regime,
+    select_config,
 )
 
 SCHEMA = "pica_kernels.tuned_configs"
@@ -437,3 +440,24 @@ def autotune(key: tuple, candidates: Sequence[dict] | Callable[[], Sequence[dict
                                lambda fn: median_ms(fn, reps=10, warmup=1, cuda=cuda))
         AUTOTUNED[key] = best
     return AUTOTUNED[key]
+
+
+def autotuned_config(config, select_args: tuple, props: DeviceProps, extra_key: tuple, launch: Callable[[], object]):
+    """The launcher's hook (PICA_KERNELS_AUTOTUNE=1, CUDA tensors): ``config`` (select_config's choice)
+    replaced by the fastest candidate for this launch's key and shape bucket (:func:`autotune`).
+
+    select_args: (rows, cols, depth, rank, mode, dtypes); extra_key: what else selects a compiled kernel
+    (bias, tasks, precision); launch(): the launch itself, run under each candidate's override. Inside a
+    :func:`~.configs.config_override` block (tests, sweeps, the candidates' own runs) ``config`` stands."""
+    if override_active():
+        return config
+    rows, cols, depth, rank, mode, dtypes = select_args
+    key = (props.arch, mode, *dtypes, *extra_key, *shape_bucket(rows, cols, depth, rank).values())
+
+    def run(candidate):
+        with config_override(**candidate):
+            launch()
+
+    best = autotune(key, lambda: candidate_configs(*select_args, props), run)
+    with config_override(**best):
+        return select_config(*select_args, props)
