@@ -19,7 +19,13 @@ speed-up over PEFT LoRA (issue 4's goals: within 3% of the roofline at T >= 2048
 >= 1.35x).
 
     python benchmarks/bench_kernels.py                 # full grid, CUDA, bf16
+    python benchmarks/bench_kernels.py --time-limit 150 --out-dir DIR   # what benchmarks/gpu.sh runs
     python benchmarks/bench_kernels.py --smoke         # tiny, CPU, seconds (CI/syntax check)
+
+Default grid: Llama-3-8B's projections (4096x4096 q/o, 1024x4096 k/v, 14336x4096 gate/up, 4096x14336
+down), T in {1, 16, 256, 2048, 8192}, r in {16, 64, 256}; the cells run in priority order (T = 2048
+first, then decode, then the rest) and the files are rewritten after every cell, so ``--time-limit``
+(seconds) stops between cells and leaves a partial, labelled result.
 
 Writes ``<out-dir>/kernels-<device>.json`` and ``.md``.
 """
@@ -205,7 +211,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"# PiCa kernel benchmarks: {meta['device']}",
         "",
         f"{meta['timestamp']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
-        f"median of {meta['reps']} (L2 flushed: {meta['l2_flush']}). Times in ms.",
+        f"median of {meta['reps']} (L2 flushed: {meta['l2_flush']}). Times in ms."
+        + (" PARTIAL: stopped by the time limit before every cell ran." if meta.get("partial") else ""),
         "",
         "roofline = 1 + r(out+in)/(out*in); pica/frozen = pica_kernel fwd / frozen fwd (goal: <= roofline + 3% "
         "at T >= 2048); vs PEFT = peft_lora fwd+bwd / pica_kernel fwd+bwd (goal: >= 1.35).",
@@ -238,9 +245,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, 3 reps: checks the script runs")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="T values (default 16 2048 16384)")
-    ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN (default 4096x4096 14336x4096 4096x14336)")
-    ap.add_argument("--ranks", type=int, nargs="+", default=None, help="default 16 64 256")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="T values (default 2048 1 8192 256 16)")
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help="OUTxIN (default Llama-3-8B: 4096x4096 1024x4096 14336x4096 4096x14336)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=None, help="default 64 16 256")
+    ap.add_argument("--time-limit", type=float, default=0, help="seconds; stop between cells after it")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results (smoke: a temp dir)")
@@ -252,9 +261,9 @@ def main(argv=None) -> int:
         dtype = getattr(torch, args.dtype or "float32")
         reps, warmup = args.reps or 3, 1
     else:
-        tokens = args.tokens or [16, 2048, 16384]
-        shapes = args.shapes or ["4096x4096", "14336x4096", "4096x14336"]
-        ranks = args.ranks or [16, 64, 256]
+        tokens = args.tokens or [2048, 1, 8192, 256, 16]
+        shapes = args.shapes or ["4096x4096", "1024x4096", "14336x4096", "4096x14336"]
+        ranks = args.ranks or [64, 16, 256]
         dtype = getattr(torch, args.dtype or "bfloat16")
         reps, warmup = args.reps or 25, 5
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in shapes]
@@ -273,21 +282,6 @@ def main(argv=None) -> int:
         "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
     }
-    results, skipped = [], set()
-    for out_f, in_f in shapes:
-        for rank in ranks:
-            for rows in tokens:
-                for method in args.methods:
-                    row = measure(method, rows, out_f, in_f, rank, dtype, device, timer)
-                    if row is None:
-                        skipped.add(method)
-                        continue
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-    meta["skipped_methods"] = sorted(skipped)
-
     out_dir = Path(args.out_dir) if args.out_dir else (
         Path(os.environ.get("TMPDIR", "/tmp")) / "pica-bench-smoke" if args.smoke
         else Path(__file__).resolve().parent / "results"
@@ -295,10 +289,34 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", dev_name.lower()).strip("-") or "device"
     stem = out_dir / f"kernels-{'smoke-' if args.smoke else ''}{slug}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    table = markdown(results, meta)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+
+    def write(results, partial):
+        meta["partial"] = partial
+        meta["skipped_methods"] = sorted(skipped)
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(results, meta))
+
+    results, skipped = [], set()
+    start = time.monotonic()
+    cells = [(rows, rank, shape) for rows in tokens for rank in ranks for shape in shapes]  # priority order
+    partial = False
+    for i, (rows, rank, (out_f, in_f)) in enumerate(cells):
+        if args.time_limit and time.monotonic() - start > args.time_limit:
+            partial = True
+            print(f"time limit ({args.time_limit:.0f} s): {len(cells) - i} of {len(cells)} cells not run", flush=True)
+            break
+        for method in args.methods:
+            row = measure(method, rows, out_f, in_f, rank, dtype, device, timer)
+            if row is None:
+                skipped.add(method)
+                continue
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        write(results, True)
+    write(results, partial)
+    print(markdown(results, meta))
     if skipped:
         print(f"skipped (unavailable here): {', '.join(sorted(skipped))}")
     print(f"wrote {stem}.json and {stem}.md")

@@ -33,22 +33,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PICA_KERNELS_STRICT", "1")
 
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # a GPU machine without hypothesis (benchmarks/gpu.sh): the property tests skip, the rest run
+    settings = None
 
-_common = dict(
-    deadline=None,
-    # The autouse NaN-poisoning fixture is function-scoped on purpose: one patch serves every example.
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
-)
-settings.register_profile("pica-dev", **_common)
-settings.register_profile(
-    "pica-ci", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate], print_blob=True, **_common
-)
 #: Parent settings of every kernel property: ``@settings(KERNEL_PROFILE, max_examples=...)``. Applied per
-#: test rather than loaded globally, so hypothesis tests elsewhere keep their own profile.
-KERNEL_PROFILE = settings.get_profile(
-    "pica-ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "pica-dev"
-)
+#: test rather than loaded globally, so hypothesis tests elsewhere keep their own profile. None without
+#: hypothesis (test_kernel_properties.py then skips).
+KERNEL_PROFILE = None
+if settings is not None:
+    _common = dict(
+        deadline=None,
+        # The autouse NaN-poisoning fixture is function-scoped on purpose: one patch serves every example.
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+    )
+    settings.register_profile("pica-dev", **_common)
+    settings.register_profile(
+        "pica-ci", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate], print_blob=True,
+        **_common,
+    )
+    KERNEL_PROFILE = settings.get_profile(
+        "pica-ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "pica-dev"
+    )
 
 from pica_kernels.ops.backend import triton_available  # noqa: E402
 from pica_kernels.ops.kernels import launchers  # noqa: E402

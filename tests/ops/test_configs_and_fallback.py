@@ -23,6 +23,13 @@ from pica_kernels.ops.kernels.padding import padded_rank
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@pytest.fixture(autouse=True)
+def heuristic_only(monkeypatch):
+    """These tests pin the heuristic; with the tuned-config table on, a shipped entry would replace it
+    (the table and select_config's use of it: test_tuned_configs.py)."""
+    monkeypatch.setenv("PICA_KERNELS_TUNED", "0")
+
+
 # ----------------------------------------------------------------------------- configs
 
 

@@ -318,9 +318,9 @@ def test_env_var_routes_pica_linear_layer_to_kernels(monkeypatch):
 @pytest.mark.parametrize("rank", [16, 64, 256])
 @pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (14336, 4096), (4096, 14336)])
 @pytest.mark.parametrize("rows", [16, 2048])
-def test_real_sizes_bf16_cuda(rows, out_f, in_f, rank):
-    """Llama-sized layers in bf16 against a float32 reference on the device (run by benchmarks/gpu.sh)."""
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_real_sizes_cuda(rows, out_f, in_f, rank, dtype):
+    """Llama-sized layers in bf16 and fp16 against a float32 reference on the device (benchmarks/gpu.sh)."""
     x, w, b, basis, m = make_inputs(rows, in_f, out_f, rank, "input", dtype, seed=rank)
     dy = torch.randn(rows, out_f, device=DEVICE).to(dtype)
     y, dx, dm = run_pica(x, w, b, basis, m, "input", dy, "triton")

@@ -221,6 +221,23 @@ def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tu
                              f"memory on {device.arch}")
 
 
+def heuristic_blocks(rows: int, cols: int, rank: int, mode: Mode, dtypes: tuple[torch.dtype, ...],
+                     device: DeviceProps) -> tuple[dict, int, int]:
+    """(blocks, num_warps, num_stages) of the per-regime heuristic alone (no tuned table, no override),
+    fitted to ``device``'s shared memory: what :func:`select_config` returns without a table entry."""
+    token = _override.set(())
+    try:
+        cfg = select_config(rows, cols, 0, rank, mode, dtypes, device, use_table=False)
+    finally:
+        _override.reset(token)
+    return dict(cfg.kwargs), cfg.num_warps, cfg.num_stages
+
+
+def override_active() -> bool:
+    """True inside a :func:`config_override` block."""
+    return bool(_override.get())
+
+
 def select_config(
     rows: int,
     cols: int,
@@ -231,6 +248,7 @@ def select_config(
     device: DeviceProps | None,
     *,
     interpreted: bool = False,
+    use_table: bool = True,
 ):
     """The ``triton.Config`` of one launch writing ``out`` (rows, cols), reducing over ``depth`` (+ ``rank``).
 
@@ -241,7 +259,9 @@ def select_config(
     large tiles keep the tests fast).
 
     Returns ``triton.Config(kwargs={BLOCK_ROWS, BLOCK_COLS, BLOCK_DEPTH, BLOCK_RANK, GROUP_ROWS},
-    num_warps, num_stages)``: the launch's tile shape per :func:`regime`, shrunk to fit
+    num_warps, num_stages)``: the entry of the tuned-config table (:mod:`.tuned`; not with
+    ``use_table=False`` or ``PICA_KERNELS_TUNED=0``) for this (architecture, regime, shape bucket,
+    dtypes, mode) when it has one that fits the device; else the launch's tile shape per :func:`regime`, shrunk to fit
     ``device.smem_per_block`` (see :func:`estimate_shared_memory`). ``depth`` does not change the tile
     (it decides split-K, :func:`choose_split_k`); it is an argument so that a table of tuned configs
     can key on it. An active :func:`config_override` is applied last, unfitted.
@@ -261,6 +281,12 @@ def select_config(
         blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device)
         blocks, warps, stages = _fit(blocks, warps, stages, mode, rank, (x_bytes, weight_bytes, factor_bytes),
                                      device)
+        if use_table:  # a tuned entry replaces the heuristic's choice (the table is read once, lazily)
+            from . import tuned
+
+            found = tuned.lookup(rows, cols, depth, rank, mode, dtypes, device)
+            if found is not None:
+                blocks, warps, stages = found
     override = dict(_override.get())
     if override:
         warps = override.pop("num_warps", warps)

@@ -16,7 +16,8 @@ Kernel sequences (DESIGN: one kernel, three modes, see :class:`~.configs.Mode`):
 
 Configs come from :func:`~.configs.select_config` (device-aware, fitted to the
 GPU's shared memory). Safety net: a launch that fails to compile or runs out of
-resources warns once for its shape class (device, shape, config) and raises
+resources (Triton's OutOfResources / PTXASError / CompilationError, or the CUDA driver's "too many
+resources requested for launch") warns once for its shape class (device, shape, config) and raises
 :class:`KernelFallback`, which the ops catch to run their reference branch --
 for that shape class from then on, without retrying the kernel.
 ``PICA_KERNELS_STRICT=1`` raises instead (the test suite runs that way).
@@ -33,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import tuned
 from .configs import Mode, choose_split_k, device_props, select_config
 from .padding import pad_rank_dim, padded_view, widen_cols
 
@@ -89,14 +91,33 @@ def reset_fallbacks() -> None:
     FALLBACK_SHAPE_CLASSES.clear()
 
 
-def _launch_failures() -> tuple[type[BaseException], ...]:
-    """What a launch raises when the kernel cannot be built or run on this GPU (not a wrong argument)."""
+def _triton_failures() -> tuple[type[BaseException], ...]:
+    """What Triton raises when the kernel cannot be built or loaded for this GPU (not a wrong argument)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime import errors
 
     return tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(errors, n)) + (
         CompilationError,
     )
+
+
+def _launch_failures() -> tuple[type[BaseException], ...]:
+    """The launch's ``except`` clause: Triton's failures and RuntimeError, of which only the CUDA driver's
+    refusals count (:func:`is_launch_failure`; :func:`_on_launch_failure` re-raises the rest)."""
+    return _triton_failures() + (RuntimeError,)
+
+
+#: The CUDA driver's refusal of a launch whose registers x threads exceed what an SM holds
+#: (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); Triton raises it as a plain RuntimeError.
+LAUNCH_RESOURCE_ERRORS = ("too many resources requested for launch", "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
+
+
+def is_launch_failure(err: BaseException) -> bool:
+    """True for errors that mean "this kernel cannot be built or run on this GPU" (never a wrong argument,
+    never a CUDA out-of-memory)."""
+    if isinstance(err, _triton_failures()):
+        return True
+    return type(err) is RuntimeError and any(m in str(err) for m in LAUNCH_RESOURCE_ERRORS)
 
 
 def _describe_device(device: torch.device) -> str:
@@ -107,7 +128,10 @@ def _describe_device(device: torch.device) -> str:
 
 
 def _on_launch_failure(err: BaseException, key: tuple, device: torch.device, what: str, config) -> None:
-    """Strict mode: raise. Otherwise warn once for this shape class, remember it, raise KernelFallback."""
+    """Strict mode: raise. Otherwise warn once for this shape class, remember it, raise KernelFallback.
+    An error that is no launch failure (:func:`is_launch_failure`) is raised as itself."""
+    if not is_launch_failure(err):
+        raise err
     detail = f"{what} with {config} on {_describe_device(device)}: {type(err).__name__}: {err}"
     if strict_mode():
         raise RuntimeError(f"pica_kernels: the Triton kernel failed for {detail} ({STRICT_ENV_VAR}=1)") from err
@@ -218,6 +242,12 @@ def launch_lowrank_gemm(
     props = device_props(x.device) if x.device.type == "cuda" else None
     config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype), props,
                            interpreted=kernels.INTERPRETED)
+    if x.device.type == "cuda" and tuned.autotune_enabled():  # PICA_KERNELS_AUTOTUNE=1: see tuned.autotune
+        config = tuned.autotuned_config(
+            config, (rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype)), props,
+            (bias is not None, tasks is not None, _precision(x.dtype)),
+            lambda: launch_lowrank_gemm(out, x, weight, t=t, factor_up=factor_up, factor_down=factor_down,
+                                        t_out=t_out, bias=bias, tasks=tasks, seg_len=seg_len, split_k=split_k))
     blocks = config.kwargs
     operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
     cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes

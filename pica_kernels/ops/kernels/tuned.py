@@ -1,0 +1,463 @@
+"""The tuned-config table: block sizes measured on real GPUs, consulted before the heuristic.
+
+:func:`~.configs.select_config` asks :func:`lookup` first; when the table has no entry for a launch
+(or none that fits the device), the per-regime heuristic of :mod:`.configs` decides. The table is a
+JSON file shipped in the package (``tuned_configs.json``, next to this module) and written by
+``benchmarks/gpu_tune.py``, which sweeps candidate configs (:func:`candidate_configs`) on a GPU, checks
+each against the reference and keeps the fastest. The choice is deterministic: the same table, device
+and launch always give the same config.
+
+Table format (``schema`` and ``version`` are checked; a table that fails them is ignored with a
+warning, an entry that fails is skipped with a warning)::
+
+    {"schema": "pica_kernels.tuned_configs", "version": 1,
+     "entries": [
+       {"arch": "sm_90", "mode": "CONCAT_K", "regime": "prefill", "dtypes": "bf16/bf16/fp32",
+        "bucket": {"rows": 4096, "cols": 4096, "depth": 4096, "rank": 64},
+        "config": {"BLOCK_ROWS": 128, "BLOCK_COLS": 128, "BLOCK_DEPTH": 64, "GROUP_ROWS": 8,
+                   "num_warps": 8, "num_stages": 4},
+        "measured": {"device": "NVIDIA H200", "ms": 0.41, "heuristic_ms": 0.45, ...}}]}
+
+Key of an entry: ``arch`` (``sm_<major><minor>``), ``mode`` (a :class:`~.configs.Mode` name),
+``regime`` (:func:`~.configs.regime`), ``dtypes`` (x / weight / factor element types, as
+:func:`dtypes_name` writes them) and ``bucket``: the power-of-two ceilings of the launch's rows,
+cols, depth and rank (:func:`shape_bucket`). A bucket field left out matches any value; of the
+entries that match a launch the most specific (most bucket fields) wins, ties going to the first in
+the file. ``config`` may give ``BLOCK_RANK`` (else the heuristic's rule); ``measured`` is free-form
+provenance. An entry whose config does not fit the device (:func:`~.configs.estimate_shared_memory`
+over ``smem_per_block``, or a DECODE rank tile narrower than the rank) is ignored with a one-time
+warning and the next match, or the heuristic, is used.
+
+Environment:
+  ``PICA_KERNELS_TUNED=0``            ignore the table (the heuristic alone).
+  ``PICA_KERNELS_TUNED_CONFIGS=path`` read this table instead of the shipped one.
+  ``PICA_KERNELS_AUTOTUNE=1``         run-time autotuning (GPU only, off by default: it times
+                                      candidates on the first launch of every shape bucket, so
+                                      results then depend on timing noise): :func:`autotune`.
+
+Importable without triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .configs import (
+    BLOCK_NAMES,
+    DeviceProps,
+    Mode,
+    _block_rank,
+    config_override,
+    estimate_shared_memory,
+    heuristic_blocks,
+    next_pow2,
+    override_active,
+    regime,
+    select_config,
+)
+
+SCHEMA = "pica_kernels.tuned_configs"
+VERSION = 1
+#: The table shipped in the package (package data).
+TABLE_PATH = Path(__file__).with_name("tuned_configs.json")
+ENV_TUNED = "PICA_KERNELS_TUNED"
+ENV_TABLE = "PICA_KERNELS_TUNED_CONFIGS"
+ENV_AUTOTUNE = "PICA_KERNELS_AUTOTUNE"
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+REGIMES = tuple(f"{p}{b}" for p in ("", "narrow-") for b in ("small", "mid", "prefill")) + ("decode",)
+BUCKET_FIELDS = ("rows", "cols", "depth", "rank")
+CONFIG_KEYS = (*BLOCK_NAMES, "num_warps", "num_stages")
+_ARCH = re.compile(r"^sm_\d{2,3}$")
+_DTYPES = re.compile(r"^(fp16|bf16|fp32)/(fp16|bf16|fp32)/(fp16|bf16|fp32)$")
+
+
+class TableError(ValueError):
+    """A tuned-config table that cannot be used at all (not JSON, wrong schema or version)."""
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def table_enabled() -> bool:
+    """False when ``PICA_KERNELS_TUNED=0``."""
+    return _flag(ENV_TUNED, "1")
+
+
+def autotune_enabled() -> bool:
+    """True when ``PICA_KERNELS_AUTOTUNE=1``."""
+    return _flag(ENV_AUTOTUNE, "0")
+
+
+def table_path() -> Path:
+    """The table in use: ``PICA_KERNELS_TUNED_CONFIGS`` if set, else the shipped one."""
+    return Path(os.environ.get(ENV_TABLE) or TABLE_PATH)
+
+
+def dtypes_name(dtypes: Sequence[torch.dtype]) -> str:
+    """``(x, weight, factor)`` element types as a key: ``"bf16/bf16/fp32"``."""
+    return "/".join(DTYPE_NAMES[dt] for dt in dtypes)
+
+
+def shape_bucket(rows: int, cols: int, depth: int, rank: int) -> dict[str, int]:
+    """Power-of-two ceilings of a launch's sizes (0 stays 0: PLAIN launches have rank 0)."""
+    return {k: (next_pow2(v) if v > 0 else 0) for k, v in zip(BUCKET_FIELDS, (rows, cols, depth, rank))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    arch: str
+    mode: Mode
+    regime: str
+    dtypes: str
+    bucket: tuple[tuple[str, int], ...]  # the fields given, in BUCKET_FIELDS order
+    config: tuple[tuple[str, int], ...]
+    index: int  # position in the file (ties, warnings)
+
+    @property
+    def key(self) -> tuple:
+        return (self.arch, self.mode, self.regime, self.dtypes)
+
+    def matches(self, bucket: dict[str, int]) -> bool:
+        return all(bucket[k] == v for k, v in self.bucket)
+
+    def as_json(self, measured: dict | None = None) -> dict:
+        out = {"arch": self.arch, "mode": self.mode.name, "regime": self.regime, "dtypes": self.dtypes,
+               "bucket": dict(self.bucket), "config": dict(self.config)}
+        if measured is not None:
+            out["measured"] = measured
+        return out
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and not v & (v - 1)
+
+
+def parse_entry(raw, index: int) -> Entry:
+    """One entry of the table, validated; ValueError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError("an entry must be an object")
+    missing = [k for k in ("arch", "mode", "regime", "dtypes", "config") if k not in raw]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    unknown = set(raw) - {"arch", "mode", "regime", "dtypes", "bucket", "config", "measured"}
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    if not isinstance(raw["arch"], str) or not _ARCH.match(raw["arch"]):
+        raise ValueError(f"arch must look like 'sm_90', got {raw['arch']!r}")
+    if raw["mode"] not in Mode.__members__:
+        raise ValueError(f"mode must be one of {list(Mode.__members__)}, got {raw['mode']!r}")
+    mode = Mode[raw["mode"]]
+    if raw["regime"] not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {raw['regime']!r}")
+    if (raw["regime"] == "decode") != (mode == Mode.DECODE):
+        raise ValueError(f"regime {raw['regime']!r} does not go with mode {mode.name}")
+    if not isinstance(raw["dtypes"], str) or not _DTYPES.match(raw["dtypes"]):
+        raise ValueError(f"dtypes must look like 'bf16/bf16/fp32', got {raw['dtypes']!r}")
+    bucket = raw.get("bucket", {})
+    if not isinstance(bucket, dict) or set(bucket) - set(BUCKET_FIELDS):
+        raise ValueError(f"bucket must be an object with fields among {BUCKET_FIELDS}, got {bucket!r}")
+    for k, v in bucket.items():
+        if not (v == 0 and k == "rank" and not isinstance(v, bool)) and not _pow2(v):
+            raise ValueError(f"bucket {k} must be a power of two (rank may be 0), got {v!r}")
+    config = raw["config"]
+    if not isinstance(config, dict):
+        raise ValueError("config must be an object")
+    need = {"BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH", "GROUP_ROWS", "num_warps", "num_stages"}
+    if need - set(config) or set(config) - set(CONFIG_KEYS):
+        raise ValueError(f"config needs {sorted(need)} (and may give BLOCK_RANK), got {sorted(config)}")
+    for k, v in config.items():
+        if k.startswith("BLOCK_") and not (_pow2(v) and v >= 16):
+            raise ValueError(f"config {k} must be a power of two >= 16, got {v!r}")
+        if k == "num_warps" and v not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config num_warps must be 1, 2, 4, 8 or 16, got {v!r}")
+        if k in ("GROUP_ROWS", "num_stages") and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"config {k} must be a positive int, got {v!r}")
+    return Entry(raw["arch"], mode, raw["regime"], raw["dtypes"],
+                 tuple((k, bucket[k]) for k in BUCKET_FIELDS if k in bucket),
+                 tuple((k, config[k]) for k in CONFIG_KEYS if k in config), index)
+
+
+@dataclasses.dataclass
+class Table:
+    path: str
+    entries: list[Entry]
+    errors: list[str]  # entries skipped, with the reason
+    index: dict[tuple, list[Entry]]
+
+    @classmethod
+    def from_json(cls, obj, path: str = "<memory>") -> Table:
+        """Validate a parsed table: TableError for the whole, per-entry problems in ``errors``."""
+        if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
+            raise TableError(f"{path}: not a tuned-config table (expected \"schema\": {SCHEMA!r})")
+        if obj.get("version") != VERSION:
+            raise TableError(f"{path}: table version {obj.get('version')!r}; this pica_kernels reads version "
+                             f"{VERSION}")
+        if not isinstance(obj.get("entries"), list):
+            raise TableError(f"{path}: \"entries\" must be a list")
+        entries, errors, seen = [], [], {}
+        for i, raw in enumerate(obj["entries"]):
+            try:
+                e = parse_entry(raw, i)
+            except ValueError as err:
+                errors.append(f"entry {i}: {err}")
+                continue
+            ident = (e.key, e.bucket)
+            if ident in seen:
+                errors.append(f"entry {i}: same key and bucket as entry {seen[ident]} (the first one is used)")
+                continue
+            seen[ident] = i
+            entries.append(e)
+        index: dict[tuple, list[Entry]] = {}
+        for e in entries:
+            index.setdefault(e.key, []).append(e)
+        for group in index.values():  # most specific first; the file's order breaks ties
+            group.sort(key=lambda e: (-len(e.bucket), e.index))
+        return cls(path, entries, errors, index)
+
+    def matches(self, arch: str, mode: Mode, reg: str, dtypes: str, bucket: dict[str, int]) -> list[Entry]:
+        return [e for e in self.index.get((arch, mode, reg, dtypes), ()) if e.matches(bucket)]
+
+
+def empty_table() -> dict:
+    return {"schema": SCHEMA, "version": VERSION, "entries": []}
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+_CACHE: dict[str, Table | None] = {}
+
+
+def clear_cache() -> None:
+    """Forget the tables read (and the warnings given): the next lookup reads the file again."""
+    _CACHE.clear()
+    _WARNED.clear()
+
+
+def load_table(path: Path | str | None = None) -> Table | None:
+    """The table at ``path`` (default :func:`table_path`), parsed once per process (:func:`clear_cache`
+    to re-read); None when it is missing or unusable (a warning says why, once)."""
+    path = Path(path) if path is not None else table_path()
+    if str(path) in _CACHE:
+        return _CACHE[str(path)]
+    table = None
+    try:
+        text = path.read_text()
+    except OSError as err:
+        _warn_once(("missing", str(path)), f"pica_kernels: tuned-config table {path} cannot be read ({err}); "
+                                           "using the heuristic configs")
+    else:
+        try:
+            table = Table.from_json(json.loads(text), str(path))
+        except (json.JSONDecodeError, TableError) as err:
+            _warn_once(("bad", str(path)), f"pica_kernels: tuned-config table ignored: {err}")
+        else:
+            if table.errors:
+                _warn_once(("entries", str(path)), f"pica_kernels: {path}: {len(table.errors)} tuned "
+                           "entries skipped: " + "; ".join(table.errors))
+    _CACHE[str(path)] = table
+    return table
+
+
+def fits(config: dict, mode: Mode, rank: int, dtypes: Sequence[torch.dtype], device: DeviceProps) -> tuple[dict, str]:
+    """``(blocks, "")`` when ``config`` can run this launch on ``device``, else ``({}, why)``.
+
+    blocks: the five BLOCK_* / GROUP_ROWS values, BLOCK_RANK filled in by the heuristic's rule when absent.
+    """
+    blocks = {k: config[k] for k in BLOCK_NAMES if k in config}
+    if "BLOCK_RANK" not in blocks:
+        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
+    if mode == Mode.DECODE and blocks["BLOCK_RANK"] < rank:
+        return {}, f"BLOCK_RANK {blocks['BLOCK_RANK']} < r = {rank} (DECODE holds t whole)"
+    smem = estimate_shared_memory(blocks, config["num_stages"], mode, *(dt.itemsize for dt in dtypes),
+                                  device.capability)
+    if smem > device.smem_per_block:
+        return {}, f"needs ~{smem} B of shared memory, {device.name} ({device.arch}) has {device.smem_per_block} B"
+    return blocks, ""
+
+
+def lookup(rows: int, cols: int, depth: int, rank: int, mode: Mode, dtypes: Sequence[torch.dtype],
+           device: DeviceProps, table: Table | None = None) -> tuple[dict, int, int] | None:
+    """(blocks, num_warps, num_stages) of the tuned entry for this launch, or None (use the heuristic).
+
+    ``table``: default :func:`load_table` (None when ``PICA_KERNELS_TUNED=0``)."""
+    if table is None:
+        if not table_enabled():
+            return None
+        table = load_table()
+        if table is None:
+            return None
+    if any(dt not in DTYPE_NAMES for dt in dtypes):
+        return None
+    for entry in table.matches(device.arch, mode, regime(rows, cols, mode), dtypes_name(dtypes),
+                               shape_bucket(rows, cols, depth, rank)):
+        config = dict(entry.config)
+        blocks, why = fits(config, mode, rank, dtypes, device)
+        if blocks:
+            return blocks, config["num_warps"], config["num_stages"]
+        _warn_once(("unfit", table.path, entry.index, device),
+                   f"pica_kernels: tuned config ignored (entry {entry.index} of {table.path}, {mode.name} "
+                   f"rows={rows} cols={cols} depth={depth} rank={rank}): {why}; using the next match or the "
+                   "heuristic")
+    return None
+
+
+# ----------------------------------------------------------------------------- candidates (sweep, autotune)
+
+#: Options per regime for the sweep (benchmarks/gpu_tune.py) and run-time autotuning. Narrow regimes fix
+#: BLOCK_COLS to the output width; DECODE fixes BLOCK_RANK to the rank's tile.
+_SPACE = {
+    "decode": dict(rows=(16, 32), cols=(32, 64, 128), depth=(64, 128, 256), warps=(4, 8), stages=(2, 3, 4, 5)),
+    "small": dict(rows=(16, 32), cols=(32, 64, 128), depth=(64, 128, 256), warps=(4, 8), stages=(2, 3, 4, 5)),
+    "mid": dict(rows=(32, 64), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
+    "prefill": dict(rows=(64, 128, 256), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
+}
+#: fp32 accumulator elements per thread a candidate may hold (rows x cols / (32 x warps)): 128 registers of
+#: 255 leave room for the operand fragments; larger tiles spilled in the compile survey (issue 12).
+MAX_ACC_PER_THREAD = 128
+
+
+def _distance(a: dict, b: dict) -> int:
+    def lg(v):
+        return max(0, int(v)).bit_length()
+
+    return sum(abs(lg(a[k]) - lg(b[k])) for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH", "num_warps")) + abs(
+        a["num_stages"] - b["num_stages"])
+
+
+def candidate_configs(rows: int, cols: int, depth: int, rank: int, mode: Mode, dtypes: Sequence[torch.dtype],
+                      device: DeviceProps, limit: int | None = None) -> list[dict]:
+    """Configs worth timing for this launch on ``device``, the heuristic's first, then the others nearest
+    to it; pruned by the shared-memory model (:func:`fits`) and :data:`MAX_ACC_PER_THREAD` before anything
+    is compiled. Each is a flat dict of :data:`CONFIG_KEYS` (``config_override(**c)`` applies it)."""
+    reg = regime(rows, cols, mode)
+    base = reg.removeprefix("narrow-")
+    space = _SPACE[base]
+    blocks, warps, stages = heuristic_blocks(rows, cols, rank, mode, dtypes, device)
+    first = {**blocks, "num_warps": warps, "num_stages": stages}
+    col_opts = (max(16, next_pow2(cols)),) if reg.startswith("narrow-") else space["cols"]
+    group = 1 if base in ("decode", "small") else 8
+    out = []
+    for bm in space["rows"]:
+        for bn in col_opts:
+            for bk in space["depth"]:
+                for w in space["warps"]:
+                    for s in space["stages"]:
+                        if bm * bn > MAX_ACC_PER_THREAD * 32 * w:
+                            continue
+                        c = {"BLOCK_ROWS": bm, "BLOCK_COLS": bn, "BLOCK_DEPTH": bk, "GROUP_ROWS": group,
+                             "num_warps": w, "num_stages": s}
+                        fitted, _ = fits(c, mode, rank, dtypes, device)
+                        if not fitted:
+                            continue
+                        c.update(fitted)
+                        if c != first:
+                            out.append(c)
+    out.sort(key=lambda c: (_distance(c, first), sorted(c.items())))
+    out.insert(0, first)
+    return out[:limit] if limit else out
+
+
+# ----------------------------------------------------------------------------- run-time autotuning
+
+#: Run-time choices of PICA_KERNELS_AUTOTUNE=1, per (launch key, bucket), for this process.
+AUTOTUNED: dict[tuple, dict] = {}
+AUTOTUNE_CANDIDATES = 12
+
+
+def median_ms(fn: Callable[[], object], reps: int = 10, warmup: int = 2, cuda: bool = False) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def pick_fastest(candidates: Sequence[dict], run: Callable[[dict], object],
+                 bench: Callable[[Callable[[], object]], float]) -> tuple[dict, list[tuple[dict, float | str]]]:
+    """The candidate with the smallest ``bench(lambda: run(c))``; candidates whose run raises are skipped
+    (recorded with the error). Ties go to the earlier candidate (the heuristic's comes first)."""
+    timings: list[tuple[dict, float | str]] = []
+    best, best_ms = None, float("inf")
+    for c in candidates:
+        try:
+            run(c)  # compile (and fail) outside the timing
+            ms = bench(lambda c=c: run(c))
+        except Exception as err:  # a candidate that does not build or launch here
+            timings.append((c, f"{type(err).__name__}: {err}"))
+            continue
+        timings.append((c, ms))
+        if ms < best_ms:
+            best, best_ms = c, ms
+    if best is None:
+        raise RuntimeError("autotune: no candidate config ran: " + "; ".join(str(t) for _, t in timings))
+    return best, timings
+
+
+def autotune(key: tuple, candidates: Sequence[dict] | Callable[[], Sequence[dict]], run: Callable[[dict], object],
+             cuda: bool = True) -> dict:
+    """PICA_KERNELS_AUTOTUNE=1: on the first launch of ``key`` time ``candidates`` (a list, or a callable
+    making it, called only then) by running the launch itself (every launch overwrites its outputs) and
+    remember the fastest for the process.
+
+    Why not ``@triton.autotune``: the grid, the split-K partial buffers and the row-tile arguments of a
+    launch depend on the block sizes, which the decorator's fixed arguments cannot follow; this times
+    the complete launch per config instead (the decorator's method: median of CUDA-event timings)."""
+    if key not in AUTOTUNED:
+        if callable(candidates):
+            candidates = candidates()
+        best, _ = pick_fastest(candidates[:AUTOTUNE_CANDIDATES], run,
+                               lambda fn: median_ms(fn, reps=10, warmup=1, cuda=cuda))
+        AUTOTUNED[key] = best
+    return AUTOTUNED[key]
+
+
+def autotuned_config(config, select_args: tuple, props: DeviceProps, extra_key: tuple, launch: Callable[[], object]):
+    """The launcher's hook (PICA_KERNELS_AUTOTUNE=1, CUDA tensors): ``config`` (select_config's choice)
+    replaced by the fastest candidate for this launch's key and shape bucket (:func:`autotune`).
+
+    select_args: (rows, cols, depth, rank, mode, dtypes); extra_key: what else selects a compiled kernel
+    (bias, tasks, precision); launch(): the launch itself, run under each candidate's override. Inside a
+    :func:`~.configs.config_override` block (tests, sweeps, the candidates' own runs) ``config`` stands."""
+    if override_active():
+        return config
+    rows, cols, depth, rank, mode, dtypes = select_args
+    key = (props.arch, mode, *dtypes, *extra_key, *shape_bucket(rows, cols, depth, rank).values())
+
+    def run(candidate):
+        with config_override(**candidate):
+            launch()
+
+    best = autotune(key, lambda: candidate_configs(*select_args, props), run)
+    with config_override(**best):
+        return select_config(*select_args, props)
