@@ -147,13 +147,15 @@ def estimate_shared_memory(blocks: dict, num_stages: int, mode: Mode, x_bytes: i
     return buffers * max(depth_stage, rank_stage) + SMEM_RESERVE
 
 
-def _block_rank(mode: Mode, rank: int, block_depth: int) -> int:
+def _block_rank(mode: Mode, rank: int, block_depth: int, block_rows: int = 64) -> int:
     """BLOCK_RANK: DECODE holds all of t in one tile (>= rank); CONCAT_K steps over the rank with it -- r = 16
     does not pay for a 64-wide masked tile, and steps stay <= 64 (128-wide rank steps at T <= 16 spilled
-    registers in the compile survey that motivated this)."""
+    registers in the compile survey that motivated this), <= 32 for 16-row tiles (the AOT gate, triton 3.9:
+    16x64x128 with a 64-wide rank step spilled 8-24 B at 64 registers on sm_90 / sm_100, fp16; 32-wide: 72
+    registers, no spill)."""
     if mode == Mode.DECODE:
         return max(16, next_pow2(rank))
-    return min(block_depth, 64, max(16, next_pow2(rank)))
+    return min(block_depth, 64 if block_rows > 16 else 32, max(16, next_pow2(rank)))
 
 
 def regime(rows: int, cols: int, mode: Mode) -> str:
@@ -172,7 +174,7 @@ def regime(rows: int, cols: int, mode: Mode) -> str:
     return f"narrow-{base}" if cols <= 64 and mode != Mode.DECODE else base
 
 
-def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps) -> tuple[dict, int, int]:
+def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps, weight_bytes: int = 2) -> tuple[dict, int, int]:
     """Starting point per regime (before the shared-memory fit): blocks, num_warps, num_stages."""
     wide = x_bytes == 4  # fp32 operands: half the depth per step for the same bytes
     base = reg.removeprefix("narrow-")
@@ -181,7 +183,9 @@ def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps) -> tuple[
         warps, stages = 4, 4
     elif base == "mid":
         blocks = {"BLOCK_ROWS": 64, "BLOCK_COLS": 128, "BLOCK_DEPTH": 32 if wide else 64, "GROUP_ROWS": 8}
-        warps, stages = 4, 4
+        # Three stages on 99 KB parts, as for prefill (the AOT gate, triton 3.9, sm_120 fp16: 4 stages 255
+        # registers + 32 B of spills, 3 stages 255 registers, none).
+        warps, stages = 4, 4 if props.smem_per_block >= 160 * 1024 else 3
     else:
         blocks = {"BLOCK_ROWS": 128, "BLOCK_COLS": 128, "BLOCK_DEPTH": 32 if wide else 64, "GROUP_ROWS": 8}
         warps = 8
@@ -191,7 +195,9 @@ def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps) -> tuple[
         # Narrow outputs (cols = r) get narrow tiles instead of masked-off columns; the depth (in, or
         # T for dA) is long, so take deeper steps with the bytes the narrow tile frees.
         blocks["BLOCK_COLS"] = max(16, next_pow2(cols))
-        blocks["BLOCK_DEPTH"] = min(2 * blocks["BLOCK_DEPTH"], 128)
+        if weight_bytes <= x_bytes:  # not with an fp32 right operand (M) cast in registers: the AOT gate
+            # (triton 3.9, sm_100, fp16 x, fp32 M, 64x64x128: 96 registers + 16 B of spills; x64: 68, none)
+            blocks["BLOCK_DEPTH"] = min(2 * blocks["BLOCK_DEPTH"], 128)
     return blocks, warps, stages
 
 
@@ -200,7 +206,7 @@ def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tu
     """Shrink until :func:`estimate_shared_memory` <= the device's limit: stages down to 3, the depth step
     down to 64, stages down to 2, the depth step down to 32, then the column tile, then the row tile."""
     while True:
-        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
+        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
         if estimate_shared_memory(blocks, stages, mode, *sizes, device.capability) <= device.smem_per_block:
             return blocks, warps, stages
         if stages > 3:
@@ -274,11 +280,11 @@ def select_config(
         if mode == Mode.DECODE:
             blocks["BLOCK_ROWS"] = 16
         warps, stages = 4, 1
-        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
+        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
     else:
         if device is None:
             raise ValueError("select_config needs the DeviceProps of the GPU (or interpreted=True)")
-        blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device)
+        blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device, weight_bytes)
         blocks, warps, stages = _fit(blocks, warps, stages, mode, rank, (x_bytes, weight_bytes, factor_bytes),
                                      device)
         if use_table:  # a tuned entry replaces the heuristic's choice (the table is read once, lazily)
@@ -293,7 +299,7 @@ def select_config(
         stages = override.pop("num_stages", stages)
         blocks.update(override)
         if "BLOCK_RANK" not in override:
-            blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
+            blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 

@@ -27,6 +27,8 @@ Importing this module does not import triton; the kernel module is imported on t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 import warnings
@@ -44,6 +46,23 @@ from .padding import pad_rank_dim, padded_view, widen_cols
 # here: no GPU in the session that wrote this; benchmarks/gpu.sh times both).
 DECODE_MAX_T = 16
 DECODE_MAX_R = 64
+
+
+#: Set by :func:`recording_launches` (the ahead-of-time gate, :mod:`.aot`): (DeviceProps, list sink).
+_RECORDING: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("pica_kernels_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording_launches(props, sink: list):
+    """Inside the block, a launch on ``meta`` tensors is configured exactly as on the GPU ``props`` describes
+    (a :class:`~.configs.DeviceProps`, e.g. ``GPU_TABLE["sm_86"]``: config, split-K, grid, arguments) and
+    appended to ``sink`` as ``(grid, args, kwargs)`` instead of run. This is how :mod:`.aot` compiles
+    every launch the ops make for a GPU it does not have; the kernel module must be in compiler mode."""
+    token = _RECORDING.set((props, sink))
+    try:
+        yield sink
+    finally:
+        _RECORDING.reset(token)
 
 
 def kernel_module():
@@ -239,7 +258,11 @@ def launch_lowrank_gemm(
     # and factor_up after it; on the output side one is an fp32 M, the other the x-dtype basis).
     factors = [f.dtype for f in (factor_up, factor_down) if f is not None] or [weight.dtype]
     factor_dtype = max(factors, key=lambda dt: dt.itemsize)
-    props = device_props(x.device) if x.device.type == "cuda" else None
+    recording = _RECORDING.get() if x.device.type == "meta" else None
+    if recording is not None:
+        props = recording[0]
+    else:
+        props = device_props(x.device) if x.device.type == "cuda" else None
     config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype), props,
                            interpreted=kernels.INTERPRETED)
     if x.device.type == "cuda" and tuned.autotune_enabled():  # PICA_KERNELS_AUTOTUNE=1: see tuned.autotune
@@ -292,16 +315,13 @@ def launch_lowrank_gemm(
         depth_per_split, out.stride(0) if split_k > 1 else 0,
         t_out.stride(0) if split_k > 1 and mode == Mode.DECODE else 0,
     )
+    constexprs = dict(MODE=int(mode), HAS_BIAS=bias is not None, HAS_TASKS=tasks is not None, CAST_F32=cast_f32,
+                      PRECISION=precision, **config.all_kwargs())
     try:
-        kernels.lowrank_gemm_kernel[(tiles, split_k)](
-            *args,
-            MODE=int(mode),
-            HAS_BIAS=bias is not None,
-            HAS_TASKS=tasks is not None,
-            CAST_F32=cast_f32,
-            PRECISION=precision,
-            **config.all_kwargs(),
-        )
+        if recording is not None:
+            recording[1].append(((tiles, split_k), args, constexprs))
+        else:
+            kernels.lowrank_gemm_kernel[(tiles, split_k)](*args, **constexprs)
     except _launch_failures() as err:
         what = f"{mode.name} rows={rows} cols={cols} depth={depth} rank={rank} {x.dtype}"
         _on_launch_failure(err, key, x.device, what, config)

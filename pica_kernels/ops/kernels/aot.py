@@ -1,0 +1,688 @@
+"""Ahead-of-time compile gate: every kernel the launchers produce, compiled for every NVIDIA architecture, no GPU.
+
+Triton compiles for any ``GPUTarget("cuda", cc, 32)`` on a CPU-only machine (ptxas ships in its wheel).
+The gate runs the real launch sequences of the ops (:func:`.launchers.triton_forward`,
+:func:`.launchers.triton_backward`, the grouped and multi-task forwards) on ``meta`` tensors under
+:func:`.launchers.recording_launches`, so config choice, split-K, strides and flags are exactly what a
+user's GPU of that architecture would launch (its :data:`.configs.GPU_TABLE` entry stands in for the
+device). Each recorded launch goes through Triton's own binder (the JIT's specialisation code path:
+``tt.divisibility`` 16 hints on pointers and integers, integers equal to 1 made constants, constexprs);
+the specialisations are deduplicated on the JIT's cache key and compiled with ``triton.compile`` exactly
+as ``JITFunction.run`` would. A compile without those hints is a different, worse kernel (the sm_86
+decode kernel of issue 12 compiled to ~20 KB of shared memory unhinted, 110,592 B hinted).
+
+Checks per compile (:func:`check`): it compiles; ``metadata.shared`` <= the architecture's opt-in
+limit; no register spills in 16-bit prefill and backward GEMMs (the ptxas log); ``wgmma`` in the sm_90
+PTX for tiles of >= 64 rows.
+
+The kernel module is decorated once, at import, in interpreter or compiler mode; the gate needs compiler
+mode, so it runs in its own process (:func:`run_subprocess` clears ``TRITON_INTERPRET``), and compiles in
+parallel worker processes. Command line (``make aot`` runs the full sweep and writes docs/kernels.md)::
+
+    python -m pica_kernels.ops.kernels.aot [--largest] [--archs sm_86,sm_90] [--jobs 2]
+                                           [--json out.json] [--markdown docs/kernels.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .configs import GPU_TABLE, Mode, bf16_tensor_cores, estimate_shared_memory, regime
+
+ARCHS = tuple(GPU_TABLE)
+#: The sweep (issue 12): in/out features (1001: no power-of-two factor, so no divisibility hints),
+#: ranks, tokens T.
+SIZES = (576, 1024, 4096, 14336, 1001)
+RANKS = (1, 8, 16, 24, 32, 64, 128, 256)
+TOKENS = (0, 1, 8, 16, 64, 4096)
+#: name -> (x / weight dtype, trainable-factor dtype, TF32 allowed). The trainable factor (PiCa's M,
+#: LoRA's factors) may be fp32 with 16-bit activations; the frozen factor (the basis) is in x's dtype.
+VARIANTS = {
+    "fp16": (torch.float16, torch.float16, False),
+    "bf16": (torch.bfloat16, torch.bfloat16, False),
+    "fp32": (torch.float32, torch.float32, False),
+    "fp32-tf32": (torch.float32, torch.float32, True),
+    "fp16-fp32M": (torch.float16, torch.float32, False),
+    "bf16-fp32M": (torch.bfloat16, torch.float32, False),
+}
+#: The launch sequences :func:`record` knows; :data:`OPS` are swept by default (PiCa input side: forward
+#: incl. decode, backward dx + dM, grouped q/k/v forward and backward, multi-task forward).
+ALL_OPS = ("forward/input", "forward/output", "backward/input", "backward/output", "backward/lora",
+           "grouped/forward", "grouped/backward", "multitask/forward")
+OPS = ("forward/input", "backward/input", "grouped/forward", "grouped/backward", "multitask/forward")
+#: Sources whose hash docs/kernels.md records (the table is stale when either changes).
+HASHED_SOURCES = ("lowrank_gemm.py", "configs.py")
+DEFAULT_MARKDOWN = Path(__file__).resolve().parents[3] / "docs" / "kernels.md"
+HASH_MARKER = "aot-source-hash"
+
+
+def source_hash() -> str:
+    """sha256 over the kernel source and the configs source (what the resource table depends on)."""
+    h = hashlib.sha256()
+    for name in HASHED_SOURCES:
+        h.update(name.encode())
+        h.update((Path(__file__).with_name(name)).read_bytes())
+    return h.hexdigest()
+
+
+def recorded_hash(markdown: Path = DEFAULT_MARKDOWN) -> str | None:
+    """The source hash recorded in docs/kernels.md (None if absent)."""
+    if not markdown.exists():
+        return None
+    m = re.search(HASH_MARKER + r": ([0-9a-f]{64})", markdown.read_text())
+    return m.group(1) if m else None
+
+
+def capability(arch: str) -> int:
+    major, minor = GPU_TABLE[arch].capability
+    return 10 * major + minor
+
+
+# ----------------------------------------------------------------------------------------- recording
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One point of the sweep: a launch sequence of one op at one shape."""
+
+    op: str
+    variant: str
+    n_in: int
+    n_out: int
+    rank: int
+    tokens: int
+    bias: bool
+
+    def __str__(self) -> str:
+        return (f"{self.op} {self.variant} T={self.tokens} in={self.n_in} out={self.n_out} r={self.rank}"
+                f"{' bias' if self.bias else ''}")
+
+
+def sweep(archs=ARCHS, sizes=SIZES, ranks=RANKS, tokens=TOKENS, ops=OPS, variants=tuple(VARIANTS)):
+    """(arch, Point) for the whole sweep; bf16 skipped on GPUs without bf16 tensor cores (sm_75 runs the
+    reference there). Bias on/off only where a launch reads it (forwards)."""
+    for arch in archs:
+        for variant in variants:
+            if VARIANTS[variant][0] == torch.bfloat16 and not bf16_tensor_cores(GPU_TABLE[arch]):
+                continue
+            for op, n_in, n_out, r, t in itertools.product(ops, sizes, sizes, ranks, tokens):
+                for bias in ((False, True) if op.split("/")[1] in ("input", "output", "forward") else (False,)):
+                    yield arch, Point(op, variant, n_in, n_out, r, t, bias)
+
+
+def _grouped_outs(n_out: int) -> list[int]:
+    """q/k/v-like outputs: q = out, k and v narrower (GQA) when out is large."""
+    kv = n_out if n_out <= 1024 else max(1024, n_out // 4)
+    return [n_out, kv, kv]
+
+
+def record(arch: str, p: Point) -> list[tuple]:
+    """The launches ``p`` makes on an ``arch`` GPU: [(grid, args, constexprs)], args holding meta tensors."""
+    from . import launchers
+
+    xdt, mdt, tf32 = VARIANTS[p.variant]
+
+    def e(*shape, dtype=xdt):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    T, n_in, n_out, r = p.tokens, p.n_in, p.n_out, p.rank
+    bias = e(n_out) if p.bias else None
+    sink: list = []
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with launchers.recording_launches(GPU_TABLE[arch], sink):
+            kind, which = p.op.split("/")
+            if kind == "forward":  # PiCa input side (a = M, b = P) or output side (a = U_r, b = M)
+                a, b = (e(n_out, r, dtype=mdt), e(r, n_in)) if which == "input" else (e(n_out, r), e(r, n_in, dtype=mdt))
+                launchers.triton_forward(e(T, n_in), e(n_out, n_in), bias, a, b)
+            elif kind == "backward":
+                a_dt, b_dt = {"input": (mdt, xdt), "output": (xdt, mdt), "lora": (mdt, mdt)}[which]
+                need_da, need_db = which in ("input", "lora"), which in ("output", "lora")
+                launchers.triton_backward(e(T, n_out), e(T, n_in) if need_db else None, e(T, r), e(n_out, n_in),
+                                          e(n_out, r, dtype=a_dt), e(r, n_in, dtype=b_dt), True, need_da, need_db)
+            elif kind == "grouped":
+                from ..grouped import _grouped_triton, _slices
+
+                outs = _grouped_outs(n_out)
+                ranks = [r] * len(outs)
+                b_cat = e(sum(ranks), n_in)
+                if which == "forward":
+                    biases = [e(o) if p.bias else None for o in outs]
+                    _grouped_triton(e(T, n_in), [e(o, n_in) for o in outs], biases,
+                                    [e(o, r, dtype=mdt) for o in outs], b_cat, ranks)
+                else:  # what grouped's autograd backward launches: one backward per projection, t and B sliced
+                    t = e(T, sum(ranks))
+                    for (lo, hi), o in zip(_slices(ranks), outs):
+                        launchers.triton_backward(e(T, o), None, t[:, lo:hi], e(o, n_in), e(o, r, dtype=mdt),
+                                                  b_cat[lo:hi], True, True, False)
+            elif kind == "multitask":
+                from ..multitask import _multitask_triton
+
+                nseq = min(4, T) if T > 0 else 1
+                ids = torch.arange(nseq, device="meta") % 3
+                _multitask_triton(e(nseq, T // nseq, n_in), e(n_out, n_in), bias, e(3, n_out, r, dtype=mdt),
+                                  e(r, n_in), ids)
+            else:
+                raise ValueError(f"unknown op {p.op!r}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return sink
+
+
+# ----------------------------------------------------------------------------------------- binding
+class _PointerArg:
+    """What Triton's binder reads of a tensor argument: its dtype and its address. A fresh CUDA allocation
+    is 512-byte aligned, so a view's address modulo 16 is its storage offset in bytes modulo 16."""
+
+    def __init__(self, dtype: torch.dtype, offset_bytes: int):
+        self.dtype = dtype
+        self._ptr = (1 << 20) + offset_bytes
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def describe_args(args) -> tuple:
+    """Launch arguments, tensors replaced by picklable (dtype name, storage offset in bytes) pairs."""
+    return tuple(("tensor", str(v.dtype).removeprefix("torch."), v.storage_offset() * v.element_size())
+                 if isinstance(v, torch.Tensor) else v for v in args)
+
+
+def _arg(v):
+    if isinstance(v, tuple) and v and v[0] == "tensor":
+        return _PointerArg(getattr(torch, v[1]), v[2])
+    return v
+
+
+def jit_function(kernel=None):
+    """The kernel as a ``JITFunction`` (its binder and ``_pack_args``), also when the module was decorated
+    for the interpreter (an ``InterpretedFunction`` wraps the same Python function)."""
+    import triton
+
+    if kernel is None:
+        from .lowrank_gemm import lowrank_gemm_kernel as kernel
+    if isinstance(kernel, triton.runtime.jit.JITFunction):
+        return kernel
+    if id(kernel) not in _JIT:  # keep the wrapper: the binder is cached per function object
+        _JIT[id(kernel)] = (kernel, triton.runtime.jit.JITFunction(kernel.fn))
+    return _JIT[id(kernel)][1]
+
+
+_JIT: dict = {}
+
+
+@functools.cache
+def _backend(cc: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    target = GPUTarget("cuda", cc, 32)
+    return target, make_backend(target)
+
+
+@functools.cache
+def _binder(cc: int, fn):
+    from triton.runtime.jit import create_function_from_signature
+
+    return create_function_from_signature(fn.signature, fn.params, _backend(cc)[1])
+
+
+def bind(cc: int, args, constexprs: dict, kernel=None):
+    """Triton's binder on one launch for ``GPUTarget("cuda", cc, 32)``, as ``JITFunction.run`` calls it.
+
+    args: the launch's positional arguments, tensors as real tensors, or as :func:`describe_args` pairs.
+    Returns (key, kwargs, bound, specialization, options); ``key`` is the JIT's cache key material (the
+    binder's specialisation list and options): equal for launches that share one compiled kernel.
+    """
+    from triton import knobs
+
+    fn = jit_function(kernel)
+    kwargs = dict(constexprs)
+    # As JITFunction.run does before binding.
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    bound, specialization, options = _binder(cc, fn)(*(_arg(v) for v in args), **kwargs)
+    key = (cc, repr(specialization), repr(sorted(options.items())))
+    return key, kwargs, bound, specialization, options
+
+
+def specialise(cc: int, args, constexprs: dict, kernel=None):
+    """What ``JITFunction.run`` hands the compiler for one launch: (signature, constexprs, attrs, options)
+    from the binder and ``_pack_args`` (attrs: the ``tt.divisibility`` hints per argument)."""
+    _, kwargs, bound, specialization, options = bind(cc, args, constexprs, kernel)
+    return jit_function(kernel)._pack_args(_backend(cc)[1], kwargs, bound, specialization, options)
+
+
+# ----------------------------------------------------------------------------------------- compiling
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def mma_kind(ptx: str) -> str:
+    if "tcgen05.mma" in ptx:
+        return "tcgen05"
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    return "fma"
+
+
+def compile_one(cc: int, args, constexprs: dict) -> dict:
+    """Compile one specialisation; {shared, registers, spill_bytes, mma, seconds} or {error}."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    try:
+        options, signature, cexprs, attrs = specialise(cc, args, constexprs)
+        target, _ = _backend(cc)
+        knobs.nvidia.dump_ptxas_log = True  # make_cubin prints the ptxas -v log: registers, spills
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(jit_function(), signature, cexprs, attrs), target=target,
+                                      options=options.__dict__)
+    except Exception as err:  # the gate reports any failure to compile (OutOfResources, PTXASError, ...)
+        return {"error": f"{type(err).__name__}: {str(err)[:500]}", "seconds": time.perf_counter() - t0}
+    text = log.getvalue()
+    regs, spills = _REGS.search(text), _SPILLS.search(text)
+    return {
+        "shared": int(compiled.metadata.shared),
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+        "mma": mma_kind(compiled.asm["ptx"]),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the 3.9 default, without its warning
+    from . import lowrank_gemm
+
+    if lowrank_gemm.INTERPRETED:
+        raise RuntimeError("the AOT gate needs the kernels decorated in compiler mode (TRITON_INTERPRET unset)")
+
+
+def _compile_job(job):
+    return compile_one(*job)
+
+
+# ----------------------------------------------------------------------------------------- the gate
+@dataclasses.dataclass
+class Spec:
+    """One compiled kernel (a unique specialisation) and the sweep points that launch it."""
+
+    arch: str
+    mode: str
+    regime: str
+    dtypes: tuple[str, str, str]  # x, weight, factor
+    config: dict
+    estimate: int
+    args: tuple
+    constexprs: dict
+    hints: int = 0  # divisibility-16 hints + ==1 constants in the binder's specialisation
+    ops: set = dataclasses.field(default_factory=set)
+    example: str = ""
+    launches: int = 0
+    jit_keys: int = 1  # JIT specialisations this spec stands for (see representatives)
+    result: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def kernel_class(self) -> tuple:
+        """The kernel but its hints and its bias epilogue: mode, dtypes, config and the other flags."""
+        return (self.arch, self.mode, self.dtypes,
+                tuple(sorted((k, v) for k, v in self.constexprs.items() if k != "HAS_BIAS")))
+
+    @property
+    def group(self) -> str:
+        """The (regime, mode) row of the resource table."""
+        return f"{self.regime} {self.mode}"
+
+    @property
+    def backward(self) -> bool:
+        """Launched by a backward (dx, dM / dA, dB)."""
+        return any(op.startswith("backward") or op.endswith("/backward") for op in self.ops)
+
+    @property
+    def tile(self) -> str:
+        c = self.config
+        return (f"{c['BLOCK_ROWS']}x{c['BLOCK_COLS']}x{c['BLOCK_DEPTH']} r{c['BLOCK_RANK']} "
+                f"w{c['num_warps']} s{c['num_stages']}")
+
+
+def collect(points) -> dict:
+    """Record every point's launches and deduplicate them on the JIT's key: {key: Spec}."""
+    specs: dict = {}
+    for arch, p in points:
+        cc = capability(arch)
+        for _grid, args, cexprs in record(arch, p):
+            desc = describe_args(args)
+            key, _, _, specialization, _ = bind(cc, desc, cexprs)
+            spec = specs.get(key)
+            if spec is None:
+                mode = Mode(cexprs["MODE"])
+                rows, cols = args[9], args[10]
+                dts = [args[0].dtype, args[1].dtype]
+                factors = [args[i].dtype for i in ((3,) if mode == Mode.CONCAT_K else (3, 4) if mode == Mode.DECODE
+                                                    else ())]
+                dts.append(max(factors or [args[1].dtype], key=lambda d: d.itemsize))
+                config = {k: cexprs[k] for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH", "BLOCK_RANK",
+                                                 "GROUP_ROWS", "num_warps", "num_stages")}
+                est = estimate_shared_memory(config, config["num_stages"], mode, *(d.itemsize for d in dts),
+                                             GPU_TABLE[arch].capability)
+                spec = specs[key] = Spec(arch, mode.name.lower(), regime(rows, cols, mode),
+                                         tuple(str(d).removeprefix("torch.") for d in dts), config, est, desc,
+                                         dict(cexprs), example=str(p),
+                                         hints=sum(v[1] == "D" or (v[0] == "constexpr" and v[1] == 1)
+                                                   for v in specialization[:len(desc)]))
+            spec.ops.add(p.op)
+            spec.launches += 1
+    return specs
+
+
+def _collect_arch(job):
+    arch, kw = job
+    return collect(sweep((arch,), **kw))
+
+
+def collect_parallel(archs, jobs: int = 2, **sweep_kw) -> dict:
+    """:func:`collect` of :func:`sweep`, one architecture per worker process."""
+    ctx = multiprocessing.get_context("spawn")
+    me = importlib.import_module(f"{__package__}.aot")
+    specs: dict = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=me._worker_init) as ex:
+        for part in ex.map(me._collect_arch, [(arch, sweep_kw) for arch in archs]):
+            specs.update(part)
+    return specs
+
+
+def representatives(specs: dict) -> dict:
+    """One spec per :attr:`Spec.kernel_class`: the JIT specialisation with the most hints (the aligned,
+    vectorised, cp.async-pipelined kernel: the most shared memory), with a bias if any has one (more
+    registers), standing for the class's others (``jit_keys``, ``launches`` and ``ops`` summed over them)."""
+    best: dict = {}
+    for key, s in specs.items():
+        c = s.kernel_class
+        if c not in best:
+            best[c] = (key, s, 0, 0, set())
+        k0, s0, n, launches, ops = best[c]
+        if (s.hints, s.constexprs["HAS_BIAS"]) > (s0.hints, s0.constexprs["HAS_BIAS"]):
+            k0, s0 = key, s
+        best[c] = (k0, s0, n + 1, launches + s.launches, ops | s.ops)
+    out = {}
+    for key, s, n, launches, ops in best.values():
+        out[key] = dataclasses.replace(s, jit_keys=n, launches=launches, ops=set(ops))
+    return out
+
+
+def largest_per_group(specs: dict, by_mode: bool = False) -> dict:
+    """The largest tile of every (architecture, regime) (and mode, ``by_mode``): most estimated shared
+    memory, then the biggest tile, then 16-bit x (where the spill check applies)."""
+    best: dict = {}
+    for key, s in specs.items():
+        c = s.config
+        rank = (s.estimate, c["BLOCK_ROWS"] * c["BLOCK_COLS"] * c["BLOCK_DEPTH"], s.dtypes[0] != "float32")
+        g = (s.arch, s.group if by_mode else s.regime)
+        if g not in best or rank > best[g][0]:
+            best[g] = (rank, key)
+    return {key: specs[key] for _, key in best.values()}
+
+
+def check(spec: Spec) -> list[str]:
+    """The gate's assertions for one compiled spec; [] when it passes."""
+    r = spec.result
+    if "error" in r:
+        return [f"does not compile: {r['error']}"]
+    limit = GPU_TABLE[spec.arch].smem_per_block
+    failures = []
+    if r["shared"] > limit:
+        failures.append(f"shared memory {r['shared']} B > {limit} B")
+    sixteen_bit = spec.dtypes[0] in ("float16", "bfloat16")
+    if sixteen_bit and (spec.regime.endswith("prefill") or spec.backward) and (r["spill_bytes"] or 0) > 0:
+        failures.append(f"register spills: {r['spill_bytes']} B ({r['registers']} registers)")
+    if spec.arch == "sm_90" and spec.config["BLOCK_ROWS"] >= 64 and r["mma"] != "wgmma":
+        failures.append(f"no wgmma in the sm_90 PTX for a {spec.config['BLOCK_ROWS']}-row tile (got {r['mma']})")
+    return failures
+
+
+def compile_specs(specs: dict, jobs: int = 2, progress=None) -> None:
+    """Compile every spec (``jobs`` worker processes), filling ``spec.result``."""
+    order = sorted(specs, key=lambda k: (specs[k].arch != "sm_75", -specs[k].estimate))  # slowest first
+    jobs_args = [(capability(specs[k].arch), specs[k].args, specs[k].constexprs) for k in order]
+    ctx = multiprocessing.get_context("spawn")
+    me = importlib.import_module(f"{__package__}.aot")  # by name, also when run as __main__ (-m)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=me._worker_init) as ex:
+        for i, (key, result) in enumerate(zip(order, ex.map(me._compile_job, jobs_args))):
+            specs[key].result = result
+            if progress:
+                progress(i + 1, len(order), specs[key])
+
+
+# ----------------------------------------------------------------------------------------- report
+def summary(specs: dict) -> list[dict]:
+    """One row per (architecture, regime, mode): counts and worst resources."""
+    rows = {}
+    for s in specs.values():
+        row = rows.setdefault((s.arch, s.group), {
+            "arch": s.arch, "group": s.group, "compiles": 0, "launches": 0, "max_shared": 0, "max_estimate": 0,
+            "max_registers": 0, "spilling": 0, "max_spill_bytes": 0, "mma": set(), "largest": None, "failures": 0,
+            "seconds": 0.0})
+        r = s.result
+        row["compiles"] += 1
+        row["launches"] += s.launches
+        row["seconds"] += r.get("seconds", 0.0)
+        row["failures"] += bool(check(s))
+        if "error" in r:
+            continue
+        if r["shared"] >= row["max_shared"]:
+            row["max_shared"], row["largest"] = r["shared"], s.tile
+        row["max_estimate"] = max(row["max_estimate"], s.estimate)
+        row["max_registers"] = max(row["max_registers"], r["registers"] or 0)
+        if r["spill_bytes"]:
+            row["spilling"] += 1
+            row["max_spill_bytes"] = max(row["max_spill_bytes"], r["spill_bytes"])
+        row["mma"].add(r["mma"])
+    out = []
+    for key in sorted(rows, key=lambda k: (ARCHS.index(k[0]), k[1])):
+        row = rows[key]
+        row["mma"] = sorted(row["mma"])
+        out.append(row)
+    return out
+
+
+def _spec_json(s: Spec) -> dict:
+    return {"arch": s.arch, "mode": s.mode, "regime": s.regime, "dtypes": s.dtypes, "config": s.config,
+            "estimate": s.estimate, "ops": sorted(s.ops), "example": s.example, "launches": s.launches,
+            "result": s.result, "failures": check(s)}
+
+
+def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, stats: dict, sweep_kw: dict) -> None:
+    import triton
+
+    rows = summary(specs)
+    failures = [(s, f) for s in specs.values() for f in check(s)]
+    spills = [s for s in specs.values() if s.result.get("spill_bytes")]
+    under = [s for s in specs.values() if "shared" in s.result and s.result["shared"] > s.estimate]
+    lines = [
+        "# Kernel resources per architecture (ahead-of-time compile gate)",
+        "",
+        "Generated by `make aot` (`python -m pica_kernels.ops.kernels.aot`); do not edit by hand. Every launch",
+        "the ops make over the sweep below was recorded on `meta` tensors for each architecture's",
+        "`GPU_TABLE` entry (pica_kernels/ops/kernels/configs.py), specialised by Triton's own binder",
+        "(divisibility-16 hints, ==1 constants, constexprs, as `JITFunction.run` does) and compiled with",
+        "`triton.compile` for `GPUTarget(\"cuda\", cc, 32)` -- no GPU involved. Shared memory is the compiled",
+        "kernel's `metadata.shared`, registers and spills come from the ptxas log, the MMA kind from the PTX.",
+        "",
+        f"- {HASH_MARKER}: {source_hash()} (sha256 of {' + '.join(HASHED_SOURCES)}; tests/ops/test_aot_gate.py "
+        "fails when it no longer matches: rerun `make aot`)",
+        f"- triton {triton.__version__}, torch {torch.__version__}; command `{command}`; {seconds / 60:.1f} min wall "
+        "on the 2-core development machine",
+        f"- sweep: in/out in {sweep_kw['sizes']}, r in {sweep_kw['ranks']}, T in {sweep_kw['tokens']}; ops "
+        f"{', '.join(sweep_kw['ops'])}; bias on/off (forwards); variants (x / trainable factor) "
+        f"{', '.join(VARIANTS)}; bf16 not on sm_75 (it runs the reference there)",
+        f"- {stats['launches']} launches recorded -> {stats['jit_keys']} JIT specialisations (the JIT's cache key) "
+        f"-> {stats['classes']} kernel classes (mode, dtypes, config and flags, operand alignment) -> "
+        f"**{stats['compiles']} compiled**: "
+        + ("every JIT specialisation (`--every`)." if stats["classes"] == stats["jit_keys"] and stats.get("every") else
+           "per class, the specialisation with the most hints (divisibility-16, ==1), i.e. the aligned, "
+           "pipelined kernel with the most shared memory; `--every` compiles them all (hours on 2 cores)."),
+        f"- gate: **{'PASS' if not failures else f'FAIL ({len(failures)} failures)'}** -- compiles; shared <= limit; "
+        "no spills in 16-bit prefill and backward GEMMs; wgmma on sm_90 for tiles of >= 64 rows",
+        "",
+    ]
+    if failures:
+        lines += ["## Failures", "", "| arch | regime | tile | dtypes (x, W, factor) | example | failure |",
+                  "|---|---|---|---|---|---|"]
+        for s, f in sorted(failures, key=lambda sf: (ARCHS.index(sf[0].arch), sf[0].group)):
+            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {', '.join(s.dtypes)} | {s.example} | {f} |")
+        lines.append("")
+    lines += ["## Resources per architecture and regime", "",
+              "Regime (configs.regime): decode (one-launch DECODE), small (rows <= 16), mid (<= 64), prefill; "
+              "narrow- when the output has <= 64 columns (shrinks, dA/dM over T tokens). Tile: "
+              "rows x cols x depth, rank step, warps, stages (of the kernel with the most shared memory).", ""]
+    for arch in ARCHS:
+        arch_rows = [r for r in rows if r["arch"] == arch]
+        if not arch_rows:
+            continue
+        props = GPU_TABLE[arch]
+        lines += [f"### {arch} ({props.name}; {props.smem_per_block} B shared per block, {props.sm_count} SMs)", "",
+                  "| regime | compiles | launches | max shared (B) | estimate (B) | largest tile | max regs | "
+                  "kernels spilling (max B) | MMA | failures |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in arch_rows:
+            lines.append(f"| {r['group']} | {r['compiles']} | {r['launches']} | {r['max_shared']} | "
+                         f"{r['max_estimate']} | {r['largest']} | {r['max_registers']} | "
+                         f"{r['spilling']} ({r['max_spill_bytes']}) | {', '.join(r['mma'])} | {r['failures']} |")
+        lines.append("")
+    lines += ["## Spilling kernels", "",
+              "Spills outside 16-bit prefill and backward GEMMs are recorded, not failed (fp32 operands, "
+              "decode-time launches).", ""]
+    if spills:
+        lines += ["| arch | regime | tile | dtypes | registers | spill B (stores + loads) | ops | example |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in sorted(spills, key=lambda s: (ARCHS.index(s.arch), s.group, -s.result["spill_bytes"])):
+            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {', '.join(s.dtypes)} | {s.result['registers']} | "
+                         f"{s.result['spill_bytes']} | {', '.join(sorted(s.ops))} | {s.example} |")
+    else:
+        lines.append("None.")
+    lines += ["", "## Shared memory above the configs' estimate", "",
+              "`configs.estimate_shared_memory` is what `select_config` fits to the limit; a kernel using more "
+              "than estimated could exceed the limit on a GPU.", ""]
+    if under:
+        lines += ["| arch | regime | tile | dtypes | estimate | compiled |", "|---|---|---|---|---|---|"]
+        for s in under:
+            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {', '.join(s.dtypes)} | {s.estimate} | "
+                         f"{s.result['shared']} |")
+    else:
+        lines.append("None: every compiled kernel fits in its estimate.")
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--largest", action="store_true",
+                    help="compile only the largest tile of every (architecture, regime) (the make test gate)")
+    ap.add_argument("--largest-archs", default="",
+                    help="architectures compiled only at their largest tile per (regime, mode) (slow compiles: "
+                         "make aot passes sm_75, ~15 s a kernel, whose dots are FMA in triton 3.9)")
+    ap.add_argument("--every", action="store_true",
+                    help="compile every JIT specialisation, not one per kernel class (hours on 2 cores)")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {', '.join(ALL_OPS)}")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--sizes", default=None, help="comma-separated in/out sizes (default: the full sweep)")
+    ap.add_argument("--ranks", default=None)
+    ap.add_argument("--tokens", default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+        raise SystemExit("run the AOT gate without TRITON_INTERPRET (use run_subprocess)")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # A fresh cache: a cached kernel skips ptxas, whose log gives registers and spills.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pica-aot-")
+    _worker_init()
+
+    def ints(s, default):
+        return tuple(int(v) for v in s.split(",")) if s else default
+
+    t0 = time.perf_counter()
+    sweep_kw = dict(sizes=ints(a.sizes, SIZES), ranks=ints(a.ranks, RANKS), tokens=ints(a.tokens, TOKENS),
+                    ops=tuple(a.ops.split(",")))
+    specs = collect_parallel(a.archs.split(","), a.jobs, **sweep_kw)
+    stats = {"launches": sum(s.launches for s in specs.values()), "jit_keys": len(specs)}
+    if not a.every:
+        specs = representatives(specs)
+    stats["classes"], stats["every"] = len(specs), a.every
+    if a.largest:
+        specs = largest_per_group(specs)
+    elif a.largest_archs:
+        few = set(a.largest_archs.split(","))
+        kept = {k: s for k, s in specs.items() if s.arch not in few}
+        specs = {**kept, **largest_per_group({k: s for k, s in specs.items() if s.arch in few}, by_mode=True)}
+    stats["compiles"] = len(specs)
+    stats["record_seconds"] = time.perf_counter() - t0
+    if not a.quiet:
+        print(f"recorded {stats['launches']} launches -> {stats['jit_keys']} JIT specialisations, "
+              f"{stats['classes']} kernel classes, {len(specs)} to compile ({stats['record_seconds']:.0f} s)",
+              flush=True)
+
+    def progress(i, n, s):
+        if not a.quiet and (i % 25 == 0 or i == n or check(s)):
+            bad = check(s)
+            print(f"[{i}/{n} {time.perf_counter() - t0:.0f} s] {s.arch} {s.group} {s.tile} {s.dtypes[0]}: "
+                  f"{s.result.get('shared')} B {s.result.get('registers')} regs {s.result.get('mma')}"
+                  f"{' FAIL ' + '; '.join(bad) if bad else ''}", flush=True)
+
+    compile_specs(specs, a.jobs, progress)
+    seconds = time.perf_counter() - t0
+    failures = [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}" for s in specs.values() for f in check(s)]
+    if a.json:
+        a.json.write_text(json.dumps({"source_hash": source_hash(), "seconds": seconds, "stats": stats, "failures": failures,
+                                      "summary": summary(specs), "specs": [_spec_json(s) for s in specs.values()]},
+                                     indent=1))
+    if a.markdown:
+        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw,
+                       command="python -m pica_kernels.ops.kernels.aot "
+                       + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"{len(specs)} compiles, {len(failures)} failures, {seconds:.0f} s")
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+def run_subprocess(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run the gate in its own process, ``TRITON_INTERPRET`` cleared (the kernels are decorated once, at
+    import, in one mode per process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+    return subprocess.run([sys.executable, "-m", "pica_kernels.ops.kernels.aot", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
