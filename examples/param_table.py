@@ -35,7 +35,7 @@ MODELS = {
 }
 FIVE = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (method, setting) rows per model. Paper values: DESIGN.md section 7 and the counts the PiCa/SVFT papers print
+# (method, setting) rows per model. Paper values: the counts the PiCa/SVFT papers print
 # (only those we could check are listed; the rest are "-").
 ROWS = {
     "Gemma-2B": [("full", None), ("lora", 32), ("dora", 16), ("dora", 1), ("lora", 1), ("svft_p", None),
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
              "Targets: LoRA/DoRA/PiCa on q,k,v,up,down (Gemma) or all seven projections (LLaMA-3-8B); SVFT on all "
              "seven. *frozen extra*: what the method stores besides the base model (PiCa bases, SVFT U/σ/Vh). "
              "SVFT's trainable count is its M coefficients plus one gate per layer (Gemma-2B SVFT_P: 193,536 + 126). "
-             "*paper*: the count the PiCa paper prints, where we could check it (DESIGN.md section 7).", ""]
+             "*paper*: the count the PiCa paper prints, where we could check it.", ""]
     for model_name in args.models:
         lines += [f"## {model_name}", "", "| method | trainable | exact | frozen extra | paper |",
                   "|---|---:|---:|---:|---:|"]

@@ -51,7 +51,7 @@ from .core.files import (
 from .core.targets import group_key, role_of
 from .layer import PiCaLinear
 from .model import active_adapter, set_adapter
-from .svd import basis_fingerprint
+from .svd import basis_fingerprint, method_from_file, versioned_method
 
 __all__ = ["CONFIG_FILE", "TENSORS_FILE", "AdapterMismatchError", "load_adapter", "read_adapter", "save_adapter"]
 
@@ -156,7 +156,8 @@ def save_adapter(
         "format_version": FORMAT_VERSION,
         "pica_kernels_version": __version__,
         "adapter_name": name,
-        "config": config.to_dict(),
+        # The versioned SVD preset ("accurate" -> "accurate-v2"): a later change of defaults cannot move the bases.
+        "config": {**config.to_dict(), "svd_method": versioned_method(config.svd_method)},
         "stores_bases": store,
         "base_model": _base_model_identity(model),
         "groups": groups,
@@ -385,7 +386,10 @@ def load_adapter(
     meta, tensors = read_adapter(path)
     name = adapter_name or meta["adapter_name"]
     try:
-        config = PiCaConfig.from_dict(meta["config"])
+        saved = meta["config"]
+        if isinstance(saved.get("svd_method"), str):  # a plain preset name: a file from before versioning (v1)
+            saved = {**saved, "svd_method": method_from_file(saved["svd_method"])}
+        config = PiCaConfig.from_dict(saved)
     except (TypeError, ValueError) as e:
         raise AdapterMismatchError(f"config: the adapter config in {path} is invalid: {e}") from None
     saved_layers: dict[str, dict] = meta["layers"]

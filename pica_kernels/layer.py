@@ -28,34 +28,12 @@ from .core import forward as core_forward
 from .core import merge as core_merge
 from .core import quant as core_quant
 from .core.bank import PiCaBank
+from .core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, prepare_basis, weight_out_in
 from .core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
 from .svd import truncated_svd
 
-__all__ = ["BASE_ADAPTER", "PiCaBank", "PiCaLinear", "grouped_forward", "mixed_batch"]
-
-try:  # GPT-2 style layers store the weight as (in, out)
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except ImportError:  # transformers is optional for the core layer
-    _HFConv1D = None
-
-
-def is_supported_base(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D))
-            or core_quant.is_quantized_base(module))  # quantized-base hook (bitsandbytes, torchao)
-
-
-def is_fan_in_fan_out(module: nn.Module) -> bool:
-    """True for transformers Conv1D, whose weight is stored as (in, out)."""
-    return _HFConv1D is not None and isinstance(module, _HFConv1D)
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight of a supported layer as (out, in): the tensor itself, a transposed view (Conv1D), or the
-    dequantized weight of a quantized base (a new tensor)."""
-    if core_quant.is_quantized_base(module):  # quantized-base hook
-        return core_quant.dequantized_weight(module)
-    return module.weight.T if is_fan_in_fan_out(module) else module.weight
-
+__all__ = ["BASE_ADAPTER", "PiCaBank", "PiCaLinear", "grouped_forward", "is_fan_in_fan_out", "is_supported_base",
+           "mixed_batch", "weight_out_in"]
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -160,11 +138,6 @@ class PiCaLinear(nn.Module):
         return weight_out_in(self.base_layer)
 
     @property
-    def _forward_weight(self) -> torch.Tensor | None:
-        """The weight the fused ops may read; None for a quantized base (forward = base layer's output + term)."""
-        return None if self.quantization else self.base_weight
-
-    @property
     def bank(self) -> PiCaBank:
         return self._bank
 
@@ -217,11 +190,7 @@ class PiCaLinear(nn.Module):
                 f"(out={self.out_features}, in={self.in_features}), got rank={rank!r}"
             )
         weight = self.base_weight
-        if not weight.is_floating_point():
-            raise TypeError(
-                f"base_layer.weight has dtype {weight.dtype}; PiCa needs a floating-point weight (a quantized "
-                f"layer must be dequantized, or wrapped as a supported quantized base)"
-            )
+        check_float_weight(weight)
         if basis is not None and not basis.is_floating_point():
             raise TypeError(f"basis must be a floating-point tensor, got dtype {basis.dtype}")
         if m_dtype is not None and not m_dtype.is_floating_point:
@@ -230,13 +199,7 @@ class PiCaLinear(nn.Module):
         if basis is not None or not hasattr(self, name):
             if basis is None:
                 basis, _ = truncated_svd(weight, rank, side, method=svd_method, seed=svd_seed)
-            expected = reference.basis_shape(self.out_features, self.in_features, rank, side)
-            if tuple(basis.shape) != expected:
-                raise ValueError(f"basis must have shape {expected} for side={side!r}, got {tuple(basis.shape)}")
-            basis = basis.detach().to(device=weight.device, dtype=weight.dtype)
-            # Own the storage: a row slice (V[:r]) or one item of a batched SVD
-            # result is a contiguous view that would keep the whole parent alive.
-            basis = basis.clone(memory_format=torch.contiguous_format)
+            basis = prepare_basis(basis, self.out_features, self.in_features, rank, side, weight.device, weight.dtype)
             # Non-persistent: the basis is derived from W (or stored in the adapter
             # file), so model.state_dict() stays the base model's plus M.
             self.register_buffer(name, basis, persistent=False)
@@ -280,26 +243,15 @@ class PiCaLinear(nn.Module):
         adapter name per sequence of ``x`` (batch, seq, in), ``BASE_ADAPTER``
         for the base model alone (see :func:`pica_kernels.core.forward.mixed_forward`).
         """
-        core_forward.check_input(x, self.in_features)
         names = adapter_names if adapter_names is not None else getattr(self, "_mixed_batch_names", None)
-        if self.disabled:
-            # Like PEFT: a disabled adapter gives the base output exactly, also while merged.
-            self.unmerge()
-            return self.base_layer(x)
-        if names is not None:
-            if self.merged:
-                raise ValueError("cannot serve a mixed batch (adapter_names) while adapters are merged; unmerge first")
+        if names is not None and not self.disabled:
             known = set(self.adapters) | set(self._bank.configs) | {BASE_ADAPTER}
             unknown = sorted({n for n in names if n not in known})
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}; the model has {sorted(known - {BASE_ADAPTER})}")
-            # An adapter of the model that does not cover this layer leaves it at its base output.
-            names = [n if n in self.adapters else BASE_ADAPTER for n in names]
-            return core_forward.mixed_forward(self.base_layer, self._forward_weight, x, names, self._tensors)
-        if self.merged or self.active_adapter is None:
-            return self.base_layer(x)
-        return core_forward.adapter_forward(self.base_layer, self._forward_weight, x,
-                                            [self._tensors(self.active_adapter)])
+        active = [] if self.active_adapter is None else [self.active_adapter]
+        return core_forward.layer_forward(self, x, active=active, names=names, on_layer=self.adapters,
+                                          disabled=self.disabled)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
@@ -317,19 +269,12 @@ class PiCaLinear(nn.Module):
         name = adapter or self.active_adapter
         if name is None or name not in self.adapters:
             raise KeyError(f"unknown adapter {name!r}; this layer has {sorted(self.adapters)}")
-        if self.quantization:  # quantized-base hook: re-quantize, lossy (warns)
-            core_quant.merge_quantized(self, self.base_layer, [name], self.delta_weight, safe_merge=safe_merge)
-        else:
-            core_merge.merge_adapters(self, self.base_layer.weight, [name], self.delta_weight,
-                                      fan_in_fan_out=self.fan_in_fan_out, safe_merge=safe_merge)
+        core_merge.merge_layer(self, [name], self.delta_weight, safe_merge=safe_merge)
         self.active_adapter = name
 
     def unmerge(self) -> None:
         """Restore the exact original base weight (a no-op when nothing is merged)."""
-        if self.quantization:  # quantized-base hook: the original storage objects back
-            core_quant.unmerge_quantized(self, self.base_layer)
-            return
-        core_merge.unmerge_adapters(self, self.base_layer.weight)
+        core_merge.unmerge_layer(self)
 
     def extra_repr(self) -> str:
         specs = ", ".join(f"{n}: side={s.side}, r={s.rank}, group={s.group}" for n, s in self.adapters.items())

@@ -112,12 +112,84 @@ def lowrank_forward(
     ``t`` is rounded to ``x.dtype`` (it is what the backward saves). The low-rank term is accumulated
     into ``y`` in place (``addmm_``, beta = 1): no second pass over ``y`` and no (T, out) temporary.
     """
-    a_ = cast_factor(a, x.dtype)
-    b_ = cast_factor(b, x.dtype)
-    t = x @ b_.T
+    t = x @ cast_factor(b, x.dtype).T
+    return lowrank_expand(x, weight, bias, a, t), t
+
+
+def lowrank_expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+    """``y = x @ W.T + t @ A.T + bias`` (T, out) for a shrink ``t = x @ B.T`` (T, r) computed already (alone, or one
+    column slice of a grouped shrink); the low-rank term accumulated into ``y`` in place."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    y.addmm_(t, a_.T)
-    return y, t
+    y.addmm_(t, cast_factor(a, x.dtype).T)
+    return y
+
+
+def rank_slices(ranks: list[int]):
+    off = 0
+    for r in ranks:
+        yield off, off + r
+        off += r
+
+
+def grouped_lowrank_forward(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    a: list[torch.Tensor],
+    b_cat: torch.Tensor,
+    ranks: list[int],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Projections sharing ``x`` (T, in): ``t = x @ B_cat.T`` (T, Σr) once, then ``y_i = x @ W_i.T + t_i @ A_i.T + b_i``
+    with ``t_i`` the columns of projection i. Returns ``([y_i (T, out_i)], t)``; the same numbers as
+    :func:`lowrank_forward` per projection."""
+    t = x @ cast_factor(b_cat, x.dtype).T
+    ys = [lowrank_expand(x, w, bias, ai, t[:, lo:hi]) for (lo, hi), w, bias, ai in zip(rank_slices(ranks), weights, biases, a)]
+    return ys, t
+
+
+# ------------------------------------------------------------- multi-task batch
+def multitask_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    m_stack: torch.Tensor,
+    basis: torch.Tensor,
+    adapter_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-side PiCa with one adapter per sequence: x (B, S, in), basis P (r, in) shared, m_stack (n, out, r),
+    adapter_ids (B,). Sequence i runs ``x_i @ W.T + (x_i @ P.T) @ m_stack[ids[i]].T + b``.
+    Returns ``(y (B, S, out), t = x @ P.T (B, S, r))``. Differentiable (plain autograd) in x, m_stack and bias."""
+    t = x @ basis.to(x.dtype).T
+    low = torch.bmm(t, m_stack.to(x.dtype)[adapter_ids].transpose(1, 2))
+    return torch.nn.functional.linear(x, weight, bias) + low, t
+
+
+def multitask_backward(
+    dy: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    m_stack: torch.Tensor,
+    basis: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    need_x: bool,
+    need_bias: bool,
+    need_m: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Closed-form backward of :func:`multitask_forward` (W and P frozen): ``(dx, dbias, dm_stack)``, None where not
+    asked for. ``dM`` of each adapter sums its sequences' ``dy_i.T @ t_i`` in fp32 through a one-hot matmul
+    (deterministic, no scatter-add), returned in m_stack's dtype."""
+    dx = dbias = dm = None
+    if need_x:
+        s = torch.bmm(dy, m_stack.to(dy.dtype)[adapter_ids])  # (B, S, r)
+        dx = dy @ weight + s @ basis.to(dy.dtype)
+    if need_m:
+        per_seq = torch.bmm(dy.transpose(1, 2).float(), t.float())  # (B, out, r), fp32
+        onehot = torch.nn.functional.one_hot(adapter_ids.long(), m_stack.shape[0]).to(per_seq.dtype)  # (B, n)
+        dm = (onehot.T @ per_seq.flatten(1)).view(m_stack.shape).to(m_stack.dtype)
+    if need_bias:
+        dbias = dy.sum((0, 1))
+    return dx, dbias, dm
 
 
 def lowrank_backward(

@@ -102,6 +102,15 @@ def versioned_method(method: str) -> str:
     return SVD_METHOD_ALIASES.get(method, method)
 
 
+def method_from_file(method: str) -> str:
+    """The preset that reproduces the bases of an adapter file recording ``method``.
+
+    Files record the versioned name (:func:`versioned_method`) and get it back as is; a plain name can only come
+    from a file written before presets were versioned, and meant the v1 preset (:data:`LEGACY_SVD_METHODS`).
+    """
+    return LEGACY_SVD_METHODS.get(method, method)
+
+
 # Use the exact Gram+eigh path when the Krylov space would span at least this
 # fraction of the short side d. Measured on this 2-core CPU (benchmarks/
 # results/svd_cpu.md): at k/d ~ 0.5 both paths cost about the same for

@@ -129,7 +129,7 @@ def test_bad_config(bad):
         pk.PiCaConfig(**bad)
 
 
-# DESIGN.md section 7: the paper's counts, from transformers' config classes on the meta device.
+# The paper's parameter counts (docs/results/param_counts.md), from transformers' config classes on the meta device.
 GEMMA_2B = dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
                 num_attention_heads=8, num_key_value_heads=1, head_dim=256)
 GEMMA_7B = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,

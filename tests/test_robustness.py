@@ -229,7 +229,7 @@ def test_int8_weight_is_refused_naming_the_dtype():
 
 def test_zero_dim_x_is_refused_naming_x():
     layer = PiCaLinear(nn.Linear(8, 6), rank=2)
-    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in=8\), got \(\)"):
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., in=8\), got shape \(\)"):
         layer(torch.tensor(1.0))
 
 
@@ -319,3 +319,16 @@ def test_peft_all_linear_on_fused_moe_experts_warns():
 
     with pytest.warns(UserWarning, match=r"fused 3-D expert weights \(mlp.experts\)"):
         get_peft_model(_tiny_mixtral(), PiCaPeftConfig(r=2, target_modules="all-linear"))
+
+
+def test_sequential_model_runs_with_its_bank():
+    """apply_pica on an nn.Sequential registers the bank as its last child; Sequential calls it (was an error)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    before = model(x)
+    pk.apply_pica(model, pk.PiCaConfig(rank=2, target_modules=["0", "2"]), progress=False)
+    assert list(dict(model.named_children()))[-1] == "pica_bank"
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # M = 0: the base output
+    randomize_m(model)
+    assert not torch.equal(model(x), before)

@@ -33,6 +33,11 @@ class PiCaBank(nn.ModuleDict):
         """The bank itself (kept for code written against the former ``bank.adapters``)."""
         return self
 
+    def forward(self, x):
+        """The identity: the bank sits in the model's module tree, and a container model (``nn.Sequential``) calls
+        every child in turn, the bank included (registered last, so it passes the output through)."""
+        return x
+
     def has(self, adapter: str, group: str) -> bool:
         return adapter in self and group in self[adapter]
 

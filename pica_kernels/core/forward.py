@@ -1,22 +1,26 @@
-"""The adapted forward and the mixed-task forward, called by both front ends (no math here: the ops do it).
+"""The forward of an adapted layer, called by both front ends (no math here: the ops do it).
 
-``adapter_forward`` runs ``y = x@W.T + Σ_i (x@B_i.T)@A_i.T + b`` for the active
+:func:`layer_forward` is the whole forward of a layer of either front end (disabled, merged, a mixed batch, or
+the active adapters). ``adapter_forward`` runs ``y = x@W.T + Σ_i (x@B_i.T)@A_i.T + b`` for the active
 adapters as ONE :func:`pica_kernels.ops.lowrank_linear` call (the factors of
 several adapters concatenated along r), so the fused kernels and their fp32
 ``dM`` accumulation serve every front end. ``mixed_forward`` serves one
 adapter per sequence: input-side adapters sharing one basis run as one
 :func:`pica_kernels.ops.multitask_pica_linear` launch, other mixes per group of
-sequences.
+sequences. ``x`` is checked once per call: by the op where one runs, by :func:`check_input` where only the base
+layer does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
 
 from .. import reference
+from ..ops import checks
+from .base import weight_out_in
 from .defaults import BASE_ADAPTER
 
 #: What a layer knows about one adapter at forward time: (basis, M, side).
@@ -24,22 +28,57 @@ AdapterTensors = tuple[torch.Tensor, torch.Tensor, str]
 
 
 def check_input(x: torch.Tensor, in_features: int) -> None:
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape (..., in={in_features}), got {tuple(x.shape)}")
+    """``x`` (..., in) floating point, or a ValueError/TypeError naming ``x`` (the ops' own check)."""
+    checks.check_x(x, in_features)
+
+
+def layer_forward(
+    layer: nn.Module,
+    x: torch.Tensor,
+    *args,
+    active: list[str],
+    names: list[str] | None,
+    on_layer: Collection[str],
+    disabled: bool,
+    **kwargs,
+) -> torch.Tensor:
+    """The forward of an adapted layer of either front end.
+
+    ``layer`` has ``base_layer``, ``in_features``, ``quantization``, ``merged``, ``unmerge()`` and
+    ``_tensors(name) -> AdapterTensors``. ``active``: its active adapters; ``names``: one adapter per sequence
+    (a mixed batch; ``BASE_ADAPTER`` or an adapter not in ``on_layer`` gives the base output) or None;
+    ``on_layer``: the adapters this layer has. Disabled adapters give the base output exactly, also while merged
+    (PEFT's semantics: the layer is unmerged). ``args``/``kwargs`` go to the base layer where it runs alone.
+    """
+    base = layer.base_layer
+    if disabled or (names is None and layer.merged):
+        if disabled and layer.merged:
+            layer.unmerge()
+        check_input(x, layer.in_features)
+        return base(x, *args, **kwargs)
+    weight = None if layer.quantization else weight_out_in(base)  # quantized base: its own forward + the term
+    if names is not None:
+        if layer.merged:
+            raise ValueError("cannot pass adapter_names (a mixed batch) while adapters are merged; unmerge first")
+        names = [n if n in on_layer else BASE_ADAPTER for n in names]
+        return mixed_forward(base, weight, x, names, layer._tensors, layer.in_features)
+    tensors = [layer._tensors(a) for a in active if a in on_layer]
+    return adapter_forward(base, weight, x, tensors, layer.in_features)
 
 
 def adapter_forward(
-    base_layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, adapters: list[AdapterTensors]
+    base_layer: nn.Module, weight: torch.Tensor | None, x: torch.Tensor, adapters: list[AdapterTensors],
+    in_features: int,
 ) -> torch.Tensor:
     """``base_layer(x)`` plus the low-rank terms of ``adapters``. weight: the base weight (out, in), or None for a
     base the ops cannot read (a quantized layer: its own forward runs, the term is added); x (..., in)."""
     from ..ops import lowrank_linear
 
-    bias = getattr(base_layer, "bias", None)
-    if bias is not None and bias.dtype != x.dtype and x.dtype == weight.dtype:
-        raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast the layer (module.to(dtype))")
+    if not adapters or weight is None or x.dtype != weight.dtype:
+        check_input(x, in_features)  # no op checks x on these paths
     if not adapters:
         return base_layer(x)
+    bias = getattr(base_layer, "bias", None)
     factors = [reference.lowrank_factors(basis, m, side) for basis, m, side in adapters]
     if len(factors) == 1:
         a, b = factors[0]
@@ -50,19 +89,20 @@ def adapter_forward(
         a = torch.cat([fa.to(dtype) for fa, _ in factors], dim=1)  # (out, Σr)
         b = torch.cat([fb.to(dtype) for _, fb in factors], dim=0)  # (Σr, in)
     if weight is not None and x.dtype == weight.dtype:
-        return lowrank_linear(x, weight, bias, a, b)
-    # x in another dtype than W (autocast): the base layer decides the output dtype, the term follows it.
+        return lowrank_linear(x, weight, bias, a, b)  # checks every argument
+    # x in another dtype than W (autocast), or a quantized base: the base layer decides the output dtype, the
+    # term follows it.
     y = base_layer(x)
-    xs = x.to(y.dtype)
-    return y + torch.nn.functional.linear(torch.nn.functional.linear(xs, b.to(y.dtype)), a.to(y.dtype))
+    return y + reference.lowrank_term(x.to(y.dtype), a, b)
 
 
 def mixed_forward(
     base_layer: nn.Module,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     x: torch.Tensor,
     names: list[str],
     lookup: Callable[[str], AdapterTensors],
+    in_features: int,
 ) -> torch.Tensor:
     """Sequence i of ``x`` (batch, ..., in) through adapter ``names[i]`` (``BASE_ADAPTER``: base alone)."""
     from ..ops import multitask_pica_linear
@@ -91,7 +131,7 @@ def mixed_forward(
     for name in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == name]
         sub = x[rows]
-        y = base_layer(sub) if name == BASE_ADAPTER else adapter_forward(base_layer, weight, sub, [tensors[name]])
+        y = adapter_forward(base_layer, weight, sub, [] if name == BASE_ADAPTER else [tensors[name]], in_features)
         for j, i in enumerate(rows):
             outs[i] = y[j]
     return torch.stack(outs)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import reference
+from . import quant
 
 ORIGINAL_WEIGHT = "pica_original_weight"
 
@@ -77,3 +78,22 @@ def unmerge_adapters(layer: nn.Module, weight: nn.Parameter) -> bool:
     delattr(layer, ORIGINAL_WEIGHT)
     layer.merged_adapters.clear()
     return True
+
+
+def merge_layer(layer: nn.Module, names: list[str], delta: Callable[[str], torch.Tensor], *,
+                safe_merge: bool = False) -> None:
+    """Merge ``names`` into ``layer.base_layer`` (both front ends' layers): exact stacking merge of a plain or Conv1D
+    weight, or a re-quantizing merge of a quantized base (lossy, warns: :func:`.quant.merge_quantized`)."""
+    if layer.quantization:  # quantized-base hook
+        quant.merge_quantized(layer, layer.base_layer, names, delta, safe_merge=safe_merge)
+    else:
+        merge_adapters(layer, layer.base_layer.weight, names, delta, fan_in_fan_out=layer.fan_in_fan_out,
+                       safe_merge=safe_merge)
+
+
+def unmerge_layer(layer: nn.Module) -> bool:
+    """Restore ``layer.base_layer``'s original weight (the original quantized storage for a quantized base) bit for
+    bit; False when nothing was merged."""
+    if layer.quantization:  # quantized-base hook
+        return quant.unmerge_quantized(layer, layer.base_layer)
+    return unmerge_adapters(layer, layer.base_layer.weight)

@@ -210,7 +210,7 @@ def merge_quantized(layer: nn.Module, base_layer: nn.Module, names: list[str], d
         f"differs from base + adapter by the quantization error; unmerge() restores the original storage exactly, "
         f"merge_and_unload(model, dequantize=True) gives an exact unquantized merge",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     _set_quantized(base_layer, merged, original)
     if not layer.merged_adapters:

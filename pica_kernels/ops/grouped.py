@@ -22,16 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
+from . import checks
 from .backend import resolve_backend
 from .kernels import launchers, padding
-from .lowrank import check_lowrank_args
-
-
-def _slices(ranks):
-    off = 0
-    for r in ranks:
-        yield off, off + r
-        off += r
 
 
 def _grouped_triton(x, weights, biases, a, b_cat, ranks):
@@ -52,7 +46,7 @@ def _grouped_triton(x, weights, biases, a, b_cat, ranks):
 def _t_slices(t_width, ranks):
     """(lo, hi) of each projection's r_i columns in the saved t: packed, or in padded slots (Triton path)."""
     if t_width == sum(ranks):
-        return list(_slices(ranks))
+        return list(reference.rank_slices(ranks))
     return [(lo, lo + r) for lo, r in zip(padding.slot_offsets(ranks), ranks)]
 
 
@@ -78,11 +72,7 @@ def _grouped_op(
             return _grouped_triton(x, weights, biases, a, b_cat, ranks)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
-    t = torch.nn.functional.linear(x, b_cat.to(x.dtype))
-    ys = [
-        torch.nn.functional.linear(x, w, bias) + torch.nn.functional.linear(t[:, lo:hi], ai.to(x.dtype))
-        for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a)
-    ]
+    ys, t = reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks)
     return [*ys, padding.pad_slots_like_kernel(t, ranks) if triton_path else t]
 
 
@@ -114,7 +104,7 @@ def _backward(ctx, grads):
     dx = None
     da, db = [], []
     t_cols = _t_slices(t.shape[1], ctx.ranks)
-    for i, ((lo, hi), (b_lo, b_hi), dy) in enumerate(zip(t_cols, _slices(ctx.ranks), grads[:-1])):
+    for i, ((lo, hi), (b_lo, b_hi), dy) in enumerate(zip(t_cols, reference.rank_slices(ctx.ranks), grads[:-1])):
         gx, ga, gb = torch.ops.pica_kernels.lowrank_linear_backward(
             dy, x, t[:, lo:hi], weights[i], a[i], b_cat[b_lo:b_hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend
         )
@@ -127,6 +117,26 @@ def _backward(ctx, grads):
 
 
 _grouped_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_grouped_args(x, weights, biases, a, b_cat, ranks) -> None:
+    """Every argument of :func:`grouped_lowrank_linear`, each once (``x`` and ``b_cat`` once, not per projection)."""
+    if not (len(weights) == len(biases) == len(a) == len(ranks)) or not weights:
+        raise ValueError("weights, biases, a and ranks must be non-empty lists of the same length")
+    checks.check_matrix(b_cat, "b_cat")
+    in_f = b_cat.shape[1]
+    checks.check_x(x, in_f)
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks) or sum(ranks) != b_cat.shape[0]:
+        raise ValueError(f"ranks must be positive ints summing to b_cat's {b_cat.shape[0]} rows, got {list(ranks)}")
+    checks.check_factor(b_cat, (sum(ranks), in_f), x, "b_cat")
+    for i, (w, bias, ai, r) in enumerate(zip(weights, biases, a, ranks)):
+        checks.check_weight(w, x, f"weights[{i}]")
+        if w.shape[1] != in_f:
+            raise ValueError(f"weights[{i}] must be (out, in={in_f}) like x and b_cat, got {tuple(w.shape)}")
+        checks.check_bias(bias, w.shape[0], x, f"biases[{i}]")
+        checks.check_factor(ai, (w.shape[0], r), x, f"a[{i}]", f" (out, ranks[{i}])")
+        if w.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("grouped_lowrank_linear expects a frozen weight and bias; use lowrank_linear otherwise")
 
 
 def grouped_lowrank_linear(
@@ -144,14 +154,7 @@ def grouped_lowrank_linear(
     Frozen weights and biases only (PiCa and LoRA freeze them); ``a`` and ``b_cat`` may be
     any floating dtype (cast on the fly, as in :func:`lowrank_linear`).
     """
-    if not (len(weights) == len(biases) == len(a) == len(ranks)) or not weights:
-        raise ValueError("weights, biases, a and ranks must be non-empty lists of the same length")
-    if sum(ranks) != b_cat.shape[0]:
-        raise ValueError(f"b_cat has {b_cat.shape[0]} rows, ranks sum to {sum(ranks)}")
-    for (lo, hi), w, bias, ai in zip(_slices(ranks), weights, biases, a):
-        check_lowrank_args(x, w, bias, ai, b_cat[lo:hi])
-        if w.requires_grad or (bias is not None and bias.requires_grad):
-            raise ValueError("grouped_lowrank_linear expects a frozen weight and bias; use lowrank_linear otherwise")
+    check_grouped_args(x, weights, biases, a, b_cat, ranks)
     lead = x.shape[:-1]
     outs = torch.ops.pica_kernels.grouped_lowrank_linear(
         x.reshape(-1, x.shape[-1]), list(weights), list(biases), list(a), b_cat, list(ranks), backend

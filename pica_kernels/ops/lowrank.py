@@ -10,7 +10,7 @@ PiCa output   U_r = U[:, :r], frozen      M, trainable
 LoRA          lora_B.weight, trainable    lora_A.weight, trainable
 ============  ==========================  ==========================
 
-The entry point checks its arguments and dispatches to the custom op
+The entry point checks its arguments (:mod:`.checks`) and dispatches to the custom op
 (:mod:`.custom_ops`: autograd, backend choice); the Triton kernels and their
 launchers live in :mod:`.kernels`.
 """
@@ -20,30 +20,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import custom_ops  # noqa: F401  (registers torch.ops.pica_kernels.lowrank_linear)
+from . import (
+    checks,
+    custom_ops,  # noqa: F401  (registers torch.ops.pica_kernels.lowrank_linear)
+)
 from .backend import eager_reference
-
-
-def check_lowrank_args(x, weight, bias, a, b) -> None:
-    """Raise a ValueError/TypeError naming the argument for any shape, device or dtype mismatch."""
-    if weight.dim() != 2 or a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"weight, a, b must be 2-D, got {tuple(weight.shape)}, {tuple(a.shape)}, {tuple(b.shape)}")
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x must be (..., in={in_f}), got shape {tuple(x.shape)}")
-    if a.shape[0] != out_f or b.shape[1] != in_f or a.shape[1] != b.shape[0]:
-        raise ValueError(
-            f"need a (out={out_f}, r), b (r, in={in_f}) with the same r, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (out_f,):
-        raise ValueError(f"bias must be ({out_f},), got {tuple(bias.shape)}")
-    for name, v in (("weight", weight), ("a", a), ("b", b), ("bias", bias)):
-        if v is not None and v.device != x.device:
-            raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them")
 
 
 def lowrank_linear(
@@ -66,7 +47,12 @@ def lowrank_linear(
     or ``(U_r, M)``; LoRA passes ``(lora_B.weight * scaling, lora_A.weight)``
     with both requiring grad.
     """
-    check_lowrank_args(x, weight, bias, a, b)
+    checks.check_lowrank_args(x, weight, bias, a, b)
+    return run_lowrank(x, weight, bias, a, b, backend)
+
+
+def run_lowrank(x, weight, bias, a, b, backend: str) -> torch.Tensor:
+    """:func:`lowrank_linear` on arguments its caller has checked (each argument is checked once per call)."""
     if eager_reference(backend, x):  # eager CPU: the reference's own autograd, no custom-op round trip
         return reference.lowrank_linear(x, weight, bias, a, b)
     lead = x.shape[:-1]

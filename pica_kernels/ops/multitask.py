@@ -21,11 +21,11 @@ sequence; ``dM`` of each adapter sums its sequences through a one-hot matmul
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
+from . import checks
 from .backend import resolve_backend
 from .kernels import launchers, padding
-from .lowrank import check_lowrank_args
 
 
 def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids):
@@ -68,9 +68,8 @@ def _multitask_op(
             return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
-    t = F.linear(x, basis.to(x.dtype))
-    low = torch.bmm(t, m_stack.to(x.dtype)[adapter_ids].transpose(1, 2))
-    return F.linear(x, weight, bias) + low, padding.pad_cols_like_kernel(t) if triton_path else t
+    y, t = reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids)
+    return y, padding.pad_cols_like_kernel(t) if triton_path else t
 
 
 @_multitask_op.register_fake
@@ -93,16 +92,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dt):
     t, weight, m_stack, basis, ids = ctx.saved_tensors
     need_x, _need_w, need_bias, need_m = ctx.need
-    dx = dbias = dm = None
-    if need_x:
-        s = torch.bmm(dy, m_stack.to(dy.dtype)[ids])  # (B, S, r)
-        dx = dy @ weight + s @ basis.to(dy.dtype)
-    if need_m:
-        per_seq = torch.bmm(dy.transpose(1, 2).float(), t.float())  # (B, out, r), fp32
-        onehot = F.one_hot(ids.long(), m_stack.shape[0]).to(per_seq.dtype)  # (B, n)
-        dm = (onehot.T @ per_seq.flatten(1)).view(m_stack.shape).to(m_stack.dtype)
-    if need_bias:
-        dbias = dy.sum((0, 1))
+    dx, dbias, dm = reference.multitask_backward(dy, t, weight, m_stack, basis, ids, need_x, need_bias, need_m)
     return dx, None, dbias, dm, None, None, None
 
 
@@ -123,23 +113,33 @@ def multitask_pica_linear(
 
     Differentiable in x, m_stack and bias (W and the basis frozen).
     """
+    check_multitask_args(x, weight, bias, basis, m_stack, adapter_ids)
+    y, _ = torch.ops.pica_kernels.multitask_lowrank_linear(x, weight, bias, m_stack, basis, adapter_ids, backend)
+    return y
+
+
+def check_multitask_args(x, weight, bias, basis, m_stack, adapter_ids) -> None:
+    """Every argument of :func:`multitask_pica_linear`, once; errors name the argument."""
+    checks.check_matrix(weight, "weight")
+    out_f, in_f = weight.shape
+    checks.check_x(x, in_f)
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, seq, in), got shape {tuple(x.shape)}")
+    checks.check_weight(weight, x)
+    checks.check_bias(bias, out_f, x)
+    checks.check_matrix(basis, "basis")
+    rank = basis.shape[0]
+    checks.check_factor(basis, (rank, in_f), x, "basis", f" (r, in={in_f})")
+    if m_stack.dim() != 3:
+        raise ValueError(f"m_stack must be (n, out={out_f}, r={rank}), got {tuple(m_stack.shape)}")
+    checks.check_factor(m_stack, (m_stack.shape[0], out_f, rank), x, "m_stack", " (n, out, r)")
     if weight.requires_grad or basis.requires_grad:
         raise ValueError("multitask_pica_linear expects a frozen weight and basis")
-    out_f, in_f = weight.shape
-    if m_stack.dim() != 3 or basis.dim() != 2:
-        raise ValueError(f"m_stack must be (n, out, r) and basis (r, in), got {tuple(m_stack.shape)}, "
-                         f"{tuple(basis.shape)}")
-    check_lowrank_args(x, weight, bias, m_stack[0], basis)
-    if adapter_ids.shape != (x.shape[0],) or adapter_ids.dtype.is_floating_point:
+    if adapter_ids.shape != (x.shape[0],) or adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
         raise ValueError(f"adapter_ids must be integer of shape ({x.shape[0]},), got {adapter_ids.dtype} "
                          f"{tuple(adapter_ids.shape)}")
-    if adapter_ids.device != x.device:
-        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
+    checks.check_device(adapter_ids, x, "adapter_ids")
     if not torch.compiler.is_compiling() and adapter_ids.numel() and not (
         0 <= int(adapter_ids.min()) and int(adapter_ids.max()) < m_stack.shape[0]
     ):  # an out-of-range id would make the kernel read outside m_stack
         raise ValueError(f"adapter_ids must lie in [0, {m_stack.shape[0]}), got {adapter_ids.tolist()}")
-    y, _ = torch.ops.pica_kernels.multitask_lowrank_linear(x, weight, bias, m_stack, basis, adapter_ids, backend)
-    return y

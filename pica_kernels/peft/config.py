@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 from .. import reference
 from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS
 from ..core.targets import check_rank, check_rank_pattern
+from ..svd import SVD_METHODS, method_from_file, versioned_method
 from ._register import ensure_peft_type
 
 #: The paper's targets: q, k, v, up, down projections (the native front end's default too).
@@ -84,9 +85,28 @@ class PiCaPeftConfig(PeftConfig):
         check_rank(self.r, "r")
         self.rank_pattern = check_rank_pattern(self.rank_pattern)
         reference.check_side(self.side)
+        if self.svd_method is not None and self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    def to_dict(self) -> dict:
+        """As PEFT's, with the versioned SVD preset ("accurate" -> "accurate-v2"), so ``adapter_config.json`` names
+        the preset its bases were computed with even after the plain names move on."""
+        d = super().to_dict()
+        if d.get("svd_method") is not None:
+            d["svd_method"] = versioned_method(d["svd_method"])
+        return d
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """A saved config (``from_pretrained``): a plain preset name comes from a file written before presets were
+        versioned, and meant the v1 preset (:func:`pica_kernels.svd.method_from_file`)."""
+        kwargs = super().check_kwargs(**kwargs)
+        if isinstance(kwargs.get("svd_method"), str):
+            kwargs["svd_method"] = method_from_file(kwargs["svd_method"])
+        return kwargs

@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import reference
 from ..core.bank import PiCaBank, random_m_init
+from ..core.base import is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..core.bases import batched_bases
 from ..core.defaults import (
     BASE_ADAPTER,
@@ -45,10 +46,10 @@ from ..core.errors import AdapterMismatchError, BasisMismatchError
 from ..core.files import check_m_tensors
 from ..core.quant import dequantized_weight, is_quantized_base
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
-from ..layer import is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
-from .layer import PiCaPeftLinear, adapter_names_pre_forward_hook
+from .containers import adapter_names_pre_forward_hook
+from .layer import PiCaPeftLinear
 
 __all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaPeftModel"]
 

@@ -1,4 +1,4 @@
-"""PiCa as a PEFT method, against the installed PEFT: the tuner contract of DESIGN.md section 9.
+"""PiCa as a PEFT method, against the installed PEFT: the tuner contract of docs/peft.md ("What is where").
 
 Tiny Llama with 3 decoder layers: every (role, shape) group is shared by three
 layers, so each test of "M stays shared" has several layers to break.
