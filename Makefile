@@ -54,8 +54,10 @@ paper: $(STAMP) test-real-data
 	$(PY) examples/glue_report.py docs/results/glue/runs.json
 	$(PY) examples/gsm8k.py --data-dir $(DATA)/gsm8k --out docs/results/gsm8k/results.json
 
+# QUANTIZE=nf4 (or fp4, bnb-int8, torchao-int8): the same job on a quantized frozen base (QLoRA-style).
+QUANTIZE ?=
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(if $(QUANTIZE),--quantize $(QUANTIZE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pica_kernels tests examples benchmarks
