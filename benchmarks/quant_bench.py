@@ -194,7 +194,8 @@ def markdown(res: dict) -> str:
     lines = [
         f"# PiCa vs PEFT QLoRA on an nf4 base: {res['model']}",
         "",
-        f"Measured {res['date']} by `python benchmarks/quant_bench.py {' '.join(res['argv'])}` (part of `make bench`); "
+        f"Measured {res['date']} by `{' '.join(['python benchmarks/quant_bench.py', *res['argv']])}` (part of "
+        "`make bench`); "
         f"torch {env['torch']}, peft {env.get('peft', '?')}, bitsandbytes {res['bitsandbytes']}, "
         f"{env['threads']} thread(s), clock: {res['clock']}, {res['rounds']} interleaved shuffled rounds "
         "(medians; ratio = median of per-round ratios to frozen).",
@@ -210,17 +211,18 @@ def markdown(res: dict) -> str:
         "lora_alpha = r, dropout 0.",
         "",
         "| method | trainable | step s (median) | vs frozen | peak step memory | saved activations | AdamW state | "
-        "resident |",
-        "|---|---|---|---|---|---|---|---|",
+        "resident | apply s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in res["methods"].items():
         st = m["step"]
         lines.append(f"| {name} | {m['trainable']:,} | {st['median_s']:.3f} | {st.get('ratio_to_frozen', 1.0):.3f}x | "
                      f"{mib(m['peak_bytes'])} | {mib(m['saved_bytes'])} | {mib(m['optimizer_state_bytes'])} | "
-                     f"{mib(m['resident_bytes'])} |")
+                     f"{mib(m['resident_bytes'])} | {m['apply_s']:.1f} |")
     lines += ["", "Peak: the first step (AdamW allocates its state in it), above what was allocated before it. "
               "Saved activations: one forward's tensors kept for the backward, deduplicated by storage, "
-              "parameters and quant states excluded. Raw samples (both clocks): `quant_nf4.json`."]
+              "parameters and quant states excluded. Apply: adapter construction on the loaded nf4 model (PiCa: the "
+              "basis SVDs of the dequantized weights included). Raw samples (both clocks): `quant_nf4.json`."]
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=H.RANK)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--report-only", action="store_true", help="re-render quant_nf4.md from OUT/quant_nf4.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        (args.out / "quant_nf4.md").write_text(markdown(json.loads((args.out / "quant_nf4.json").read_text())))
+        return
     import bitsandbytes
 
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
