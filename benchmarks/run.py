@@ -6,7 +6,8 @@
 
 Writes to the output folder: ``raw.json`` (pytest-benchmark's JSON, every sample and extra_info),
 ``summary.json`` (the rows of the tables and the claim checks), ``results.md`` (tables, claims,
-device, load) and PNG plots.
+device, load) and PNG plots. On CPU it then runs ``benchmarks/quant_bench.py`` (SmolLM2 on an nf4 base, PiCa vs
+PEFT QLoRA): ``quant_nf4.json`` and ``quant_nf4.md``.
 """
 
 from __future__ import annotations
@@ -395,14 +396,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--suites", default="layer,model", help="comma list of: layer, model")
+    ap.add_argument("--suites", default="layer,model,quant",
+                    help="comma list of: layer, model, quant (quant: benchmarks/quant_bench.py, CPU only)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args()
     out = args.out or (ROOT / "benchmarks" / "results" / ("gpu" if args.profile == "gpu" else ""))
     rc = 0
+    suites = args.suites.split(",")
     if not args.report_only:
-        rc = run_suites(args.profile, out, args.suites.split(","), args.pytest_args)
+        pytest_suites = [s for s in suites if s != "quant"]
+        if pytest_suites:
+            rc = run_suites(args.profile, out, pytest_suites, args.pytest_args)
+        if "quant" in suites and args.profile == "cpu":  # SmolLM2 on an nf4 base: quant_nf4.json / .md
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "quant_bench.py"), "--out", str(out)]
+            print("+", " ".join(cmd), flush=True)
+            quant_rc = subprocess.call(cmd, cwd=ROOT)
+            rc = rc or quant_rc
     if (out / "raw.json").exists():
         command = "make bench" if args.profile == "cpu" else "bash benchmarks/gpu_bench.sh"
         report(out, command)

@@ -151,17 +151,39 @@ def test_export_warns_when_merged(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_smollm2_matches_in_peft(smollm2, smollm2_base, tmp_path):
+@pytest.mark.parametrize("case", ["input-shared", "output-unshared-rank_pattern-nf4"])
+def test_export_smollm2_matches_in_peft(case, smollm2, smollm2_base, tmp_path):
+    """The real SmolLM2: the default (input side, M shared per role, all five roles), and the output side with one M
+    per layer and a rank_pattern on an nf4 base (three roles, to keep the SVDs few)."""
     model, tok = smollm2
     fresh_base = copy.deepcopy(smollm2_base[0])
-    apply_pica(model, PiCaConfig(rank=16), progress=False)
+    if case == "input-shared":
+        config = PiCaConfig(rank=16)
+    else:
+        from pica_kernels.core.quant import quantize_base
+
+        quantize_base(model, "nf4")
+        quantize_base(fresh_base, "nf4")
+        config = PiCaConfig(rank=16, side="output", share=False, target_modules=["q_proj", "v_proj", "down_proj"],
+                            rank_pattern={"v_proj": 8})
+    apply_pica(model, config, progress=False)
     randomize_m(model, scale=0.01)
     ids = tok("PiCa adapters export as LoRA.", return_tensors="pt").input_ids
     with torch.no_grad():
         expected = _out(model, ids)
+        base_out = _out(fresh_base, ids)
+    assert max_rel_err(expected, base_out) > 1e-3, "the adapter must change the output for the test to mean anything"
     export_lora(model, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["task_type"] == "CAUSAL_LM" and cfg["lora_alpha"] == 16
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["lora_alpha"] == cfg["r"] == 16
+    if case != "input-shared":
+        assert set(cfg["rank_pattern"].values()) == {8} and len(cfg["rank_pattern"]) == 30, cfg["rank_pattern"]
+        tensors = load_file(tmp_path / "adapter_model.safetensors")
+        a = tensors["base_model.model.model.layers.3.self_attn.v_proj.lora_A.weight"]
+        b = tensors["base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"]
+        layer = model.model.layers[3].self_attn.v_proj
+        assert torch.equal(a, layer.m().detach()) and torch.equal(b, layer.basis())  # output side: A = M, B = U_r
+        assert a.shape == (8, 576) and b.shape == (192, 8)
     lora = _load_lora(fresh_base, tmp_path)
     with torch.no_grad():
         actual = _out(lora, ids)

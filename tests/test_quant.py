@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import warnings
 
 import pytest
 import torch
-from conftest import TINY_TARGETS, randomize_m, tiny_model
+from conftest import DATA_DIR, TINY_TARGETS, randomize_m, tiny_model
 from torch import nn
 
 from pica_kernels import (
@@ -193,14 +194,17 @@ def test_smollm2_nf4_end_to_end(smollm2, smollm2_base, tmp_path):
     quantize_base(model, "nf4")
     apply_pica(model, PiCaConfig(rank=8, target_modules=["q_proj", "v_proj"]), progress=False)
     report = parameter_report(model)
-    assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
-    text = ("The quick brown fox jumps over the lazy dog. Parameter-efficient fine-tuning adapts a frozen model "
-            "with a few trainable weights.")
-    ids = tok(text, return_tensors="pt").input_ids
+    # One M per role (q: 576x8, v: 192x8), shared by the 30 layers; the nf4 base counts as frozen.
+    assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) == 576 * 8 + 192 * 8
+    # Real text: GSM-8K train rows shipped in tests/data.
+    rows = [json.loads(line) for line in (DATA_DIR / "gsm8k" / "train.jsonl").open()][:2]
+    enc = tok([f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows], return_tensors="pt",
+              padding="max_length", truncation=True, max_length=48)
+    ids, labels = enc.input_ids, enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(4):
-        loss = model(ids, labels=ids).loss
+        loss = model(ids, attention_mask=enc.attention_mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -215,12 +219,13 @@ def test_smollm2_nf4_end_to_end(smollm2, smollm2_base, tmp_path):
         assert torch.equal(fresh(ids).logits, expected)
 
 
-def test_peft_front_end_on_an_nf4_base(tmp_path):
+@pytest.mark.parametrize("method", ["nf4", "torchao-int8"])
+def test_peft_front_end_on_a_quantized_base(method, tmp_path):
     from peft import PeftModel, get_peft_model
 
     from pica_kernels.peft import PiCaPeftConfig
 
-    base = quantized_llama("nf4")
+    base = quantized_llama(method)
     y_base = logits(base)
     model = get_peft_model(base, PiCaPeftConfig(r=4, target_modules=TINY_TARGETS["llama"]))
     assert torch.equal(logits(model), y_base)
@@ -243,10 +248,10 @@ def test_peft_front_end_on_an_nf4_base(tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in before if "pica" not in k)
     assert torch.equal(logits(model), trained)
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(quantized_llama("nf4"), tmp_path)
+    reloaded = PeftModel.from_pretrained(quantized_llama(method), tmp_path)
     assert torch.equal(logits(reloaded), trained)
     export_lora(model, tmp_path / "lora")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        lora = PeftModel.from_pretrained(quantized_llama("nf4"), tmp_path / "lora")
+        lora = PeftModel.from_pretrained(quantized_llama(method), tmp_path / "lora")
     assert ((logits(lora) - trained).abs().max() / trained.abs().max()).item() <= 1e-6
