@@ -56,7 +56,6 @@ from .configs import (
     BLOCK_NAMES,
     DeviceProps,
     Mode,
-    _block_rank,
     config_override,
     estimate_shared_memory,
     heuristic_blocks,
@@ -277,6 +276,14 @@ def load_table(path: Path | str | None = None) -> Table | None:
     return table
 
 
+def rank_tile(mode: Mode, rank: int, blocks: dict) -> int:
+    """The BLOCK_RANK :func:`~.configs.select_config` pairs with these row / column / depth tiles (its rule,
+    reached through an override, so the table follows any change to it)."""
+    with config_override(**{k: blocks[k] for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH")}):
+        cfg = select_config(0, 0, 0, rank, mode, (torch.float32,) * 3, None, interpreted=True)
+    return cfg.kwargs["BLOCK_RANK"]
+
+
 def fits(config: dict, mode: Mode, rank: int, dtypes: Sequence[torch.dtype], device: DeviceProps) -> tuple[dict, str]:
     """``(blocks, "")`` when ``config`` can run this launch on ``device``, else ``({}, why)``.
 
@@ -284,7 +291,7 @@ def fits(config: dict, mode: Mode, rank: int, dtypes: Sequence[torch.dtype], dev
     """
     blocks = {k: config[k] for k in BLOCK_NAMES if k in config}
     if "BLOCK_RANK" not in blocks:
-        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
+        blocks["BLOCK_RANK"] = rank_tile(mode, rank, blocks)
     if mode == Mode.DECODE and blocks["BLOCK_RANK"] < rank:
         return {}, f"BLOCK_RANK {blocks['BLOCK_RANK']} < r = {rank} (DECODE holds t whole)"
     smem = estimate_shared_memory(blocks, config["num_stages"], mode, *(dt.itemsize for dt in dtypes),
