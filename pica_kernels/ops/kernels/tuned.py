@@ -35,7 +35,8 @@ Environment:
                                       candidates on the first launch of every shape bucket, so
                                       results then depend on timing noise): :func:`autotune`.
 
-Importable without triton.
+Importable without triton (the candidates, and an entry without BLOCK_RANK, need it: they ask
+select_config).
 """
 
 from __future__ import annotations
@@ -130,13 +131,6 @@ class Entry:
 
     def matches(self, bucket: dict[str, int]) -> bool:
         return all(bucket[k] == v for k, v in self.bucket)
-
-    def as_json(self, measured: dict | None = None) -> dict:
-        out = {"arch": self.arch, "mode": self.mode.name, "regime": self.regime, "dtypes": self.dtypes,
-               "bucket": dict(self.bucket), "config": dict(self.config)}
-        if measured is not None:
-            out["measured"] = measured
-        return out
 
 
 def _pow2(v) -> bool:
@@ -337,8 +331,9 @@ _SPACE = {
     "mid": dict(rows=(32, 64), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
     "prefill": dict(rows=(64, 128, 256), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
 }
-#: fp32 accumulator elements per thread a candidate may hold (rows x cols / (32 x warps)): 128 registers of
-#: 255 leave room for the operand fragments; larger tiles spilled in the compile survey (issue 12).
+#: fp32 accumulator elements per thread a candidate may hold (rows x cols / (32 x warps)): a rule of thumb,
+#: not measured here -- 128 of the 255 registers leave room for the operand fragments (the issue's compile
+#: survey found 254 registers at the heuristic's prefill tile); the AOT gate's register counts can refine it.
 MAX_ACC_PER_THREAD = 128
 
 
