@@ -256,6 +256,7 @@ def test_candidates_fit_by_the_shared_memory_model_heuristic_first(arch, launch)
     cands = tuned.candidate_configs(*launch, props)
     blocks, warps, stages = heuristic(*launch, props)
     assert cands[0] == {**blocks, "num_warps": warps, "num_stages": stages}
+    assert tuned.rank_tile(launch[4], launch[3], blocks) == blocks["BLOCK_RANK"]  # the heuristic's own rule
     assert len(cands) == len({tuple(sorted(c.items())) for c in cands}) > 1
     for c in cands:
         smem = estimate_shared_memory(c, c["num_stages"], launch[4], *(d.itemsize for d in launch[5]),

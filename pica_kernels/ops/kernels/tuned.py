@@ -35,7 +35,8 @@ Environment:
                                       candidates on the first launch of every shape bucket, so
                                       results then depend on timing noise): :func:`autotune`.
 
-Importable without triton.
+Importable without triton (the candidates, and an entry without BLOCK_RANK, need it: they ask
+select_config).
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ from .configs import (
     BLOCK_NAMES,
     DeviceProps,
     Mode,
-    _block_rank,
     config_override,
     estimate_shared_memory,
     heuristic_blocks,
@@ -131,13 +131,6 @@ class Entry:
 
     def matches(self, bucket: dict[str, int]) -> bool:
         return all(bucket[k] == v for k, v in self.bucket)
-
-    def as_json(self, measured: dict | None = None) -> dict:
-        out = {"arch": self.arch, "mode": self.mode.name, "regime": self.regime, "dtypes": self.dtypes,
-               "bucket": dict(self.bucket), "config": dict(self.config)}
-        if measured is not None:
-            out["measured"] = measured
-        return out
 
 
 def _pow2(v) -> bool:
@@ -277,6 +270,14 @@ def load_table(path: Path | str | None = None) -> Table | None:
     return table
 
 
+def rank_tile(mode: Mode, rank: int, blocks: dict) -> int:
+    """The BLOCK_RANK :func:`~.configs.select_config` pairs with these row / column / depth tiles (its rule,
+    reached through an override, so the table follows any change to it)."""
+    with config_override(**{k: blocks[k] for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH")}):
+        cfg = select_config(0, 0, 0, rank, mode, (torch.float32,) * 3, None, interpreted=True)
+    return cfg.kwargs["BLOCK_RANK"]
+
+
 def fits(config: dict, mode: Mode, rank: int, dtypes: Sequence[torch.dtype], device: DeviceProps) -> tuple[dict, str]:
     """``(blocks, "")`` when ``config`` can run this launch on ``device``, else ``({}, why)``.
 
@@ -284,7 +285,7 @@ def fits(config: dict, mode: Mode, rank: int, dtypes: Sequence[torch.dtype], dev
     """
     blocks = {k: config[k] for k in BLOCK_NAMES if k in config}
     if "BLOCK_RANK" not in blocks:
-        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"])
+        blocks["BLOCK_RANK"] = rank_tile(mode, rank, blocks)
     if mode == Mode.DECODE and blocks["BLOCK_RANK"] < rank:
         return {}, f"BLOCK_RANK {blocks['BLOCK_RANK']} < r = {rank} (DECODE holds t whole)"
     smem = estimate_shared_memory(blocks, config["num_stages"], mode, *(dt.itemsize for dt in dtypes),
@@ -330,8 +331,9 @@ _SPACE = {
     "mid": dict(rows=(32, 64), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
     "prefill": dict(rows=(64, 128, 256), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
 }
-#: fp32 accumulator elements per thread a candidate may hold (rows x cols / (32 x warps)): 128 registers of
-#: 255 leave room for the operand fragments; larger tiles spilled in the compile survey (issue 12).
+#: fp32 accumulator elements per thread a candidate may hold (rows x cols / (32 x warps)): a rule of thumb,
+#: not measured here -- 128 of the 255 registers leave room for the operand fragments (the issue's compile
+#: survey found 254 registers at the heuristic's prefill tile); the AOT gate's register counts can refine it.
 MAX_ACC_PER_THREAD = 128
 
 
