@@ -127,7 +127,7 @@ def sweep(archs=ARCHS, sizes=SIZES, ranks=RANKS, tokens=TOKENS, ops=OPS, variant
             if VARIANTS[variant][0] == torch.bfloat16 and not bf16_tensor_cores(GPU_TABLE[arch]):
                 continue
             for op, n_in, n_out, r, t in itertools.product(ops, sizes, sizes, ranks, tokens):
-                for bias in ((False, True) if op.split("/")[1] in ("input", "output", "forward") else (False,)):
+                for bias in ((False, True) if "forward" in op else (False,)):
                     yield arch, Point(op, variant, n_in, n_out, r, t, bias)
 
 
@@ -270,7 +270,8 @@ def bind(cc: int, args, constexprs: dict, kernel=None):
     # As JITFunction.run does before binding.
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton >= 3.9 passes it too
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     bound, specialization, options = _binder(cc, fn)(*(_arg(v) for v in args), **kwargs)
     key = (cc, repr(specialization), repr(sorted(options.items())))
     return key, kwargs, bound, specialization, options
@@ -481,10 +482,11 @@ def _checks(spec: Spec) -> list[tuple[str, str]]:
     sixteen_bit = spec.dtypes[0] in ("float16", "bfloat16")
     if sixteen_bit and (spec.regime.endswith("prefill") or spec.backward) and (r["spill_bytes"] or 0) > 0:
         failures.append(("spills", f"register spills: {r['spill_bytes']} B ({r['registers']} registers)"))
-    if spec.arch == "sm_90" and spec.config["BLOCK_ROWS"] >= 64 and r["mma"] != "wgmma":
+    # fp32 with TF32 off ("ieee") has no tensor-core instruction: FMA is right there.
+    tensor_cores = sixteen_bit or spec.constexprs.get("PRECISION") == "tf32"
+    if spec.arch == "sm_90" and tensor_cores and spec.config["BLOCK_ROWS"] >= 64 and r["mma"] != "wgmma":
         failures.append(("wgmma", f"no wgmma in the sm_90 PTX for a {spec.config['BLOCK_ROWS']}-row tile "
                                   f"(got {r['mma']})"))
-    tensor_cores = sixteen_bit or spec.constexprs.get("PRECISION") == "tf32"
     if props.capability >= (8, 0) and tensor_cores and r["mma"] == "fma":
         failures.append(("mma", "a 16-bit / tf32 dot compiled to FMA, not tensor-core MMA"))
     return failures
@@ -549,7 +551,20 @@ def summary(specs: dict) -> list[dict]:
 def _spec_json(s: Spec) -> dict:
     return {"arch": s.arch, "mode": s.mode, "regime": s.regime, "dtypes": s.dtypes, "config": s.config,
             "estimate": s.estimate, "ops": sorted(s.ops), "example": s.example, "launches": s.launches,
+            "jit_keys": s.jit_keys, "hints": s.hints, "constexprs": s.constexprs, "args": s.args,
             "result": s.result, "failures": check(s), "known": known(s)}
+
+
+def load_json(path: Path) -> tuple[dict, dict]:
+    """(specs, report) from a ``--json`` file (re-render the markdown without compiling: ``--render``)."""
+    report = json.loads(Path(path).read_text())
+    specs = {}
+    for i, d in enumerate(report["specs"]):
+        specs[i] = Spec(d["arch"], d["mode"], d["regime"], tuple(d["dtypes"]), d["config"], d["estimate"],
+                        tuple(tuple(a) if isinstance(a, list) else a for a in d["args"]), d["constexprs"],
+                        hints=d["hints"], ops=set(d["ops"]), example=d["example"], launches=d["launches"],
+                        jit_keys=d["jit_keys"], result=d["result"])
+    return specs, report
 
 
 def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, stats: dict, sweep_kw: dict) -> None:
@@ -667,7 +682,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="write --markdown from this --json report instead of compiling")
     a = ap.parse_args(argv)
+    if a.render:
+        specs, report = load_json(a.render)
+        write_markdown(specs, a.markdown or DEFAULT_MARKDOWN, seconds=report["seconds"], stats=report["stats"],
+                       sweep_kw=report["sweep"], command=report["command"])
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
         raise SystemExit("run the AOT gate without TRITON_INTERPRET (use run_subprocess)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -709,14 +731,17 @@ def main(argv=None) -> int:
     compile_specs(specs, a.jobs, progress)
     seconds = time.perf_counter() - t0
     failures = [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}" for s in specs.values() for f in check(s)]
+    command = "python -m pica_kernels.ops.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.json:
-        a.json.write_text(json.dumps({"source_hash": source_hash(), "seconds": seconds, "stats": stats, "failures": failures,
-                                      "summary": summary(specs), "specs": [_spec_json(s) for s in specs.values()]},
-                                     indent=1))
+        import triton
+
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({
+            "source_hash": source_hash(), "triton": triton.__version__, "command": command, "seconds": seconds,
+            "stats": stats, "sweep": sweep_kw, "failures": failures, "summary": summary(specs),
+            "specs": [_spec_json(s) for s in specs.values()]}, separators=(",", ":")))
     if a.markdown:
-        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw,
-                       command="python -m pica_kernels.ops.kernels.aot "
-                       + " ".join(argv if argv is not None else sys.argv[1:]))
+        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw, command=command)
     print(f"{len(specs)} compiles, {len(failures)} failures, {seconds:.0f} s")
     for f in failures:
         print("FAIL", f)
