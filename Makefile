@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.pica-installed
 
-.PHONY: install test test-real-data demo lint bench paper clean
+.PHONY: install test test-real-data demo lint bench paper clean aot aot-oldest-triton
 BENCH_STAMP := $(VENV)/.pica-bench-installed
 
 install: $(STAMP)
@@ -53,6 +53,28 @@ paper: $(STAMP) test-real-data
 	$(PY) examples/glue.py --task-dir $(DATA)/STS-B --steps 100 --batch-size 16 --out docs/results/glue/runs.json --resume
 	$(PY) examples/glue_report.py docs/results/glue/runs.json
 	$(PY) examples/gsm8k.py --data-dir $(DATA)/gsm8k --out docs/results/gsm8k/results.json
+
+# Ahead-of-time compile gate (no GPU): every kernel class the launchers produce over the issue-12 sweep,
+# compiled by Triton for sm_75 ... sm_120 with the JIT's own argument specialisation, checked (compiles,
+# shared memory <= the architecture's limit, no spills in 16-bit prefill/backward GEMMs, wgmma on sm_90),
+# and written to docs/kernels.md with the hash of the kernel + configs sources (make test checks it).
+# sm_75 compiles (FMA dots, ~15 s each) only its largest tile per regime. See pica_kernels/ops/kernels/aot.py.
+AOT_JOBS ?= 2
+aot: $(STAMP)
+	env -u TRITON_INTERPRET nice -n 5 $(PY) -m pica_kernels.ops.kernels.aot --jobs $(AOT_JOBS) \
+		--largest-archs sm_75 --markdown docs/kernels.md --json docs/results/kernels_aot.json
+
+# Smoke compiles with the oldest Triton pyproject.toml admits (what CUDA torch 2.11 wheels pin), in a
+# throw-away venv: the largest tile of every regime for sm_80, sm_86 and sm_90.
+OLDEST_TRITON ?= 3.6.0
+OLD_TRITON_VENV ?= .venv-triton-$(OLDEST_TRITON)
+aot-oldest-triton:
+	@test -x $(OLD_TRITON_VENV)/bin/python || python3 -m venv $(OLD_TRITON_VENV)
+	@$(OLD_TRITON_VENV)/bin/python -c "import triton; assert triton.__version__ == '$(OLDEST_TRITON)'" 2>/dev/null || \
+		$(OLD_TRITON_VENV)/bin/pip install -q "$(TORCH_SPEC)" triton==$(OLDEST_TRITON) safetensors tqdm numpy
+	env -u TRITON_INTERPRET PYTHONPATH=. nice -n 5 $(OLD_TRITON_VENV)/bin/python -m pica_kernels.ops.kernels.aot \
+		--largest --archs sm_80,sm_86,sm_90 --sizes 4096 --ranks 64,256 --tokens 1,16,64,4096 \
+		--ops forward/input,backward/input --jobs $(AOT_JOBS)
 
 # QUANTIZE=nf4 (or fp4, bnb-int8, torchao-int8): the same job on a quantized frozen base (QLoRA-style).
 QUANTIZE ?=

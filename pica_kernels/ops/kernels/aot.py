@@ -71,6 +71,10 @@ ALL_OPS = ("forward/input", "forward/output", "backward/input", "backward/output
 OPS = ("forward/input", "backward/input", "grouped/forward", "grouped/backward", "multitask/forward")
 #: Sources whose hash docs/kernels.md records (the table is stale when either changes).
 HASHED_SOURCES = ("lowrank_gemm.py", "configs.py")
+#: The sweep of the make-test gate (``--largest``): enough points to reach the largest tile of every
+#: (architecture, regime) -- r >= 64 maxes BLOCK_RANK, T picks the regime, sizes only split-K.
+TEST_SWEEP_ARGS = ("--sizes", "4096", "--ranks", "64,256", "--tokens", "1,16,64,4096",
+                   "--ops", "forward/input,backward/input,multitask/forward")
 DEFAULT_MARKDOWN = Path(__file__).resolve().parents[3] / "docs" / "kernels.md"
 HASH_MARKER = "aot-source-hash"
 
@@ -123,7 +127,7 @@ def sweep(archs=ARCHS, sizes=SIZES, ranks=RANKS, tokens=TOKENS, ops=OPS, variant
             if VARIANTS[variant][0] == torch.bfloat16 and not bf16_tensor_cores(GPU_TABLE[arch]):
                 continue
             for op, n_in, n_out, r, t in itertools.product(ops, sizes, sizes, ranks, tokens):
-                for bias in ((False, True) if op.split("/")[1] in ("input", "output", "forward") else (False,)):
+                for bias in ((False, True) if "forward" in op else (False,)):
                     yield arch, Point(op, variant, n_in, n_out, r, t, bias)
 
 
@@ -238,11 +242,18 @@ def _backend(cc: int):
     return target, make_backend(target)
 
 
-@functools.cache
 def _binder(cc: int, fn):
+    """The JIT's binder of ``fn`` for ``cc``, built once (keyed by identity: hashing a JITFunction hashes
+    its source and dependencies, which fails for a kernel decorated for the interpreter)."""
     from triton.runtime.jit import create_function_from_signature
 
-    return create_function_from_signature(fn.signature, fn.params, _backend(cc)[1])
+    key = (cc, id(fn))
+    if key not in _BINDERS:
+        _BINDERS[key] = (fn, create_function_from_signature(fn.signature, fn.params, _backend(cc)[1]))
+    return _BINDERS[key][1]
+
+
+_BINDERS: dict = {}
 
 
 def bind(cc: int, args, constexprs: dict, kernel=None):
@@ -259,7 +270,8 @@ def bind(cc: int, args, constexprs: dict, kernel=None):
     # As JITFunction.run does before binding.
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton >= 3.9 passes it too
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     bound, specialization, options = _binder(cc, fn)(*(_arg(v) for v in args), **kwargs)
     key = (cc, repr(specialization), repr(sorted(options.items())))
     return key, kwargs, bound, specialization, options
@@ -449,21 +461,45 @@ def largest_per_group(specs: dict, by_mode: bool = False) -> dict:
     return {key: specs[key] for _, key in best.values()}
 
 
-def check(spec: Spec) -> list[str]:
-    """The gate's assertions for one compiled spec; [] when it passes."""
+#: Failures the gate reports but does not fail on, by "arch check": each is recorded in docs/kernels.md
+#: and the test asserts it is still seen (remove the entry once it is fixed).
+KNOWN_FAILURES = {
+    "sm_75 spills": "triton 3.9 emits no MMA instruction for sm_75 (Turing): every tl.dot becomes FMA, ptxas "
+                    "keeps 64 registers and spills KBs per thread; the kernels cannot be fast on a T4 whatever "
+                    "the config (run the reference / cuBLAS path there; see docs/kernels.md)",
+}
+
+
+def _checks(spec: Spec) -> list[tuple[str, str]]:
+    """(check name, message) for every assertion ``spec`` fails."""
     r = spec.result
     if "error" in r:
-        return [f"does not compile: {r['error']}"]
-    limit = GPU_TABLE[spec.arch].smem_per_block
+        return [("compiles", f"does not compile: {r['error']}")]
+    props = GPU_TABLE[spec.arch]
     failures = []
-    if r["shared"] > limit:
-        failures.append(f"shared memory {r['shared']} B > {limit} B")
+    if r["shared"] > props.smem_per_block:
+        failures.append(("shared", f"shared memory {r['shared']} B > {props.smem_per_block} B"))
     sixteen_bit = spec.dtypes[0] in ("float16", "bfloat16")
     if sixteen_bit and (spec.regime.endswith("prefill") or spec.backward) and (r["spill_bytes"] or 0) > 0:
-        failures.append(f"register spills: {r['spill_bytes']} B ({r['registers']} registers)")
-    if spec.arch == "sm_90" and spec.config["BLOCK_ROWS"] >= 64 and r["mma"] != "wgmma":
-        failures.append(f"no wgmma in the sm_90 PTX for a {spec.config['BLOCK_ROWS']}-row tile (got {r['mma']})")
+        failures.append(("spills", f"register spills: {r['spill_bytes']} B ({r['registers']} registers)"))
+    # fp32 with TF32 off ("ieee") has no tensor-core instruction: FMA is right there.
+    tensor_cores = sixteen_bit or spec.constexprs.get("PRECISION") == "tf32"
+    if spec.arch == "sm_90" and tensor_cores and spec.config["BLOCK_ROWS"] >= 64 and r["mma"] != "wgmma":
+        failures.append(("wgmma", f"no wgmma in the sm_90 PTX for a {spec.config['BLOCK_ROWS']}-row tile "
+                                  f"(got {r['mma']})"))
+    if props.capability >= (8, 0) and tensor_cores and r["mma"] == "fma":
+        failures.append(("mma", "a 16-bit / tf32 dot compiled to FMA, not tensor-core MMA"))
     return failures
+
+
+def check(spec: Spec) -> list[str]:
+    """The gate's failures for one compiled spec, known ones (:data:`KNOWN_FAILURES`) left out; [] = pass."""
+    return [m for name, m in _checks(spec) if f"{spec.arch} {name}" not in KNOWN_FAILURES]
+
+
+def known(spec: Spec) -> list[str]:
+    """The :data:`KNOWN_FAILURES` entries ``spec`` hits."""
+    return [f"{spec.arch} {name}" for name, _ in _checks(spec) if f"{spec.arch} {name}" in KNOWN_FAILURES]
 
 
 def compile_specs(specs: dict, jobs: int = 2, progress=None) -> None:
@@ -493,6 +529,7 @@ def summary(specs: dict) -> list[dict]:
         row["launches"] += s.launches
         row["seconds"] += r.get("seconds", 0.0)
         row["failures"] += bool(check(s))
+        row["known"] = row.get("known", 0) + bool(known(s))
         if "error" in r:
             continue
         if r["shared"] >= row["max_shared"]:
@@ -514,7 +551,20 @@ def summary(specs: dict) -> list[dict]:
 def _spec_json(s: Spec) -> dict:
     return {"arch": s.arch, "mode": s.mode, "regime": s.regime, "dtypes": s.dtypes, "config": s.config,
             "estimate": s.estimate, "ops": sorted(s.ops), "example": s.example, "launches": s.launches,
-            "result": s.result, "failures": check(s)}
+            "jit_keys": s.jit_keys, "hints": s.hints, "constexprs": s.constexprs, "args": s.args,
+            "result": s.result, "failures": check(s), "known": known(s)}
+
+
+def load_json(path: Path) -> tuple[dict, dict]:
+    """(specs, report) from a ``--json`` file (re-render the markdown without compiling: ``--render``)."""
+    report = json.loads(Path(path).read_text())
+    specs = {}
+    for i, d in enumerate(report["specs"]):
+        specs[i] = Spec(d["arch"], d["mode"], d["regime"], tuple(d["dtypes"]), d["config"], d["estimate"],
+                        tuple(tuple(a) if isinstance(a, list) else a for a in d["args"]), d["constexprs"],
+                        hints=d["hints"], ops=set(d["ops"]), example=d["example"], launches=d["launches"],
+                        jit_keys=d["jit_keys"], result=d["result"])
+    return specs, report
 
 
 def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, stats: dict, sweep_kw: dict) -> None:
@@ -522,6 +572,7 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
 
     rows = summary(specs)
     failures = [(s, f) for s in specs.values() for f in check(s)]
+    known_hits = [(s, k) for s in specs.values() for k in known(s)]
     spills = [s for s in specs.values() if s.result.get("spill_bytes")]
     under = [s for s in specs.values() if "shared" in s.result and s.result["shared"] > s.estimate]
     lines = [
@@ -548,9 +599,21 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
            "per class, the specialisation with the most hints (divisibility-16, ==1), i.e. the aligned, "
            "pipelined kernel with the most shared memory; `--every` compiles them all (hours on 2 cores)."),
         f"- gate: **{'PASS' if not failures else f'FAIL ({len(failures)} failures)'}** -- compiles; shared <= limit; "
-        "no spills in 16-bit prefill and backward GEMMs; wgmma on sm_90 for tiles of >= 64 rows",
+        "no spills in 16-bit prefill and backward GEMMs; wgmma on sm_90 for tiles of >= 64 rows; tensor-core "
+        f"MMA (not FMA) for 16-bit and tf32 dots from sm_80 on. Known failures (not failing the gate): "
+        f"{len(known_hits)} kernels, listed below.",
         "",
     ]
+    if known_hits:
+        lines += ["## Known failures", ""]
+        for name, why in KNOWN_FAILURES.items():
+            hits = [s for s, k in known_hits if k == name]
+            if hits:
+                worst = max(hits, key=lambda s: s.result.get("spill_bytes") or 0)
+                lines.append(f"- **{name}** ({len(hits)} kernels; worst: {worst.tile}, {', '.join(worst.dtypes)}, "
+                             f"{worst.result.get('registers')} registers, {worst.result.get('spill_bytes')} B spilled, "
+                             f"{worst.result.get('mma')}): {why}.")
+        lines.append("")
     if failures:
         lines += ["## Failures", "", "| arch | regime | tile | dtypes (x, W, factor) | example | failure |",
                   "|---|---|---|---|---|---|"]
@@ -568,12 +631,13 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
         props = GPU_TABLE[arch]
         lines += [f"### {arch} ({props.name}; {props.smem_per_block} B shared per block, {props.sm_count} SMs)", "",
                   "| regime | compiles | launches | max shared (B) | estimate (B) | largest tile | max regs | "
-                  "kernels spilling (max B) | MMA | failures |",
+                  "kernels spilling (max B) | MMA | failures (known) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in arch_rows:
             lines.append(f"| {r['group']} | {r['compiles']} | {r['launches']} | {r['max_shared']} | "
                          f"{r['max_estimate']} | {r['largest']} | {r['max_registers']} | "
-                         f"{r['spilling']} ({r['max_spill_bytes']}) | {', '.join(r['mma'])} | {r['failures']} |")
+                         f"{r['spilling']} ({r['max_spill_bytes']}) | {', '.join(r['mma'])} | {r['failures']} "
+                         f"({r['known']}) |")
         lines.append("")
     lines += ["## Spilling kernels", "",
               "Spills outside 16-bit prefill and backward GEMMs are recorded, not failed (fp32 operands, "
@@ -618,7 +682,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="write --markdown from this --json report instead of compiling")
     a = ap.parse_args(argv)
+    if a.render:
+        specs, report = load_json(a.render)
+        write_markdown(specs, a.markdown or DEFAULT_MARKDOWN, seconds=report["seconds"], stats=report["stats"],
+                       sweep_kw=report["sweep"], command=report["command"])
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
         raise SystemExit("run the AOT gate without TRITON_INTERPRET (use run_subprocess)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -660,14 +731,17 @@ def main(argv=None) -> int:
     compile_specs(specs, a.jobs, progress)
     seconds = time.perf_counter() - t0
     failures = [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}" for s in specs.values() for f in check(s)]
+    command = "python -m pica_kernels.ops.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.json:
-        a.json.write_text(json.dumps({"source_hash": source_hash(), "seconds": seconds, "stats": stats, "failures": failures,
-                                      "summary": summary(specs), "specs": [_spec_json(s) for s in specs.values()]},
-                                     indent=1))
+        import triton
+
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({
+            "source_hash": source_hash(), "triton": triton.__version__, "command": command, "seconds": seconds,
+            "stats": stats, "sweep": sweep_kw, "failures": failures, "summary": summary(specs),
+            "specs": [_spec_json(s) for s in specs.values()]}, separators=(",", ":")))
     if a.markdown:
-        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw,
-                       command="python -m pica_kernels.ops.kernels.aot "
-                       + " ".join(argv if argv is not None else sys.argv[1:]))
+        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw, command=command)
     print(f"{len(specs)} compiles, {len(failures)} failures, {seconds:.0f} s")
     for f in failures:
         print("FAIL", f)
