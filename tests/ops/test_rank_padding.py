@@ -88,7 +88,7 @@ def test_saved_t_is_a_view_of_the_padded_buffer(decode):
     assert t.untyped_storage().nbytes() == 5 * padded_rank(rank) * t.element_size()
     assert_close_to_reference(t.cpu(), f64(x) @ f64(basis).T, torch.float32, "t")
     wide = padding.widen_cols(t, padded_rank(rank))
-    assert wide.shape == (5, 32) and torch.equal(wide[:, rank:], torch.zeros(5, 8))  # zero columns are exact
+    assert wide.shape == (5, 32) and torch.equal(wide[:, rank:].cpu(), torch.zeros(5, 8))  # zero columns are exact
     # A packed t (no room in its rows) is read at width r: still the right dM.
     packed = t.contiguous()
     assert padding.widen_cols(packed, 32) is packed
