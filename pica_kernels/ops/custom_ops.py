@@ -52,24 +52,22 @@ def lowrank_linear_op(
         try:
             return launchers.triton_forward(x, weight, bias, a, b)
         except launchers.KernelFallback:
-            # This shape class failed to compile or launch (warned once): the reference runs it, its t
-            # laid out as the kernels lay it out (the fake kernel below promises those strides).
-            y, t = reference_forward(x, weight, bias, a, b)
-            return y, padding.pad_cols_like_kernel(t)
-    return reference_forward(x, weight, bias, a, b)
+            pass  # this shape class failed to compile or launch (warned once): the reference runs it
+    y, t = reference_forward(x, weight, bias, a, b)
+    # t laid out as the kernels lay it out, whichever branch ran: the fake kernel below must promise one
+    # layout that does not depend on the backend (torch.compile caches graphs across backend choices).
+    return y, padding.pad_cols_like_kernel(t)
 
 
-def fake_t(x: torch.Tensor, rows: int, rank: int, backend: str) -> torch.Tensor:
-    """The saved ``t`` (rows, rank) as the op returns it: on the Triton path the (rows, rank) view of a
-    (rows, padded_rank(rank)) buffer (:mod:`.kernels.padding`), else contiguous."""
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
-        return x.new_empty(rows, padding.padded_rank(rank))[:, :rank]
-    return x.new_empty(rows, rank)
+def fake_t(x: torch.Tensor, rows: int, rank: int) -> torch.Tensor:
+    """The saved ``t`` (rows, rank) as the op returns it: the (rows, rank) view of a (rows, padded_rank(rank))
+    buffer (:mod:`.kernels.padding`; contiguous when the rank is a multiple of 16)."""
+    return x.new_empty(rows, padding.padded_rank(rank))[:, :rank]
 
 
 @lowrank_linear_op.register_fake
 def _(x, weight, bias, a, b, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), fake_t(x, x.shape[0], a.shape[1], backend)
+    return x.new_empty(x.shape[0], weight.shape[0]), fake_t(x, x.shape[0], a.shape[1])
 
 
 @torch.library.custom_op("pica_kernels::lowrank_linear_backward", mutates_args=())

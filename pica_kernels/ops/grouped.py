@@ -43,15 +43,9 @@ def _grouped_triton(x, weights, biases, a, b_cat, ranks):
     return [*ys, t]
 
 
-def _t_slices(t_width, ranks):
-    """(lo, hi) of each projection's r_i columns in the saved t: packed, or in padded slots (Triton path)."""
-    if t_width == sum(ranks):
-        return list(reference.rank_slices(ranks))
+def _t_slices(ranks):
+    """(lo, hi) of each projection's r_i columns in the saved t (padded slots, :func:`padding.slot_offsets`)."""
     return [(lo, lo + r) for lo, r in zip(padding.slot_offsets(ranks), ranks)]
-
-
-def _triton_path(backend, x) -> bool:
-    return resolve_backend(backend, x.device, x.dtype) == "triton"
 
 
 @torch.library.custom_op("pica_kernels::grouped_lowrank_linear", mutates_args=())
@@ -64,21 +58,21 @@ def _grouped_op(
     ranks: list[int],
     backend: str,
 ) -> list[torch.Tensor]:
-    """x (T, in) -> [y_i (T, out_i)] + [t] (t last, saved for backward): t is (T, sum r_i), or on the
-    Triton path (T, sum padded_rank(r_i)) with each projection's columns at the start of its slot."""
-    triton_path = _triton_path(backend, x)
-    if triton_path:
+    """x (T, in) -> [y_i (T, out_i)] + [t] (t last, saved for backward): t is (T, sum padded_rank(r_i)),
+    each projection's r_i columns at the start of its slot (the kernels' layout, whichever branch ran)."""
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         try:
             return _grouped_triton(x, weights, biases, a, b_cat, ranks)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
     ys, t = reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks)
-    return [*ys, padding.pad_slots_like_kernel(t, ranks) if triton_path else t]
+    # t in the kernels' slot layout whichever branch ran (one layout for the fake kernel to promise).
+    return [*ys, padding.pad_slots_like_kernel(t, ranks)]
 
 
 @_grouped_op.register_fake
 def _(x, weights, biases, a, b_cat, ranks, backend):
-    width = padding.slot_offsets(ranks)[-1] if _triton_path(backend, x) else b_cat.shape[0]
+    width = padding.slot_offsets(ranks)[-1]
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], width)]
 
 
@@ -103,7 +97,7 @@ def _backward(ctx, grads):
     weights, a = rest[: ctx.n], rest[ctx.n :]
     dx = None
     da, db = [], []
-    t_cols = _t_slices(t.shape[1], ctx.ranks)
+    t_cols = _t_slices(ctx.ranks)
     for i, ((lo, hi), (b_lo, b_hi), dy) in enumerate(zip(t_cols, reference.rank_slices(ctx.ranks), grads[:-1])):
         gx, ga, gb = torch.ops.pica_kernels.lowrank_linear_backward(
             dy, x, t[:, lo:hi], weights[i], a[i], b_cat[b_lo:b_hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend

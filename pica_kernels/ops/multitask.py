@@ -46,10 +46,6 @@ def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids):
     return y.view(nseq, seq_len, weight.shape[0]), t.unflatten(0, (nseq, seq_len))
 
 
-def _triton_path(backend, x) -> bool:
-    return resolve_backend(backend, x.device, x.dtype) == "triton"
-
-
 @torch.library.custom_op("pica_kernels::multitask_lowrank_linear", mutates_args=())
 def _multitask_op(
     x: torch.Tensor,
@@ -60,25 +56,22 @@ def _multitask_op(
     adapter_ids: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward (on the Triton path, the view
-    of a buffer padded to a rank multiple of 16)."""
-    triton_path = _triton_path(backend, x)
-    if triton_path:
+    """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward (the view of a buffer padded to a
+    rank multiple of 16, whichever branch ran)."""
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         try:
             return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
     y, t = reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids)
-    return y, padding.pad_cols_like_kernel(t) if triton_path else t
+    # t laid out as the kernels lay it out, whichever branch ran (one layout for the fake kernel to promise).
+    return y, padding.pad_cols_like_kernel(t)
 
 
 @_multitask_op.register_fake
 def _(x, weight, bias, m_stack, basis, adapter_ids, backend):
     rank = basis.shape[0]
-    if _triton_path(backend, x):
-        t = x.new_empty(*x.shape[:2], padding.padded_rank(rank))[..., :rank]
-    else:
-        t = x.new_empty(*x.shape[:2], rank)
+    t = x.new_empty(*x.shape[:2], padding.padded_rank(rank))[..., :rank]
     return x.new_empty(*x.shape[:2], weight.shape[0]), t
 
 

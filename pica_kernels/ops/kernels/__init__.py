@@ -9,4 +9,6 @@
   ``triton.Config``, and the test override (no triton needed to import).
 * :mod:`.launchers` -- argument plumbing from torch tensors to a launch:
   strides, grid, split-K, and the forward/backward launch sequences.
+* :mod:`.padding` -- ranks padded to a multiple of 16 for the launches (the
+  JIT's divisibility hints): zero-padded factors cached per tensor version.
 """

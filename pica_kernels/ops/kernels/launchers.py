@@ -14,6 +14,10 @@ Kernel sequences (DESIGN: one kernel, three modes, see :class:`~.configs.Mode`):
   idle (few output tiles, long depth) the depth loop is split and the fp32
   partials summed in a fixed order: deterministic, never atomics.
 
+Every rank runs padded to a multiple of 16 (:mod:`.padding`: cached zero-padded
+factors, ``t`` a view of its padded buffer, gradients sliced back to the true shape),
+so the JIT's divisibility hints hold for every r.
+
 Configs come from :func:`~.configs.select_config` (device-aware, fitted to the
 GPU's shared memory). Safety net: a launch that fails to compile or runs out of
 resources (Triton's OutOfResources / PTXASError / CompilationError, or the CUDA driver's "too many

@@ -15,12 +15,16 @@ launchers run rank ``r`` as ``rp = padded_rank(r)``:
 * ``t = x @ B.T`` is computed into a (T, rp) buffer and handed on as its (T, r) view
   (no copy); the backward reads the view's row back at width rp where the storage has
   room (:func:`widen_cols`: extra columns only feed output columns that are dropped).
+  The ops' custom ops return ``t`` in this layout whichever branch ran (their reference
+  branch copies its t into it): a fake kernel must promise one layout, and
+  ``torch.compile`` reuses a compiled graph across backend choices.
 * gradients are sliced back to the true shape (``dM`` (out, r) or (r, in)): the zero
   rows / columns never leave the launchers.
 
 A write through ``.data`` bypasses the version counter (as it bypasses autograd's own
 checks): call :func:`clear_pad_cache` after one. Inference tensors have no version
-counter; they are padded per call. The reference path is never padded.
+counter; they are padded per call. The reference math (:mod:`pica_kernels.reference`, and
+the eager CPU path that calls it directly) is never padded.
 """
 
 from __future__ import annotations
@@ -145,8 +149,8 @@ def padded_view(shape: tuple[int, ...], rank: int, alloc) -> tuple[torch.Tensor,
 
 def pad_cols_like_kernel(t: torch.Tensor) -> torch.Tensor:
     """``t`` (..., r) copied into the layout the kernels give it: the (..., r) view of a zero-padded
-    (..., padded_rank(r)) buffer (the reference branch, when a kernel fell back, returns this so the
-    op's output strides match its fake kernel's)."""
+    (..., padded_rank(r)) buffer (the custom ops' reference branches return this, so the ops' output
+    strides match their fake kernels' whichever branch ran); ``t`` itself when r is a multiple of 16."""
     rank = t.shape[-1]
     width = padded_rank(rank)
     if width == rank:
