@@ -106,6 +106,59 @@ def test_save_load_fresh_quantized_base(method, tmp_path):
     assert torch.equal(logits(loaded), expected)
 
 
+def llama_32():
+    """A tiny Llama whose layer widths are multiples of 32, as bitsandbytes' CPU repacking needs."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_bnb_cpu_repacking_is_kept_off(tmp_path):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a Linear4bit in place on its first eval forward without grad
+    (another layout, absmax in bfloat16, bfloat16 compute): PiCa keeps its bases on the standard storage, so eval
+    outputs equal train outputs, storage is untouched, and save -> load works in eval mode."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    def nf4_base():
+        model = quantize_base(llama_32(), "nf4")
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on an AVX512-BF16 machine
+        return model
+
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = apply_pica(nf4_base(), PiCaConfig(rank=4, target_modules=every_linear), progress=False)
+    randomize_m(model)
+    adapted_bases = [m.base_layer for m in model.modules() if isinstance(m, PiCaLinear)]
+    assert len(adapted_bases) == 14 and all(not b.support_avx512bf16_for_cpu for b in adapted_bases)
+    model.train()
+    y_train = logits(model)
+    before = storage(model)
+    model.eval()
+    y_eval = logits(model)
+    assert torch.equal(y_eval, y_train)
+    assert not any(getattr(b.weight.quant_state, "packing_format_for_cpu", False) for b in adapted_bases)
+    assert same_storage(storage(model), before)
+    save_adapter(model, tmp_path)
+    assert torch.equal(logits(load_adapter(nf4_base().eval(), tmp_path)), y_eval)
+
+    # A base repacked before PiCa sees it: unpacked with bitsandbytes' own inverse (what its state_dict does).
+    packed = nf4_base()
+    q = packed.model.layers[0].self_attn.q_proj
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    reference = copy.deepcopy(q)
+    reference.state_dict()  # bitsandbytes unpacks on state_dict
+    model = apply_pica(packed, PiCaConfig(rank=4), progress=False)
+    pica = model.model.layers[0].self_attn.q_proj
+    assert not getattr(pica.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert pica.quantization == quant_info(reference) and pica.quantization["double_quant"]
+    torch.testing.assert_close(dequantized_weight(pica.base_layer), dequantized_weight(reference), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["nf4", "torchao-int8"])
 def test_load_onto_a_base_quantized_differently_is_refused(method, tmp_path):
     model = adapted(method)

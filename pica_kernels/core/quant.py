@@ -98,6 +98,7 @@ def quant_info(module: nn.Module) -> dict | None:
     """
     kind = quant_kind(module)
     if kind == "bnb-4bit":
+        standard_4bit_storage(module)
         qs = module.weight.quant_state
         if qs is None:
             raise ValueError("a bitsandbytes Linear4bit whose weight is not quantized yet: move it to a device "
@@ -121,9 +122,31 @@ class _Storage:
     extra: dict = field(default_factory=dict)
 
 
+def standard_4bit_storage(module: nn.Module) -> None:
+    """Keep a bitsandbytes ``Linear4bit`` on its standard storage (packed nibbles, absmax, quant state).
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks a ``Linear4bit``'s weight in place on its first
+    forward in eval mode without grad (``_convert_weight_packed_for_cpu``): a new nibble layout, absmax un-nested
+    and rounded to bfloat16, compute in bfloat16. That changes the layer's outputs and dequantized weight (so the
+    basis, the base-weight identity and merge / unmerge would depend on whether an inference forward ran) and its
+    inverse is lossy. PiCa turns the repacking off for the layers it adapts (``support_avx512bf16_for_cpu``) and
+    unpacks a layer that was repacked already with bitsandbytes' own inverse (what its ``state_dict`` does).
+    """
+    module.support_avx512bf16_for_cpu = False
+    w = module.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+
+
 def _storage(module: nn.Module) -> _Storage:
-    if quant_kind(module) == "bnb-8bit":
+    kind = quant_kind(module)
+    if kind == "bnb-8bit":
         return _Storage(module.weight, {"CB": module.state.CB, "SCB": module.state.SCB})
+    if kind == "bnb-4bit":
+        standard_4bit_storage(module)
     return _Storage(module.weight)
 
 
@@ -286,6 +309,8 @@ def quantize_base(
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
         new = new.to(dev)  # bitsandbytes quantizes when the module is moved to a device
+        if method in ("nf4", "fp4"):  # the standard 4-bit path everywhere (see standard_4bit_storage)
+            new.support_avx512bf16_for_cpu = False
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
