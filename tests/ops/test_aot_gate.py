@@ -3,7 +3,7 @@
 * The gate's argument specialisation is Triton's own: for real launches (run here under the CPU
   interpreter, their arguments intercepted), the binder's specialisation of the real tensors equals the
   gate's, which it computes from launches recorded on ``meta`` tensors -- including a misaligned
-  pointer (a column slice of the grouped ``t``), an integer equal to 1 and divisible-by-16 integers.
+  pointer (an ``x`` that starts 4 bytes into its storage), an integer equal to 1 and divisible-by-16 integers.
 * The largest tile of every (architecture, regime) compiles for all seven architectures and passes the
   gate's checks (in a subprocess: the kernels are decorated once per process, in compiler mode there).
 * docs/kernels.md was produced from the current kernel source and configs (its recorded hash).
@@ -55,10 +55,12 @@ def _intercepted_launches(monkeypatch, fn):
 
 
 def test_gate_specialisation_equals_the_jit_binder_on_real_launches(monkeypatch):
-    """Grouped q/k/v forward at r = 1: the t slices t[:, 1:2] and t[:, 2:3] start 4 and 8 bytes into t."""
+    """Grouped q/k/v forward at r = 1 (run padded to 16) on an x that starts 4 bytes into its storage."""
     torch.manual_seed(0)
     T, n_in, outs, ranks = 8, 48, [32, 32, 32], [1, 1, 1]
-    x = torch.randn(T, n_in)
+    # A contiguous view 4 bytes into its storage: no 16-byte hint on x's pointer. (Ranks are padded to
+    # slots of 16 now, so the t slices are aligned and no longer give the test its misaligned pointers.)
+    x = torch.randn(T * n_in + 1)[1:].view(T, n_in)
     weights = [torch.randn(o, n_in) for o in outs]
     biases = [torch.randn(o) for o in outs]
     a = [torch.randn(o, r) for o, r in zip(outs, ranks)]
@@ -74,7 +76,7 @@ def test_gate_specialisation_equals_the_jit_binder_on_real_launches(monkeypatch)
     # The gate's way: the same launches recorded on meta tensors (config from the same select_config: this
     # process is interpreted, so both sides get the interpreter's blocks; depth < 8 steps: no split-K).
     sink = []
-    meta = [v.to("meta") for v in (x, b_cat)]
+    meta = [torch.empty(T * n_in + 1, device="meta")[1:].view(T, n_in), b_cat.to("meta")]  # x's offset too
     with launchers.recording_launches(GPU_TABLE["sm_86"], sink):
         grouped._grouped_triton(meta[0], [w.to("meta") for w in weights], [bb.to("meta") for bb in biases],
                                 [ai.to("meta") for ai in a], meta[1], ranks)
