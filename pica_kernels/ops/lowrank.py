@@ -22,6 +22,7 @@ import torch
 from .. import reference
 from . import custom_ops  # noqa: F401  (registers torch.ops.pica_kernels.lowrank_linear)
 from .backend import eager_reference
+from .kernels.padding import RANK_ALIGN
 
 
 def check_lowrank_args(x, weight, bias, a, b) -> None:
@@ -70,5 +71,7 @@ def lowrank_linear(
     if eager_reference(backend, x):  # eager CPU: the reference's own autograd, no custom-op round trip
         return reference.lowrank_linear(x, weight, bias, a, b)
     lead = x.shape[:-1]
-    y, _ = torch.ops.pica_kernels.lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, a, b, backend)
+    # rank_align passed explicitly: a compiled graph then records the layout of the saved t.
+    y, _ = torch.ops.pica_kernels.lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, a, b, backend,
+                                                 RANK_ALIGN)
     return y.reshape(*lead, weight.shape[0])
