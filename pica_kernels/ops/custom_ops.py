@@ -46,28 +46,37 @@ def lowrank_linear_op(
     a: torch.Tensor,
     b: torch.Tensor,
     backend: str,
+    rank_align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (T, in) -> (y (T, out), t = x @ B.T (T, r)), both in x.dtype. ``t`` is saved for backward."""
+    """x (T, in) -> (y (T, out), t = x @ B.T (T, r)), both in x.dtype. ``t`` is saved for backward.
+
+    ``t`` is the (T, r) view of a (T, padded_rank(r, rank_align)) buffer, whichever branch runs; the Triton
+    launches run that padded rank (:mod:`.kernels.padding`). :func:`~.lowrank.lowrank_linear` passes
+    ``rank_align=16`` (the JIT's divisibility hint); the default 1 pads nothing (the layout before padding
+    existed). The layout is an argument, and not the default, so that a compiled graph's code records it:
+    ``torch.compile`` caches graphs by their code (which omits arguments equal to their default), not by
+    what a fake kernel returns.
+    """
     if resolve_backend(backend, x.device, x.dtype) == "triton":
         try:
-            return launchers.triton_forward(x, weight, bias, a, b)
+            return launchers.triton_forward(x, weight, bias, a, b, rank_align=rank_align)
         except launchers.KernelFallback:
             pass  # this shape class failed to compile or launch (warned once): the reference runs it
     y, t = reference_forward(x, weight, bias, a, b)
-    # t laid out as the kernels lay it out, whichever branch ran: the fake kernel below must promise one
-    # layout that does not depend on the backend (torch.compile caches graphs across backend choices).
-    return y, padding.pad_cols_like_kernel(t)
+    # t laid out as the kernels lay it out, whichever branch ran: the fake kernel below promises one
+    # layout, whatever the backend (a compiled graph is reused across backend choices).
+    return y, padding.pad_cols_like_kernel(t, rank_align)
 
 
-def fake_t(x: torch.Tensor, rows: int, rank: int) -> torch.Tensor:
+def fake_t(x: torch.Tensor, rows: int, rank: int, rank_align: int) -> torch.Tensor:
     """The saved ``t`` (rows, rank) as the op returns it: the (rows, rank) view of a (rows, padded_rank(rank))
-    buffer (:mod:`.kernels.padding`; contiguous when the rank is a multiple of 16)."""
-    return x.new_empty(rows, padding.padded_rank(rank))[:, :rank]
+    buffer (:mod:`.kernels.padding`; contiguous when the rank is a multiple of ``rank_align``)."""
+    return x.new_empty(rows, padding.padded_rank(rank, rank_align))[:, :rank]
 
 
 @lowrank_linear_op.register_fake
-def _(x, weight, bias, a, b, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), fake_t(x, x.shape[0], a.shape[1])
+def _(x, weight, bias, a, b, backend, rank_align=1):
+    return x.new_empty(x.shape[0], weight.shape[0]), fake_t(x, x.shape[0], a.shape[1], rank_align)
 
 
 @torch.library.custom_op("pica_kernels::lowrank_linear_backward", mutates_args=())
@@ -109,7 +118,9 @@ def _(dy, x, t, weight, a, b, need_dx, need_da, need_db, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, a, b, backend = inputs
+    x, weight, bias, a, b, backend = inputs[:6]
+    # Gradients go to the arguments the dispatcher kept: it drops rank_align when it equals its default.
+    ctx.num_inputs = 6 + (inputs[6] != 1)
     _, t = output
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     # x is kept only when a gradient needs it: with B frozen (PiCa input side)
@@ -133,7 +144,7 @@ def _backward(ctx, dy, _dt):
         dw = (dy.T @ x).to(weight.dtype)
     if need_bias:
         dbias = dy.sum(0)
-    return dx, dw, dbias, da, db, None
+    return (dx, dw, dbias, da, db, None) + (None,) * (ctx.num_inputs - 6)  # (rank_align, when given)
 
 
 lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)

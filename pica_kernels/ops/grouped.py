@@ -28,24 +28,24 @@ from .backend import resolve_backend
 from .kernels import launchers, padding
 
 
-def _grouped_triton(x, weights, biases, a, b_cat, ranks):
+def _grouped_triton(x, weights, biases, a, b_cat, ranks, align):
     # Ranks that are not multiples of 16 run padded (kernels/padding.py): B_cat with one zero-padded slot
     # per projection (cached: once per basis), t laid out in the same slots.
-    b_pad = padding.pad_rank_slots(b_cat, ranks)
-    offs = padding.slot_offsets(ranks)
+    b_pad = padding.pad_rank_slots(b_cat, ranks, 0, align)
+    offs = padding.slot_offsets(ranks, align)
     t = launchers.alloc((x.shape[0], b_pad.shape[0]), x.dtype, x.device)
     launchers.launch_lowrank_gemm(t, x, b_pad.T)  # the one shrink launch for every projection
     ys = []
     for lo, w, bias, ai in zip(offs, weights, biases, a):
-        ai = padding.pad_rank_dim(ai, 1)
+        ai = padding.pad_rank_dim(ai, 1, align)
         y = launchers.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
         ys.append(launchers.launch_lowrank_gemm(y, x, w.T, t=t[:, lo:lo + ai.shape[1]], factor_up=ai.T, bias=bias))
     return [*ys, t]
 
 
-def _t_slices(ranks):
+def _t_slices(ranks, align):
     """(lo, hi) of each projection's r_i columns in the saved t (padded slots, :func:`padding.slot_offsets`)."""
-    return [(lo, lo + r) for lo, r in zip(padding.slot_offsets(ranks), ranks)]
+    return [(lo, lo + r) for lo, r in zip(padding.slot_offsets(ranks, align), ranks)]
 
 
 @torch.library.custom_op("pica_kernels::grouped_lowrank_linear", mutates_args=())
@@ -57,27 +57,32 @@ def _grouped_op(
     b_cat: torch.Tensor,
     ranks: list[int],
     backend: str,
+    rank_align: int = 1,
 ) -> list[torch.Tensor]:
-    """x (T, in) -> [y_i (T, out_i)] + [t] (t last, saved for backward): t is (T, sum padded_rank(r_i)),
-    each projection's r_i columns at the start of its slot (the kernels' layout, whichever branch ran)."""
+    """x (T, in) -> [y_i (T, out_i)] + [t] (t last, saved for backward): t is (T, sum padded_rank(r_i,
+    rank_align)), each projection's r_i columns at the start of its slot (the kernels' layout, whichever
+    branch ran; ``rank_align`` as in ``pica_kernels::lowrank_linear``)."""
     if resolve_backend(backend, x.device, x.dtype) == "triton":
         try:
-            return _grouped_triton(x, weights, biases, a, b_cat, ranks)
+            return _grouped_triton(x, weights, biases, a, b_cat, ranks, rank_align)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
     ys, t = reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks)
     # t in the kernels' slot layout whichever branch ran (one layout for the fake kernel to promise).
-    return [*ys, padding.pad_slots_like_kernel(t, ranks)]
+    return [*ys, padding.pad_slots_like_kernel(t, ranks, rank_align)]
 
 
 @_grouped_op.register_fake
-def _(x, weights, biases, a, b_cat, ranks, backend):
-    width = padding.slot_offsets(ranks)[-1]
+def _(x, weights, biases, a, b_cat, ranks, backend, rank_align=1):
+    width = padding.slot_offsets(ranks, rank_align)[-1]
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], width)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, a, b_cat, ranks, backend = inputs
+    x, weights, biases, a, b_cat, ranks, backend = inputs[:7]
+    # Gradients go to the arguments the dispatcher kept: it drops rank_align when it equals its default.
+    ctx.num_inputs = 7 + (inputs[7] != 1)
+    ctx.rank_align = inputs[7]
     # needs_input_grad is laid out over flattened list arguments; ask the tensors.
     need_x, need_b = x.requires_grad, b_cat.requires_grad
     ctx.save_for_backward(x if need_b else None, output[-1], b_cat, *weights, *a)
@@ -97,7 +102,7 @@ def _backward(ctx, grads):
     weights, a = rest[: ctx.n], rest[ctx.n :]
     dx = None
     da, db = [], []
-    t_cols = _t_slices(ctx.ranks)
+    t_cols = _t_slices(ctx.ranks, ctx.rank_align)
     for i, ((lo, hi), (b_lo, b_hi), dy) in enumerate(zip(t_cols, reference.rank_slices(ctx.ranks), grads[:-1])):
         gx, ga, gb = torch.ops.pica_kernels.lowrank_linear_backward(
             dy, x, t[:, lo:hi], weights[i], a[i], b_cat[b_lo:b_hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend
@@ -107,7 +112,8 @@ def _backward(ctx, grads):
         da.append(ga if ctx.need_a else None)
         db.append(gb)
     dbiases = None if ctx.biases_are_one_leaf else [None] * ctx.n  # frozen biases only
-    return dx, [None] * ctx.n, dbiases, da, torch.cat(db) if ctx.need_b else None, None, None
+    grads = (dx, [None] * ctx.n, dbiases, da, torch.cat(db) if ctx.need_b else None, None, None)
+    return grads + (None,) * (ctx.num_inputs - 7)  # (rank_align, when given)
 
 
 _grouped_op.register_autograd(_backward, setup_context=_setup_context)
@@ -151,6 +157,7 @@ def grouped_lowrank_linear(
     check_grouped_args(x, weights, biases, a, b_cat, ranks)
     lead = x.shape[:-1]
     outs = torch.ops.pica_kernels.grouped_lowrank_linear(
-        x.reshape(-1, x.shape[-1]), list(weights), list(biases), list(a), b_cat, list(ranks), backend
+        x.reshape(-1, x.shape[-1]), list(weights), list(biases), list(a), b_cat, list(ranks), backend,
+        padding.RANK_ALIGN,  # explicit (not the default): a compiled graph records the layout of t
     )
     return [y.reshape(*lead, w.shape[0]) for y, w in zip(outs[:-1], weights)]

@@ -25,6 +25,7 @@ from . import (
     custom_ops,  # noqa: F401  (registers torch.ops.pica_kernels.lowrank_linear)
 )
 from .backend import eager_reference
+from .kernels.padding import RANK_ALIGN
 
 
 def lowrank_linear(
@@ -56,5 +57,7 @@ def run_lowrank(x, weight, bias, a, b, backend: str) -> torch.Tensor:
     if eager_reference(backend, x):  # eager CPU: the reference's own autograd, no custom-op round trip
         return reference.lowrank_linear(x, weight, bias, a, b)
     lead = x.shape[:-1]
-    y, _ = torch.ops.pica_kernels.lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, a, b, backend)
+    # rank_align passed explicitly: a compiled graph then records the layout of the saved t.
+    y, _ = torch.ops.pica_kernels.lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, a, b, backend,
+                                                 RANK_ALIGN)
     return y.reshape(*lead, weight.shape[0])

@@ -28,14 +28,15 @@ from .backend import resolve_backend
 from .kernels import launchers, padding
 
 
-def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids):
+def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids, align):
     nseq, seq_len, in_f = x.shape
     rank = basis.shape[0]
     x2 = x.reshape(nseq * seq_len, in_f)
     # A rank that is not a multiple of 16 runs padded (kernels/padding.py): the shared basis and the M's are
     # zero-padded copies, cached per tensor and version; t is the (.., r) view of the padded buffer.
-    basis_p, m_p = padding.pad_rank_dim(basis, 0), padding.pad_rank_dim(m_stack, 2)
-    t_p, t = padding.padded_view((x2.shape[0],), rank, lambda shape: launchers.alloc(shape, x.dtype, x.device))
+    basis_p, m_p = padding.pad_rank_dim(basis, 0, align), padding.pad_rank_dim(m_stack, 2, align)
+    t_p, t = padding.padded_view((x2.shape[0],), rank, lambda shape: launchers.alloc(shape, x.dtype, x.device),
+                                 align)
     launchers.launch_lowrank_gemm(t_p, x2, basis_p.T)  # shared basis: one shrink for every adapter
     y = launchers.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
     if seq_len > 0:
@@ -55,28 +56,31 @@ def _multitask_op(
     basis: torch.Tensor,
     adapter_ids: torch.Tensor,
     backend: str,
+    rank_align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward (the view of a buffer padded to a
-    rank multiple of 16, whichever branch ran)."""
+    rank multiple of ``rank_align``, whichever branch ran; as in ``pica_kernels::lowrank_linear``)."""
     if resolve_backend(backend, x.device, x.dtype) == "triton":
         try:
-            return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids)
+            return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids, rank_align)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
     y, t = reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids)
     # t laid out as the kernels lay it out, whichever branch ran (one layout for the fake kernel to promise).
-    return y, padding.pad_cols_like_kernel(t)
+    return y, padding.pad_cols_like_kernel(t, rank_align)
 
 
 @_multitask_op.register_fake
-def _(x, weight, bias, m_stack, basis, adapter_ids, backend):
+def _(x, weight, bias, m_stack, basis, adapter_ids, backend, rank_align=1):
     rank = basis.shape[0]
-    t = x.new_empty(*x.shape[:2], padding.padded_rank(rank))[..., :rank]
+    t = x.new_empty(*x.shape[:2], padding.padded_rank(rank, rank_align))[..., :rank]
     return x.new_empty(*x.shape[:2], weight.shape[0]), t
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, m_stack, basis, adapter_ids, backend = inputs
+    x, weight, bias, m_stack, basis, adapter_ids, backend = inputs[:7]
+    # Gradients go to the arguments the dispatcher kept: it drops rank_align when it equals its default.
+    ctx.num_inputs = 7 + (inputs[7] != 1)
     ctx.save_for_backward(output[1], weight, m_stack, basis, adapter_ids)
     ctx.need = ctx.needs_input_grad[:4]
     ctx.mark_non_differentiable(output[1])
@@ -86,7 +90,7 @@ def _backward(ctx, dy, _dt):
     t, weight, m_stack, basis, ids = ctx.saved_tensors
     need_x, _need_w, need_bias, need_m = ctx.need
     dx, dbias, dm = reference.multitask_backward(dy, t, weight, m_stack, basis, ids, need_x, need_bias, need_m)
-    return dx, None, dbias, dm, None, None, None
+    return (dx, None, dbias, dm, None, None, None) + (None,) * (ctx.num_inputs - 7)  # (rank_align, when given)
 
 
 _multitask_op.register_autograd(_backward, setup_context=_setup_context)
@@ -107,7 +111,10 @@ def multitask_pica_linear(
     Differentiable in x, m_stack and bias (W and the basis frozen).
     """
     check_multitask_args(x, weight, bias, basis, m_stack, adapter_ids)
-    y, _ = torch.ops.pica_kernels.multitask_lowrank_linear(x, weight, bias, m_stack, basis, adapter_ids, backend)
+    y, _ = torch.ops.pica_kernels.multitask_lowrank_linear(
+        x, weight, bias, m_stack, basis, adapter_ids, backend,
+        padding.RANK_ALIGN,  # explicit (not the default): a compiled graph records the layout of t
+    )
     return y
 
 

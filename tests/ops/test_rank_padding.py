@@ -20,7 +20,7 @@ from kernel_helpers import (
 from pica_kernels import reference
 from pica_kernels.ops import grouped_lowrank_linear, multitask_pica_linear, pica_linear
 from pica_kernels.ops.kernels import launchers, padding
-from pica_kernels.ops.kernels.padding import PAD_CACHE, padded_rank
+from pica_kernels.ops.kernels.padding import PAD_CACHE, RANK_ALIGN, padded_rank
 
 pytestmark = needs_triton
 
@@ -134,11 +134,18 @@ def test_factors_are_padded_once_per_version(side):
 
 def test_reference_path_pads_no_factor_and_keeps_the_kernels_t_layout():
     x, w, bias, basis, m = pica_inputs(20, 40, 36, 8, "input", torch.float32)
-    y, t = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "reference")
+    y, t = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "reference", RANK_ALIGN)
     # The op's t has one layout whichever branch runs (its fake kernel promises it to torch.compile).
     assert t.shape == (20, 8) and t.stride() == (16, 1)
-    _, t_kernel = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "triton")
+    _, t_kernel = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "triton", RANK_ALIGN)
     assert t_kernel.stride() == t.stride()
+    # rank_align left at its default (1): nothing padded, t packed -- the op as it was before padding.
+    before = PAD_CACHE.builds
+    for backend in ("reference", "triton"):
+        _, t_packed = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, backend)
+        assert t_packed.is_contiguous() and t_packed.shape == (20, 8)
+        assert_close_to_reference(t_packed.cpu(), f64(x) @ f64(basis).T, torch.float32, f"packed t ({backend})")
+    assert PAD_CACHE.builds == before
     want_y, want_t = reference.lowrank_forward(x, w, bias, m, basis)
     assert torch.equal(y, want_y) and torch.equal(t, want_t)  # the reference math itself is not padded
     before = PAD_CACHE.builds

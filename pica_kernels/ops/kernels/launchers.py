@@ -340,16 +340,16 @@ def use_decode(t_rows: int, rank: int) -> bool:
     return 0 < t_rows <= DECODE_MAX_T and rank <= DECODE_MAX_R
 
 
-def triton_forward(x, weight, bias, a, b, *, decode: bool | None = None):
+def triton_forward(x, weight, bias, a, b, *, decode: bool | None = None, rank_align: int | None = None):
     """x (T, in), weight (out, in), bias (out,)|None, a (out, r), b (r, in) -> (y (T, out), t (T, r)), x.dtype.
 
-    A rank that is not a multiple of 16 runs padded (:mod:`.padding`): the launches see the cached
-    zero-padded factors and rank rp; ``t`` is the (T, r) view of the (T, rp) buffer the kernel wrote.
+    A rank that is not a multiple of ``rank_align`` (default 16) runs padded (:mod:`.padding`): the launches
+    see the cached zero-padded factors and rank rp; ``t`` is the (T, r) view of the (T, rp) buffer written.
     """
     rows, rank = x.shape[0], a.shape[1]
-    a_p, b_p = pad_rank_dim(a, 1), pad_rank_dim(b, 0)
+    a_p, b_p = pad_rank_dim(a, 1, rank_align), pad_rank_dim(b, 0, rank_align)
     y = alloc((rows, weight.shape[0]), x.dtype, x.device)
-    t_p, t = padded_view((rows,), rank, lambda shape: alloc(shape, x.dtype, x.device))
+    t_p, t = padded_view((rows,), rank, lambda shape: alloc(shape, x.dtype, x.device), rank_align)
     if decode is None:
         decode = use_decode(rows, rank)
     if decode:

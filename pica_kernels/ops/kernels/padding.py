@@ -36,8 +36,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 RANK_ALIGN = 16
 
 
-def padded_rank(rank: int) -> int:
-    return -(-rank // RANK_ALIGN) * RANK_ALIGN
+def padded_rank(rank: int, align: int | None = None) -> int:
+    """``rank`` rounded up to a multiple of ``align`` (default :data:`RANK_ALIGN`)."""
+    align = RANK_ALIGN if align is None else align
+    return -(-rank // align) * align
 
 
 class PadCache:
@@ -99,26 +101,26 @@ def _pad_dim(v: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     return out
 
 
-def pad_rank_dim(v: torch.Tensor, dim: int) -> torch.Tensor:
+def pad_rank_dim(v: torch.Tensor, dim: int, align: int | None = None) -> torch.Tensor:
     """``v`` with its rank dimension ``dim`` zero-padded to :func:`padded_rank` (``v`` itself when aligned)."""
     rank = v.shape[dim]
-    width = padded_rank(rank)
+    width = padded_rank(rank, align)
     if width == rank:
         return v
     dim = dim % v.dim()
     return PAD_CACHE.get(v, ("dim", dim, width), lambda s: _pad_dim(s, dim, width))
 
 
-def slot_offsets(ranks) -> list[int]:
+def slot_offsets(ranks, align: int | None = None) -> list[int]:
     """Start of each rank's slot when every rank is padded: ``[0, rp_0, rp_0 + rp_1, ...]`` (n + 1 entries)."""
     offs = [0]
     for r in ranks:
-        offs.append(offs[-1] + padded_rank(r))
+        offs.append(offs[-1] + padded_rank(r, align))
     return offs
 
 
-def _pad_slots(v: torch.Tensor, ranks: tuple[int, ...], dim: int) -> torch.Tensor:
-    offs = slot_offsets(ranks)
+def _pad_slots(v: torch.Tensor, ranks: tuple[int, ...], dim: int, align: int | None) -> torch.Tensor:
+    offs = slot_offsets(ranks, align)
     shape = list(v.shape)
     shape[dim] = offs[-1]
     out = v.new_zeros(shape)
@@ -129,30 +131,32 @@ def _pad_slots(v: torch.Tensor, ranks: tuple[int, ...], dim: int) -> torch.Tenso
     return out
 
 
-def pad_rank_slots(v: torch.Tensor, ranks, dim: int = 0) -> torch.Tensor:
+def pad_rank_slots(v: torch.Tensor, ranks, dim: int = 0, align: int | None = None) -> torch.Tensor:
     """Concatenated factors (``sum r_i`` along ``dim``, e.g. grouped ``B_cat``) with each block of ``r_i``
     padded to its own slot of ``padded_rank(r_i)`` (:func:`slot_offsets`); ``v`` itself when all are aligned."""
     ranks = tuple(int(r) for r in ranks)
-    if all(padded_rank(r) == r for r in ranks):
+    if all(padded_rank(r, align) == r for r in ranks):
         return v
     dim = dim % v.dim()
-    return PAD_CACHE.get(v, ("slots", dim, ranks), lambda s: _pad_slots(s, ranks, dim))
+    offs = tuple(slot_offsets(ranks, align))
+    return PAD_CACHE.get(v, ("slots", dim, ranks, offs), lambda s: _pad_slots(s, ranks, dim, align))
 
 
-def padded_view(shape: tuple[int, ...], rank: int, alloc) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_view(shape: tuple[int, ...], rank: int, alloc, align: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A buffer whose last dimension is ``padded_rank(rank)`` wide, from ``alloc(shape_padded)``, and its
     view at width ``rank``: ``(buffer, view)``."""
-    width = padded_rank(rank)
+    width = padded_rank(rank, align)
     buf = alloc((*shape, width))
     return buf, (buf if width == rank else buf[..., :rank])
 
 
-def pad_cols_like_kernel(t: torch.Tensor) -> torch.Tensor:
+def pad_cols_like_kernel(t: torch.Tensor, align: int | None = None) -> torch.Tensor:
     """``t`` (..., r) copied into the layout the kernels give it: the (..., r) view of a zero-padded
     (..., padded_rank(r)) buffer (the custom ops' reference branches return this, so the ops' output
     strides match their fake kernels' whichever branch ran); ``t`` itself when r is a multiple of 16."""
     rank = t.shape[-1]
-    width = padded_rank(rank)
+    width = padded_rank(rank, align)
     if width == rank:
         return t
     buf = t.new_zeros((*t.shape[:-1], width))
@@ -160,12 +164,12 @@ def pad_cols_like_kernel(t: torch.Tensor) -> torch.Tensor:
     return buf[..., :rank]
 
 
-def pad_slots_like_kernel(t: torch.Tensor, ranks) -> torch.Tensor:
+def pad_slots_like_kernel(t: torch.Tensor, ranks, align: int | None = None) -> torch.Tensor:
     """Grouped ``t`` (T, sum r_i) laid out in padded slots (T, sum padded_rank(r_i)), zeros between."""
     ranks = tuple(int(r) for r in ranks)
-    if all(padded_rank(r) == r for r in ranks):
+    if all(padded_rank(r, align) == r for r in ranks):
         return t
-    return _pad_slots(t, ranks, t.dim() - 1)
+    return _pad_slots(t, ranks, t.dim() - 1, align)
 
 
 def widen_cols(t: torch.Tensor, width: int) -> torch.Tensor:
