@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .configs import GPU_TABLE, Mode, bf16_tensor_cores, estimate_shared_memory, regime
+from .padding import RANK_ALIGN, padded_rank, slot_offsets
 
 ARCHS = tuple(GPU_TABLE)
 #: The sweep (issue 12): in/out features (1001: no power-of-two factor, so no divisibility hints),
@@ -160,10 +161,12 @@ def record(arch: str, p: Point) -> list[tuple]:
             elif kind == "backward":
                 a_dt, b_dt = {"input": (mdt, xdt), "output": (xdt, mdt), "lora": (mdt, mdt)}[which]
                 need_da, need_db = which in ("input", "lora"), which in ("output", "lora")
-                launchers.triton_backward(e(T, n_out), e(T, n_in) if need_db else None, e(T, r), e(n_out, n_in),
+                t = e(T, padded_rank(r, RANK_ALIGN))[:, :r]  # the forward's t: a view of its padded buffer
+                launchers.triton_backward(e(T, n_out), e(T, n_in) if need_db else None, t, e(n_out, n_in),
                                           e(n_out, r, dtype=a_dt), e(r, n_in, dtype=b_dt), True, need_da, need_db)
             elif kind == "grouped":
-                from ..grouped import _grouped_triton, _slices
+                from ... import reference
+                from ..grouped import _grouped_triton, _t_slices
 
                 outs = _grouped_outs(n_out)
                 ranks = [r] * len(outs)
@@ -171,19 +174,22 @@ def record(arch: str, p: Point) -> list[tuple]:
                 if which == "forward":
                     biases = [e(o) if p.bias else None for o in outs]
                     _grouped_triton(e(T, n_in), [e(o, n_in) for o in outs], biases,
-                                    [e(o, r, dtype=mdt) for o in outs], b_cat, ranks)
+                                    [e(o, r, dtype=mdt) for o in outs], b_cat, ranks, RANK_ALIGN)
                 else:  # what grouped's autograd backward launches: one backward per projection, t and B sliced
-                    t = e(T, sum(ranks))
-                    for (lo, hi), o in zip(_slices(ranks), outs):
+                    # t in the kernels' slot layout (each projection's r columns at the start of a slot
+                    # padded to RANK_ALIGN), B_cat sliced packed: as grouped's autograd does.
+                    t = e(T, slot_offsets(ranks, RANK_ALIGN)[-1])
+                    t_cols = _t_slices(ranks, RANK_ALIGN)
+                    for (lo, hi), (b_lo, b_hi), o in zip(t_cols, reference.rank_slices(ranks), outs):
                         launchers.triton_backward(e(T, o), None, t[:, lo:hi], e(o, n_in), e(o, r, dtype=mdt),
-                                                  b_cat[lo:hi], True, True, False)
+                                                  b_cat[b_lo:b_hi], True, True, False)
             elif kind == "multitask":
                 from ..multitask import _multitask_triton
 
                 nseq = min(4, T) if T > 0 else 1
                 ids = torch.arange(nseq, device="meta") % 3
                 _multitask_triton(e(nseq, T // nseq, n_in), e(n_out, n_in), bias, e(3, n_out, r, dtype=mdt),
-                                  e(r, n_in), ids)
+                                  e(r, n_in), ids, RANK_ALIGN)
             else:
                 raise ValueError(f"unknown op {p.op!r}")
     finally:
