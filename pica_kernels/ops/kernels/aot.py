@@ -599,7 +599,7 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
         f"{', '.join(sweep_kw['ops'])}; bias on/off (forwards); variants (x / trainable factor) "
         f"{', '.join(VARIANTS)}; bf16 not on sm_75 (it runs the reference there)",
         f"- {stats['launches']} launches recorded -> {stats['jit_keys']} JIT specialisations (the JIT's cache key) "
-        f"-> {stats['classes']} kernel classes (mode, dtypes, config and flags, operand alignment) -> "
+        f"-> {stats['classes']} kernel classes (mode, dtypes, config and flags but the bias) -> "
         f"**{stats['compiles']} compiled**: "
         + ("every JIT specialisation (`--every`)." if stats["classes"] == stats["jit_keys"] and stats.get("every") else
            "per class, the specialisation with the most hints (divisibility-16, ==1), i.e. the aligned, "
@@ -688,6 +688,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="a --json report of the same sweep: its specs of the architectures not in --archs join "
+                         "this run's (rerun some architectures after a config change that touches only them)")
     ap.add_argument("--render", type=Path, default=None,
                     help="write --markdown from this --json report instead of compiling")
     a = ap.parse_args(argv)
@@ -736,8 +739,21 @@ def main(argv=None) -> int:
 
     compile_specs(specs, a.jobs, progress)
     seconds = time.perf_counter() - t0
-    failures = [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}" for s in specs.values() for f in check(s)]
     command = "python -m pica_kernels.ops.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.merge:
+        base_specs, base = load_json(a.merge)
+        if {k: list(v) for k, v in base["sweep"].items()} != {k: list(v) for k, v in sweep_kw.items()}:
+            raise SystemExit(f"--merge: {a.merge} swept {base['sweep']}, this run {sweep_kw}")
+        ran = set(a.archs.split(","))
+        drop = [s for s in base_specs.values() if s.arch in ran]
+        for k in ("launches", "jit_keys"):
+            stats[k] += base["stats"][k] - sum(getattr(s, k) for s in drop)
+        stats["classes"] += base["stats"]["classes"] - len(drop)
+        specs = {**{("base", i): s for i, s in base_specs.items() if s.arch not in ran}, **specs}
+        stats["compiles"] = len(specs)
+        seconds += base["seconds"]
+        command = f"{base['command']}; then {command}"
+    failures = [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}" for s in specs.values() for f in check(s)]
     if a.json:
         import triton
 
