@@ -174,7 +174,7 @@ def test_interrupted_load_onto_a_plain_model_changes_nothing(tmp_path, monkeypat
     before = _snapshot(model)
     import pica_kernels.adapters as adapters_mod
 
-    target = (bases_mod, "truncated_svd") if where == "svd" else (adapters_mod, "basis_fingerprint")
+    target = (bases_mod, "truncated_svd") if where == "svd" else (adapters_mod, "check_basis_fingerprint")
     monkeypatch.setattr(*target, _Interrupt(getattr(*target), 3))
     with pytest.raises(KeyboardInterrupt):
         pk.load_adapter(model, path, progress=False)
@@ -190,7 +190,7 @@ def test_failed_load_onto_a_pica_model_with_fewer_layers_changes_nothing(tmp_pat
     before = _snapshot(model)
     import pica_kernels.adapters as adapters_mod
 
-    monkeypatch.setattr(adapters_mod, "basis_fingerprint", _Interrupt(adapters_mod.basis_fingerprint, 5))
+    monkeypatch.setattr(adapters_mod, "check_basis_fingerprint", _Interrupt(adapters_mod.check_basis_fingerprint, 5))
     with pytest.raises(KeyboardInterrupt):
         pk.load_adapter(model, path, progress=False)
     monkeypatch.undo()
