@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,9 +37,11 @@ from . import __version__
 from .apply import BANK_NAME, apply_pica, get_bank, pica_layers, set_submodule
 from .config import PiCaConfig
 from .core import quant as core_quant
-from .core.defaults import FINGERPRINT_ATOL
 from .core.errors import AdapterMismatchError
+from .core.files import base_tensors as files_base_tensors
 from .core.files import (
+    check_base_tensors,
+    check_basis_fingerprint,
     compare_identity,
     dtype_name,
     file_sha256,
@@ -70,26 +71,10 @@ def _original_weight(module: nn.Module) -> torch.Tensor:
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's own tensors by state_dict name, PiCa removed: ``…q_proj.weight`` (original, unmerged), never
-    ``…base_layer.weight``, no bank, no bases."""
-    out: dict[str, torch.Tensor] = {}
-    layers = dict(pica_layers(model))
-    originals = {f"{n}.base_layer.weight": layer.original_weight for n, layer in layers.items()}
-    # Quantized-base hook: a quantized layer's storage entries (packed weight, absmax, SCB, quant state...) stand
-    # as one ``<layer>.weight``, its dequantized weight: the same for every fresh quantisation of the same weights,
-    # whether the layer is wrapped or not, and unchanged by a merge that re-quantizes.
-    quantized = {n: m for n, m in model.named_modules() if n and core_quant.is_quantized_base(m)}
-    for n, m in quantized.items():
-        key = f"{n}.weight"
-        originals.setdefault(key, core_quant.dequantized_weight(m))
-    storage = tuple(f"{n}." for n in quantized)
-    for key, t in model.state_dict(keep_vars=True).items():
-        if key.startswith(BANK_NAME + "."):
-            continue
-        if key.startswith(storage) and key not in originals and not key.endswith(".bias"):
-            continue
-        t = originals.get(key, t)
-        out[key.replace(".base_layer.", ".")] = t
-    return out
+    ``…base_layer.weight``, no bank, no bases (see :func:`pica_kernels.core.files.base_tensors`)."""
+    originals = {f"{n}.base_layer.weight": layer.original_weight for n, layer in pica_layers(model)}
+    return files_base_tensors(model, originals, keep=lambda key: not key.startswith(BANK_NAME + "."),
+                              fold=lambda key: key.replace(".base_layer.", "."))
 
 
 def _base_model_identity(model: nn.Module) -> dict:
@@ -315,27 +300,9 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> None:
         if problem:
             raise AdapterMismatchError(f"base model: {problem}; load the adapter onto the model it was trained on "
                                        f"({meta['base_model']})")
-    now = base_tensors(model)
     adapted = {f"{n}.weight" for n in meta["layers"]}
-    problems = []
-    for key, saved in meta["base_tensors"].items():
-        t = now.get(key)
-        if t is None:
-            problems.append(f"tensor {key!r} of the base model is missing from this model")
-            continue
-        p = compare_identity(f"tensor {key!r}", tensor_identity(t), saved)
-        if p:
-            problems.append(p)
-    extra = sorted(set(now) - set(meta["base_tensors"]) - adapted)
-    if extra:
-        problems.append(f"this model has tensors the adapter's base model had not: {extra[:3]}")
-    if problems:
-        msg = (f"base_tensors: the model differs from the adapter's base model outside the adapted layers "
-               f"({len(problems)} difference(s)); first: {problems[0]}")
-        if on_mismatch == "warn":
-            warnings.warn(msg, UserWarning, stacklevel=3)
-        else:
-            raise AdapterMismatchError(msg + "; pass check_base_model='warn' to load anyway")
+    check_base_tensors(base_tensors(model), meta["base_tensors"], on_mismatch,
+                       "pass check_base_model='warn' to load anyway", skip=adapted)
 
 
 def _rollback(model: nn.Module, new_adapter: str | None, wrapped_before: set[str], had_bank: bool, grad_flags,
@@ -443,15 +410,8 @@ def load_adapter(
         layers = dict(pica_layers(model))
         # 3. Fingerprints: the basis each M will multiply must be the one it was trained with.
         for lname in saved_layers:
-            basis = layers[lname].basis(name)
-            atol = basis_atol if basis_atol is not None else FINGERPRINT_ATOL[basis.dtype]
-            diff = float((basis_fingerprint(basis, config.side) - tensors[f"fingerprint.{lname}"]).abs().max())
-            if not diff <= atol:
-                raise AdapterMismatchError(
-                    f"layer {lname!r}: its basis does not match the adapter's fingerprint (max difference "
-                    f"{diff:.3g} > {atol:.3g}); the basis drifted (other base weights, SVD settings, dtype or "
-                    f"device). Save with store_bases=True for an exact reload."
-                )
+            check_basis_fingerprint(lname, layers[lname].basis(name), config.side, tensors[f"fingerprint.{lname}"],
+                                    basis_atol)
         # 4. M, once per group.
         bank = get_bank(model)
         with torch.no_grad():

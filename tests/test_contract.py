@@ -54,8 +54,9 @@ class Native:
     def save(self, model, path):
         return pk.save_adapter(model, path)
 
-    def load(self, path):
-        return pk.load_adapter(tiny_model("llama"), path, progress=False)
+    def load(self, path, model=None, check_base_model="error"):
+        model = tiny_model("llama") if model is None else model
+        return pk.load_adapter(model, path, progress=False, check_base_model=check_base_model)
 
     def tamper_rank(self, path, rank):
         meta = json.loads((path / "pica_config.json").read_text())
@@ -122,10 +123,14 @@ class Peft(Native):
         model.save_pretrained(path)
         return path
 
-    def load(self, path):
+    def load(self, path, model=None, check_base_model="error"):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(tiny_model("llama"), path)
+        from pica_kernels.peft import PiCaPeftConfig
+
+        config = PiCaPeftConfig.from_pretrained(path)
+        config.check_base_model = check_base_model
+        return PeftModel.from_pretrained(tiny_model("llama") if model is None else model, path, config=config)
 
     def tamper_rank(self, path, rank):
         cfg = json.loads((path / "adapter_config.json").read_text())
@@ -269,3 +274,22 @@ def test_group_removed_from_the_tensor_file(fe, trained, tmp_path):
     api.remove_group(path, "mlp-up_proj-80x48")
     with pytest.raises(pk.AdapterMismatchError, match=r"^groups: .*'mlp-up_proj-80x48'.*holds no"):
         api.load(path)
+
+
+@pytest.mark.parametrize("fe", FRONT_ENDS)
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight"])
+def test_model_differing_only_outside_the_targets(fe, trained, tmp_path, tensor):
+    api = API[fe]
+    path = api.save(trained[fe], tmp_path / fe)
+
+    def other():
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.get_parameter(tensor)[0, 0] += 1.0  # first entries are in every sample
+        return model
+
+    with pytest.raises(pk.AdapterMismatchError, match=f"^base_tensors: .*tensor {tensor!r}: values differ"):
+        api.load(path, other())
+    with pytest.warns(UserWarning, match=f"^base_tensors: .*tensor {tensor!r}"):
+        loaded = api.load(path, other(), check_base_model="warn")
+    assert torch.isfinite(api.logits(loaded)).all()

@@ -174,7 +174,7 @@ def test_interrupted_load_onto_a_plain_model_changes_nothing(tmp_path, monkeypat
     before = _snapshot(model)
     import pica_kernels.adapters as adapters_mod
 
-    target = (bases_mod, "truncated_svd") if where == "svd" else (adapters_mod, "basis_fingerprint")
+    target = (bases_mod, "truncated_svd") if where == "svd" else (adapters_mod, "check_basis_fingerprint")
     monkeypatch.setattr(*target, _Interrupt(getattr(*target), 3))
     with pytest.raises(KeyboardInterrupt):
         pk.load_adapter(model, path, progress=False)
@@ -190,7 +190,7 @@ def test_failed_load_onto_a_pica_model_with_fewer_layers_changes_nothing(tmp_pat
     before = _snapshot(model)
     import pica_kernels.adapters as adapters_mod
 
-    monkeypatch.setattr(adapters_mod, "basis_fingerprint", _Interrupt(adapters_mod.basis_fingerprint, 5))
+    monkeypatch.setattr(adapters_mod, "check_basis_fingerprint", _Interrupt(adapters_mod.check_basis_fingerprint, 5))
     with pytest.raises(KeyboardInterrupt):
         pk.load_adapter(model, path, progress=False)
     monkeypatch.undo()
@@ -332,3 +332,24 @@ def test_sequential_model_runs_with_its_bank():
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # M = 0: the base output
     randomize_m(model)
     assert not torch.equal(model(x), before)
+
+
+def test_base_layer_path_accumulates_dm_in_fp32():
+    """x in another dtype than W (autocast over a bf16 layer; quantized bases take the same path): the term is
+    added to the base layer's output, and dM must be accumulated in fp32, not rounded to bf16 through autograd of
+    a cast (it was, ~2e-3 relative, when the core wrote this path as plain F.linear calls)."""
+    torch.manual_seed(0)
+    layer = PiCaLinear(nn.Linear(64, 48).to(torch.bfloat16), rank=8)
+    with torch.no_grad():
+        layer.m().normal_()
+    x = torch.randn(256, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(y.shape).to(torch.bfloat16)
+    y.backward(dy)
+    t = (x.to(torch.bfloat16) @ layer.basis().T).double()  # the bf16 activations the term saw
+    want = dy.double().T @ t
+    rel = float((layer.m().grad.double() - want).abs().max() / want.abs().max())
+    assert layer.m().grad.dtype == torch.float32
+    assert rel < 1e-4, rel

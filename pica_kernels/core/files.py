@@ -25,9 +25,14 @@ import functools
 import hashlib
 import json
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from . import quant
+from .defaults import FINGERPRINT_ATOL
 from .errors import AdapterMismatchError
 
 SAMPLE_SIZE = 65536
@@ -142,3 +147,77 @@ def check_m_tensors(found: dict[str, tuple], expected: dict[str, tuple], rank: i
         if tuple(shape) != tuple(expected[g]):
             raise AdapterMismatchError(f"rank: the config says {expected[g][axis]}, {where} has M of group {g!r} "
                                        f"with shape {list(shape)} (rank {shape[axis]})")
+
+
+def check_basis_fingerprint(layer: str, basis: torch.Tensor, side: str, saved: torch.Tensor,
+                            atol: float | None = None) -> None:
+    """The basis ``M`` will multiply must be the one it was trained with: its fingerprint against ``saved`` within
+    ``atol`` (default :data:`FINGERPRINT_ATOL` of the basis dtype), or AdapterMismatchError naming the layer and
+    both values (the maximum difference and the tolerance)."""
+    from ..svd import basis_fingerprint
+
+    got = basis_fingerprint(basis, side)
+    atol = FINGERPRINT_ATOL[basis.dtype] if atol is None else atol
+    saved = saved.to(got.dtype)
+    diff = float((got - saved).abs().max()) if got.shape == saved.shape else math.inf
+    if not diff <= atol:
+        raise AdapterMismatchError(
+            f"layer {layer!r}: its basis does not match the adapter's fingerprint (max difference {diff:.3g} > "
+            f"{atol:.3g}): the basis recomputed here differs from the one the adapter was trained with (other base "
+            f"weights, SVD settings, dtype or device). Save with store_bases=True for an exact reload."
+        )
+
+
+def base_tensors(model: nn.Module, originals: dict[str, torch.Tensor], keep: Callable[[str], bool],
+                 fold: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """The base model's own tensors by their plain state_dict names, for the whole-model identity of an adapter file.
+
+    ``originals``: state_dict key -> the tensor to use instead (an adapted layer's weight before any merge);
+    ``keep(key)``: False for the adapter's own entries (M, bases, trained copies); ``fold(key)``: the name the base
+    model has for an entry of the adapted model (``…base_layer.weight`` -> ``…weight``). Quantized-base hook: a
+    quantized layer's storage entries (packed weight, absmax, SCB, quant state...) stand as one ``<layer>.weight``,
+    its dequantized weight: the same for every fresh quantisation of the same weights, and unchanged by a merge
+    that re-quantizes. Sharded (DTensor) entries are left out: identities are taken where the whole tensor is.
+    """
+    originals = dict(originals)
+    quantized = {n: m for n, m in model.named_modules() if n and quant.is_quantized_base(m)}
+    for n, m in quantized.items():
+        originals.setdefault(f"{n}.weight", quant.dequantized_weight(m))
+    storage = tuple(f"{n}." for n in quantized)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if not keep(key) or type(t).__name__ == "DTensor":
+            continue
+        if key.startswith(storage) and key not in originals and not key.endswith(".bias"):
+            continue
+        out[fold(key)] = originals.get(key, t)
+    return out
+
+
+def check_base_tensors(now: dict[str, torch.Tensor], saved: dict[str, dict], on_mismatch: str, hint: str,
+                       skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """The model's tensors (:func:`base_tensors`) against the identities an adapter file recorded.
+
+    Any tensor missing, extra (but those in ``skip``) or of other values is a ``base_tensors`` mismatch: an
+    AdapterMismatchError naming the first tensor and both values, or a warning with ``on_mismatch="warn"``.
+    ``hint`` says how to load anyway (front-end specific).
+    """
+    problems = []
+    for key, ident in saved.items():
+        t = now.get(key)
+        if t is None:
+            problems.append(f"tensor {key!r} of the base model is missing from this model")
+            continue
+        p = compare_identity(f"tensor {key!r}", tensor_identity(t), ident)
+        if p:
+            problems.append(p)
+    extra = sorted(set(now) - set(saved) - set(skip))
+    if extra:
+        problems.append(f"this model has tensors the adapter's base model had not: {extra[:3]}")
+    if problems:
+        msg = (f"base_tensors: the model differs from the adapter's base model outside the adapted layers "
+               f"({len(problems)} difference(s)); first: {problems[0]}")
+        if on_mismatch == "warn":
+            warnings.warn(msg, UserWarning, stacklevel=4)
+        else:
+            raise AdapterMismatchError(f"{msg}; {hint}")

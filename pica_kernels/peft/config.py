@@ -43,6 +43,8 @@ class PiCaPeftConfig(PeftConfig):
         svd_method: method of :func:`pica_kernels.truncated_svd` (default "accurate").
         svd_seed: seed of the randomised SVD sketch (bases come out identical under
             any global torch seed).
+        check_base_model: on load, a base model whose tensors (untargeted ones too: embeddings, norms, other
+            projections) differ from those the adapter was saved with: "error" (default) or "warn".
         store_bases: save every layer's basis in ``adapter_model.safetensors``
             (exact reload without SVD; costs r*(in or out) values per layer). When
             False, bases are recomputed on load and checked against a stored
@@ -67,6 +69,8 @@ class PiCaPeftConfig(PeftConfig):
     svd_method: str | None = field(default=DEFAULT_SVD_METHOD, metadata={"help": "truncated_svd method"})
     svd_seed: int = field(default=0, metadata={"help": "Seed of the SVD sketch"})
     store_bases: bool = field(default=False, metadata={"help": "Save the frozen bases in the adapter file"})
+    check_base_model: str = field(default="error", metadata={
+        "help": "On load, a base model that differs outside the adapted layers: 'error' or 'warn'"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored (in, out) (Conv1D)"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules"})
     init_weights: bool = field(default=True, metadata={"help": "Zero-init M (identity at start)"})
@@ -85,6 +89,8 @@ class PiCaPeftConfig(PeftConfig):
         check_rank(self.r, "r")
         self.rank_pattern = check_rank_pattern(self.rank_pattern)
         reference.check_side(self.side)
+        if self.check_base_model not in ("error", "warn"):
+            raise ValueError(f"check_base_model must be 'error' or 'warn', got {self.check_base_model!r}")
         if self.svd_method is not None and self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         if isinstance(self.target_modules, (list, tuple)):

@@ -23,6 +23,7 @@ here, and what this class does instead:
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from functools import partial
 
@@ -32,19 +33,20 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .. import reference
+from ..core import merge as core_merge
 from ..core.bank import PiCaBank, random_m_init
 from ..core.base import is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..core.bases import batched_bases
 from ..core.defaults import (
     BASE_ADAPTER,
     DEFAULT_SVD_METHOD,
-    FINGERPRINT_ATOL,
     check_adapter_name,
     default_m_dtype,
 )
 from ..core.errors import AdapterMismatchError, BasisMismatchError
-from ..core.files import check_m_tensors
-from ..core.quant import dequantized_weight, is_quantized_base
+from ..core.files import base_tensors as files_base_tensors
+from ..core.files import check_base_tensors, check_basis_fingerprint, check_m_tensors, tensor_identity
+from ..core.quant import dequantized_weight, is_quantized_base, original_dequantized_weight
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
@@ -55,6 +57,29 @@ __all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaPeftModel"]
 
 _LOW_PRECISION = {torch.float16, torch.bfloat16}
 FINGERPRINT_KEY = "pica_fingerprint"
+
+
+#: Key of the base model's identity in ``adapter_model.safetensors``: the JSON of {tensor name: identity} as uint8.
+BASE_IDENTITY_KEY = "base_model.pica_base_model_identity"
+# state_dict entries of a PEFT-adapted model that are not the base model's: PiCa's own, PEFT's trained copies.
+_NOT_BASE = (".pica_", "modules_to_save.", "token_adapter.")
+
+
+def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own tensors under the adapted ``model`` (a PeftModel, the tuner or the bare model), by their
+    names in the base model, adapted weights as before any merge (see :func:`pica_kernels.core.files.base_tensors`)."""
+    if isinstance(model, PiCaPeftModel):
+        model = model.model
+    elif isinstance(getattr(model, "base_model", None), PiCaPeftModel):
+        model = model.base_model.model
+    originals = {}
+    for n, m in model.named_modules():
+        if isinstance(m, PiCaPeftLinear):
+            original = (original_dequantized_weight(m, m.base_layer) if m.quantization
+                        else core_merge.original_weight(m, m.base_layer.weight))
+            originals[f"{n}.base_layer.weight"] = original
+    return files_base_tensors(model, originals, keep=lambda key: not any(p in key for p in _NOT_BASE),
+                              fold=lambda key: key.replace(".base_layer.", ".").replace(".original_module.", "."))
 
 
 class PiCaPeftModel(BaseTuner):
@@ -278,6 +303,9 @@ class PiCaPeftModel(BaseTuner):
                     name = name.replace("_fsdp_wrapped_module.", "")
                     fp = basis_fingerprint(module.pica_basis[adapter_name], module.pica_side[adapter_name])
                     out[f"{name}.{FINGERPRINT_KEY}.{adapter_name}"] = fp.contiguous()
+        # The whole base model's identity (untargeted weights, embeddings, norms too), as the native files hold it.
+        identity = {k: tensor_identity(t) for k, t in _base_tensors(model).items()}
+        out[BASE_IDENTITY_KEY] = torch.frombuffer(bytearray(json.dumps(identity).encode()), dtype=torch.uint8)
         return out
 
     @classmethod
@@ -285,6 +313,12 @@ class PiCaPeftModel(BaseTuner):
         suffix = "." + FINGERPRINT_KEY
         fingerprints = {k[: -len(suffix)]: v for k, v in state_dict.items() if k.endswith(suffix)}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
+        identity = state_dict.pop(BASE_IDENTITY_KEY, None)
+        if identity is not None:  # files written before the whole-model identity have none
+            saved = json.loads(identity.cpu().numpy().tobytes().decode())
+            check_base_tensors(_base_tensors(model), saved, getattr(config, "check_base_model", "error"),
+                               "load with a PiCaPeftConfig whose check_base_model='warn' "
+                               "(PeftModel.from_pretrained(model, path, config=config)) to load anyway")
         bank = next((m for m in model.modules() if isinstance(m, PiCaBank)), None)
         if bank is not None and adapter_name in bank:
             # The file whole against the model its config built: every group's M present, nothing extra, ranks agree.
@@ -308,15 +342,6 @@ class PiCaPeftModel(BaseTuner):
                         f"the adapter file has a PiCa basis fingerprint for {name!r}, but the model has no PiCa "
                         f"layer of adapter {adapter_name!r} there (wrong base model or target_modules?)"
                     )
-                basis = module.pica_basis[adapter_name]
-                got = basis_fingerprint(basis, module.pica_side[adapter_name])
-                stored = stored.to(got.dtype)
-                tol = FINGERPRINT_ATOL[basis.dtype]
-                if got.shape != stored.shape or float((got - stored).abs().max()) > tol:
-                    diff = float((got - stored).abs().max()) if got.shape == stored.shape else float("inf")
-                    raise BasisMismatchError(
-                        f"the PiCa basis recomputed for {name!r} differs from the one adapter {adapter_name!r} was "
-                        f"trained with (fingerprint max difference {diff:.3g} > {tol:g}); is this the same base "
-                        f"model and dtype? Save the adapter with store_bases=True to make reloads exact"
-                    )
+                check_basis_fingerprint(name.removeprefix("base_model.model."), module.pica_basis[adapter_name],
+                                        module.pica_side[adapter_name], stored)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

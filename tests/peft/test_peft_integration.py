@@ -20,6 +20,7 @@ from torch import nn
 
 import pica_kernels.peft as pp
 from pica_kernels.peft import BasisMismatchError, PiCaPeftConfig, PiCaPeftLinear, PiCaPeftModel
+from pica_kernels.peft.model import BASE_IDENTITY_KEY
 
 N_LAYERS = 3
 GROUPS = {  # group key -> M shape (input side, r=4): (out, r)
@@ -258,7 +259,7 @@ def test_save_load_round_trip_m_stored_once(tmp_path):
         assert tuple(tensors[f"base_model.pica_M.{g}"].shape) == shape
     fps = [k for k in tensors if k.endswith(".pica_fingerprint")]
     assert len(fps) == 5 * N_LAYERS
-    assert set(tensors) == m_keys | set(fps)  # bases are not stored by default
+    assert set(tensors) == m_keys | set(fps) | {BASE_IDENTITY_KEY}  # bases are not stored by default
     cfg = PeftConfig.from_pretrained(tmp_path)
     assert type(cfg) is PiCaPeftConfig and cfg.peft_type is PeftType.PICA and cfg.r == 4
     assert cfg.svd_method is not None  # the concrete SVD method was recorded
