@@ -21,7 +21,7 @@ from kernel_helpers import poison_kernel_outputs  # noqa: F401  (autouse: unwrit
 pytest.importorskip("triton")
 
 from pica_kernels.ops import grouped  # noqa: E402
-from pica_kernels.ops.kernels import aot, launchers  # noqa: E402
+from pica_kernels.ops.kernels import aot, launchers, padding  # noqa: E402
 from pica_kernels.ops.kernels.configs import GPU_TABLE  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def test_gate_specialisation_equals_the_jit_binder_on_real_launches(monkeypatch)
     meta = [torch.empty(T * n_in + 1, device="meta")[1:].view(T, n_in), b_cat.to("meta")]  # x's offset too
     with launchers.recording_launches(GPU_TABLE["sm_86"], sink):
         grouped._grouped_triton(meta[0], [w.to("meta") for w in weights], [bb.to("meta") for bb in biases],
-                                [ai.to("meta") for ai in a], meta[1], ranks)
+                                [ai.to("meta") for ai in a], meta[1], ranks, padding.RANK_ALIGN)
     assert len(sink) == len(real) == 4  # one shrink + three concatenated-K GEMMs
     cc = aot.capability("sm_86")
     misaligned = ones = divisible = 0
