@@ -379,8 +379,10 @@ class Spec:
 
     @property
     def backward(self) -> bool:
-        """Launched by a backward (dx, dM / dA, dB)."""
-        return any(op.startswith("backward") or op.endswith("/backward") for op in self.ops)
+        """The compiled launch is a backward one (dx, dM / dA, dB). Its class may hold launches of other ops
+        (``ops``): the spill rule judges the launch compiled, not the ones it stands for."""
+        op = self.example.split()[0]
+        return op.startswith("backward") or op.endswith("/backward")
 
     @property
     def tile(self) -> str:
@@ -670,6 +672,21 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
     path.write_text("\n".join(lines))
 
 
+def merge(base_path: Path, specs: dict, stats: dict, seconds: float, command: str, sweep_kw: dict, ran: set):
+    """This run's specs (architectures ``ran``) joined with a full report's specs of the other architectures."""
+    base_specs, base = load_json(base_path)
+    if {k: list(v) for k, v in base["sweep"].items()} != {k: list(v) for k, v in sweep_kw.items()}:
+        raise SystemExit(f"--merge: {base_path} swept {base['sweep']}, this run {sweep_kw}")
+    drop = [s for s in base_specs.values() if s.arch in ran]
+    stats = dict(stats)
+    for k in ("launches", "jit_keys"):
+        stats[k] += base["stats"][k] - sum(getattr(s, k) for s in drop)
+    stats["classes"] += base["stats"]["classes"] - len(drop)
+    specs = {**{("base", i): s for i, s in base_specs.items() if s.arch not in ran}, **specs}
+    stats["compiles"] = len(specs)
+    return specs, stats, seconds + base["seconds"], f"{base['command']}; then {command}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", default=",".join(ARCHS))
@@ -694,11 +711,22 @@ def main(argv=None) -> int:
     ap.add_argument("--render", type=Path, default=None,
                     help="write --markdown from this --json report instead of compiling")
     a = ap.parse_args(argv)
-    if a.render:
+    if a.render:  # re-render (and merge) reports; their sources must be the current ones
         specs, report = load_json(a.render)
-        write_markdown(specs, a.markdown or DEFAULT_MARKDOWN, seconds=report["seconds"], stats=report["stats"],
-                       sweep_kw=report["sweep"], command=report["command"])
-        return 0
+        stats, seconds, command = report["stats"], report["seconds"], report["command"]
+        if a.merge:
+            ran = {s.arch for s in specs.values()}
+            specs, stats, seconds, command = merge(a.merge, specs, stats, seconds, command, report["sweep"], ran)
+        if a.json:
+            a.json.write_text(json.dumps({
+                **report, "command": command, "seconds": seconds, "stats": stats,
+                "failures": [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}"
+                             for s in specs.values() for f in check(s)],
+                "summary": summary(specs), "specs": [_spec_json(s) for s in specs.values()]},
+                separators=(",", ":")))
+        write_markdown(specs, a.markdown or DEFAULT_MARKDOWN, seconds=seconds, stats=stats,
+                       sweep_kw=report["sweep"], command=command)
+        return 1 if any(check(s) for s in specs.values()) else 0
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
         raise SystemExit("run the AOT gate without TRITON_INTERPRET (use run_subprocess)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -741,18 +769,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     command = "python -m pica_kernels.ops.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.merge:
-        base_specs, base = load_json(a.merge)
-        if {k: list(v) for k, v in base["sweep"].items()} != {k: list(v) for k, v in sweep_kw.items()}:
-            raise SystemExit(f"--merge: {a.merge} swept {base['sweep']}, this run {sweep_kw}")
-        ran = set(a.archs.split(","))
-        drop = [s for s in base_specs.values() if s.arch in ran]
-        for k in ("launches", "jit_keys"):
-            stats[k] += base["stats"][k] - sum(getattr(s, k) for s in drop)
-        stats["classes"] += base["stats"]["classes"] - len(drop)
-        specs = {**{("base", i): s for i, s in base_specs.items() if s.arch not in ran}, **specs}
-        stats["compiles"] = len(specs)
-        seconds += base["seconds"]
-        command = f"{base['command']}; then {command}"
+        specs, stats, seconds, command = merge(a.merge, specs, stats, seconds, command, sweep_kw,
+                                               set(a.archs.split(",")))
     failures = [f"{s.arch} {s.group} {s.tile} {s.dtypes} ({s.example}): {f}" for s in specs.values() for f in check(s)]
     if a.json:
         import triton
