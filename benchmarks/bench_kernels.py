@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_common import Timer  # noqa: E402  (CUDA events, L2 flushed before each repetition)
 from pica_kernels.ops import pica_linear  # noqa: E402
 from pica_kernels.ops.backend import triton_can_run  # noqa: E402
 
@@ -124,31 +124,6 @@ def build(method: str, out_f: int, in_f: int, rank: int, dtype: torch.dtype, dev
 # ----------------------------------------------------------------------------- timing
 
 
-class Timer:
-    def __init__(self, device: str, reps: int, warmup: int, flush_mb: int = 256) -> None:
-        self.device, self.reps, self.warmup = device, reps, warmup
-        self.cuda = device.startswith("cuda")
-        # Larger than any L2 (H100 50 MB, H200 60 MB): zeroing it evicts W before each rep.
-        self.flush = torch.empty(flush_mb << 20, dtype=torch.int8, device=device) if self.cuda else None
-
-    def median_ms(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.reps):
-            if self.cuda:
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
 
 def saved_activation_bytes(f, x, frozen_and_trainable) -> int:

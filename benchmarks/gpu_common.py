@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from pica_kernels.ops.kernels import launchers
 from pica_kernels.ops.kernels.configs import GPU_TABLE, DeviceProps, Mode, device_props, estimate_shared_memory
-from pica_kernels.ops.kernels.tuned import dtypes_name
+from pica_kernels.ops.kernels.tuned import dtypes_name, median_ms
 
 #: The launches of one input-side PiCa layer: the forward (two-launch form, or one DECODE launch at
 #: T <= 16 with r <= 64) and the backward of a step where only M trains (s = dy @ M, dx, dM).
@@ -185,23 +183,9 @@ class Timer:
         self.flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if self.cuda else None
 
     def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.reps):
-            if self.cuda:
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, self.reps, self.warmup, self.cuda, self.flush)
+
+    median_ms = __call__
 
 
 class KernelRecorder:

@@ -385,13 +385,18 @@ AUTOTUNED: dict[tuple, dict] = {}
 AUTOTUNE_CANDIDATES = 12
 
 
-def median_ms(fn: Callable[[], object], reps: int = 10, warmup: int = 2, cuda: bool = False) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+def median_ms(fn: Callable[[], object], reps: int = 10, warmup: int = 2, cuda: bool = False,
+              flush: torch.Tensor | None = None) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a GPU, ``perf_counter`` on the CPU. ``flush``: a
+    buffer larger than the L2 (e.g. 256 MiB), zeroed before each CUDA repetition so the weights come
+    from HBM as in a real step (the benchmarks pass one; run-time autotuning does not)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         if cuda:
+            if flush is not None:
+                flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
