@@ -198,8 +198,9 @@ def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps, weight_by
         if weight_bytes <= x_bytes:  # not with an fp32 right operand (M) cast in registers: the AOT gate
             # (triton 3.9, sm_100, fp16 x, fp32 M, 64x64x128: 96 registers + 16 B of spills; x64: 68, none)
             blocks["BLOCK_DEPTH"] = min(2 * blocks["BLOCK_DEPTH"], 128)
-        elif props.capability[0] == 10:  # and half the depth on sm_100 (tcgen05): s = dy @ M, fp16 dy, fp32 M,
-            # 128x64x64: 64 registers + 16 B of spills (3 or 4 stages); 128x64x32: none (the AOT gate, triton 3.9)
+        elif props.capability >= (10, 0):  # and half the depth on sm_100 / sm_120: s = dy @ M, fp16 dy, fp32 M
+            # (the AOT gate, triton 3.9): sm_100 128x64x64 64 registers + 16 B of spills (3 or 4 stages),
+            # x32 none; sm_120 128x32x64 64 + 20 B, x32 48, none; sm_120 64x64x64 80 + 12 B, x32 78, none.
             blocks["BLOCK_DEPTH"] //= 2
     return blocks, warps, stages
 
