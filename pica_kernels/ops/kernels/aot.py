@@ -476,10 +476,6 @@ KNOWN_FAILURES = {
     "sm_75 spills": "triton 3.9 emits no MMA instruction for sm_75 (Turing): every tl.dot becomes FMA, ptxas "
                     "keeps 64 registers and spills KBs per thread; the kernels cannot be fast on a T4 whatever "
                     "the config (run the reference / cuBLAS path there; see docs/kernels.md)",
-    "sm_120 spills narrow-prefill": "the 16-bit shrink t = x @ P.T at r <= 16 (128x16x64, 3 stages: the "
-                                    "99 KB fit of 128x16x128) spills 8 B at 48 registers with triton 3.9's "
-                                    "ptxas invocation (13.4, --regAllocOptLevel=2); found at the deadline of "
-                                    "the session that built the gate, not fixed yet",
     "sm_86 spills narrow-prefill": "s = dy @ M with 16-bit dy and an fp32 M at r = 32 (128x32x64, 3 stages) "
                                    "spills 8 B at 80 registers (triton 3.9); the likely fix, halving the "
                                    "narrow depth step for an fp32 right operand on every architecture (what "
