@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@touch $(STAMP)
 
 # The default run reads only tests/data (small slices and generated rows), never ../shared.
+# tests/ops (the Triton-interpreter kernel tests) run in their own process first: in one process after
+# tests/benchmarks and tests/examples, every interpreted launch failed in a fresh-clone CI run with
+# "Cannot call @triton.jit'd outside of the scope of a kernel" (tl.cdiv left unpatched by Triton's
+# interpreter; not reproduced with either directory alone, cause not found yet).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/ops
+	$(PY) -m pytest -q tests --ignore=tests/ops
 
 # The full data sets in $(DATA) parse as distributed, with their documented row counts (make paper runs it first).
 DATA ?= ../shared/data
