@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
+from torch import nn
 
 import pica_kernels as pk
 from pica_kernels.model import pica_layers
@@ -293,3 +294,21 @@ def test_model_differing_only_outside_the_targets(fe, trained, tmp_path, tensor)
     with pytest.warns(UserWarning, match=f"^base_tensors: .*tensor {tensor!r}"):
         loaded = api.load(path, other(), check_base_model="warn")
     assert torch.isfinite(api.logits(loaded)).all()
+
+
+@pytest.mark.parametrize("fe", FRONT_ENDS)
+def test_model_with_a_tensor_its_base_lacked_is_refused(fe, trained, tmp_path):
+    """Every other tensor equal, one more in the model (an lm_head bias): the whole-model check compares the
+    key sets too, not only the tensors the file names."""
+    api = API[fe]
+    path = api.save(trained[fe], tmp_path / fe)
+
+    def other():
+        model = tiny_model("llama")
+        model.lm_head.bias = nn.Parameter(torch.zeros(model.lm_head.out_features))
+        return model
+
+    with pytest.raises(pk.AdapterMismatchError, match=r"^base_tensors: .*'lm_head\.bias'"):
+        api.load(path, other())
+    with pytest.warns(UserWarning, match=r"^base_tensors: .*'lm_head\.bias'"):
+        api.load(path, other(), check_base_model="warn")
