@@ -193,6 +193,40 @@ def test_merge_requantizes_with_warning_and_unmerge_restores_bit_for_bit(method)
     assert torch.equal(logits(model), expected)
 
 
+def test_merge_on_nf4_keeps_the_layer_nf4_with_its_quantization_settings():
+    """A merge re-quantizes W0 + ΔW the way W0 was quantized: still a Linear4bit, same quant type, block size
+    (128 here, not the default 64), double quantization, dtypes and storage; its weight is bitsandbytes' own
+    quantization of W0 + ΔW with those settings (the same computation: bit for bit)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    model = apply_pica(quantize_base(tiny_model("llama"), "nf4", block_size=128, double_quant=True),
+                       PiCaConfig(rank=8, target_modules=TINY_TARGETS["llama"]), progress=False)
+    randomize_m(model, scale=0.01)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PiCaLinear)}
+
+    def settings(base):
+        qs = base.weight.quant_state
+        return (type(base).__name__, qs.quant_type, int(qs.blocksize), bool(qs.nested), qs.dtype, qs.shape,
+                base.weight.quant_storage, base.weight.dtype, base.compute_dtype)
+
+    before = {n: settings(layer.base_layer) for n, layer in layers.items()}
+    assert all(s[:4] == ("Linear4bit", "nf4", 128, True) for s in before.values())
+    targets = {n: dequantized_weight(layer.base_layer).float() + layer.delta_weight().float()
+               for n, layer in layers.items()}
+    with pytest.warns(UserWarning, match="lossy"):
+        merge(model)
+    for n, layer in layers.items():
+        base = layer.base_layer
+        assert settings(base) == before[n], n
+        assert quant_info(base) == layer.quantization, n
+        kind, quant_type, block, nested, dtype = before[n][:5]
+        fresh = bnb.nn.Params4bit(targets[n].to(dtype), requires_grad=False, quant_type=quant_type, blocksize=block,
+                                  compress_statistics=nested, quant_storage=before[n][6]).to("cpu")
+        want = dequantize_4bit(fresh.data, fresh.quant_state)
+        assert torch.equal(dequantize_4bit(base.weight.data, base.weight.quant_state), want), n
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_and_unload_dequantize_gives_a_plain_model(method):
     model = adapted(method)
