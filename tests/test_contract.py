@@ -312,3 +312,26 @@ def test_model_with_a_tensor_its_base_lacked_is_refused(fe, trained, tmp_path):
         api.load(path, other())
     with pytest.warns(UserWarning, match=r"^base_tensors: .*'lm_head\.bias'"):
         api.load(path, other(), check_base_model="warn")
+
+
+def _tiny_phi3():
+    """A tiny Phi-3: fused ``mlp.gate_up_proj`` and ``self_attn.qkv_proj`` next to ``mlp.down_proj``."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Phi3Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("fe", FRONT_ENDS)
+def test_a_suffix_target_never_matches_inside_a_fused_name(fe):
+    """``target_modules=["up_proj"]`` names a module ending in ``.up_proj``: Phi-3's fused ``gate_up_proj``
+    (gate and up stacked, one (2 * intermediate, hidden) weight) is another module and stays as it is."""
+    api = API[fe]
+    model = _tiny_phi3()
+    assert any(n.endswith("mlp.gate_up_proj") for n, _ in model.named_modules())
+    with pytest.raises(ValueError, match="up_proj"):  # nothing matches: refused, not an empty adapter
+        api.build(model, rank=4, target_modules=["up_proj"])
+    model = api.build(_tiny_phi3(), rank=4, target_modules=["gate_up_proj"])
+    assert sorted(api.layers(model)) == ["model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.gate_up_proj"]
