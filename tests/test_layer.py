@@ -180,3 +180,22 @@ def test_basis_buffer_owns_its_storage():
     layer = PiCaLinear(_linear(12, 10), rank=3, basis=v[:3])
     assert layer.basis().untyped_storage().nbytes() == 3 * 10 * 4  # not the whole V
     assert torch.equal(layer.basis(), v[:3])
+
+
+@pytest.mark.parametrize("other", [dict(out_f=5, rank=2, side="input"), dict(out_f=6, rank=3, side="input"),
+                                   dict(out_f=6, rank=2, side="output")])
+def test_a_layer_on_a_shared_bank_group_of_another_shape_is_refused_at_creation(other):
+    """One M per group: a second layer asking the bank's group "g" for another M shape (other out, rank or side)
+    is refused when it is built -- not at its first forward -- and the bank keeps the one M it had."""
+    from pica_kernels.core.bank import PiCaBank
+
+    bank = PiCaBank()
+    first = PiCaLinear(_linear(6, 8), rank=2, bank=bank, group="g")
+    m = first.m()
+    shape = tuple(reference.m_shape(other["out_f"], 8, other["rank"], other["side"]))
+    with pytest.raises(ValueError, match=rf"group 'g' of adapter 'default' already has M of shape \(6, 2\), a layer "
+                                         rf"asked for \({shape[0]}, {shape[1]}\)"):
+        PiCaLinear(_linear(other["out_f"], 8), rank=other["rank"], side=other["side"], bank=bank, group="g")
+    assert list(bank.groups("default")) == ["g"] and bank.get("default", "g") is m and m.shape == (6, 2)
+    same = PiCaLinear(_linear(6, 8), rank=2, bank=bank, group="g")  # the same shape shares it
+    assert same.m() is m
