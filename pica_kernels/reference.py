@@ -100,6 +100,14 @@ def _mm_fp32(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ generic op
+def check_ranks(a: torch.Tensor, b: torch.Tensor) -> None:
+    """``a`` (out, r) and ``b`` (r, in) share their rank: a ValueError naming both otherwise (the kernels pad the
+    rank and would read past the narrower factor; the GEMMs here would fail with a bare shape error)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"a (out, r) and b (r, in) must share the rank r: a has shape {tuple(a.shape)}, "
+                         f"b has shape {tuple(b.shape)}")
+
+
 def lowrank_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -331,6 +339,7 @@ def lowrank_linear(
     factors of another dtype through :class:`_LowRankLinear` (dA/dB in fp32);
     many fp32 tokens through the merged weight (:func:`merged_pays`).
     """
+    check_ranks(a, b)
     # 2-D x as is: a reshape is a view node in the graph, traversed again in backward (T = 1: ~5% of a step).
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     args = (x2, weight, bias, a, b)

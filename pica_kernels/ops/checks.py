@@ -4,7 +4,10 @@ Every entry point (:func:`~pica_kernels.ops.lowrank_linear`, :func:`~pica_kernel
 :func:`~pica_kernels.ops.grouped_lowrank_linear`, :func:`~pica_kernels.ops.multitask_pica_linear`)
 checks each of its arguments exactly once, before it picks a backend, so the reference path, the Triton
 path and the eager CPU shortcut refuse the same arguments with the same message: a ``ValueError`` (shape,
-device) or ``TypeError`` (dtype) naming the argument. Nothing below the entry points checks again.
+device) or ``TypeError`` (dtype) naming the argument. Nothing below the entry points checks again, but for the
+factors' shared rank (:func:`pica_kernels.reference.check_ranks`, an int comparison): the custom ops can be
+called directly (``torch.ops.pica_kernels``), and a Triton launch with mismatched ranks would read past the
+narrower factor.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ def lowrank_linear_op(
     ``torch.compile`` caches graphs by their code (which omits arguments equal to their default), not by
     what a fake kernel returns.
     """
+    reference.check_ranks(a, b)  # the op is callable directly (torch.ops), past the entry points' checks
     if resolve_backend(backend, x.device, x.dtype) == "triton":
         try:
             return launchers.triton_forward(x, weight, bias, a, b, rank_align=rank_align)
@@ -96,6 +97,7 @@ def lowrank_linear_backward_op(
 
     ``t`` is (T, r), any strides (the forward's is a view of a wider, padded buffer on the Triton path).
     """
+    reference.check_ranks(a, b)
     grads = None
     if resolve_backend(backend, dy.device, dy.dtype) == "triton":
         try:

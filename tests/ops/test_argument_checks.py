@@ -145,3 +145,30 @@ def test_fallbacks_are_the_reference_math():
     for i in range(3):
         torch.testing.assert_close(y_ref[i], reference.pica_linear(x[i].detach(), a["weight"], a["bias"], a["basis"],
                                                                    m_stack[ids[i]].detach()))
+
+
+@pytest.mark.parametrize("path", ["reference.lowrank_linear", "auto", "reference", "op/reference",
+                                  pytest.param("triton", marks=needs_triton),
+                                  pytest.param("op/triton", marks=needs_triton),
+                                  pytest.param("backward-op/triton", marks=needs_triton)])
+@pytest.mark.parametrize("ranks", [(R, R + 3), (R + 3, R)])
+def test_factors_of_different_ranks_are_refused_on_every_path(path, ranks):
+    """a (out, r_a) with b (r_b, in), r_a != r_b: a ValueError naming a and b wherever the call enters -- also the
+    custom ops called directly (torch.ops), past the entry points; the Triton launches pad the rank and would
+    read past the narrower factor."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, IN, generator=g).to(DEVICE), torch.randn(OUT, IN, generator=g).to(DEVICE)
+    a, b = torch.randn(OUT, ranks[0], generator=g).to(DEVICE), torch.randn(ranks[1], IN, generator=g).to(DEVICE)
+    calls = {
+        "reference.lowrank_linear": lambda: reference.lowrank_linear(x, w, None, a, b),
+        "op/reference": lambda: torch.ops.pica_kernels.lowrank_linear(x, w, None, a, b, "reference", 16),
+        "op/triton": lambda: torch.ops.pica_kernels.lowrank_linear(x, w, None, a, b, "triton", 16),
+        "backward-op/triton": lambda: torch.ops.pica_kernels.lowrank_linear_backward(
+            torch.ones(3, OUT, device=DEVICE), x, x @ b.T, w, a, b, True, True, False, "triton"),
+    }
+    call = calls.get(path, lambda: lowrank_linear(x, w, None, a, b, backend=path))
+    with pytest.raises(ValueError, match=r"\ba\b.*\bb\b|b must be"):
+        call()
+    # The same call with matching ranks runs.
+    b = torch.randn(ranks[0], IN, generator=g).to(DEVICE)
+    calls.get(path, lambda: lowrank_linear(x, w, None, a, b, backend=path))()
