@@ -350,3 +350,26 @@ def test_bf16_on_sm75_raises_when_triton_is_explicit_or_strict(fake_t4, monkeypa
         backend_mod.resolve_backend("auto", fake_t4, torch.bfloat16)
     monkeypatch.setattr(backend_mod, "device_props", lambda device: GPU_TABLE["sm_80"])
     assert backend_mod.resolve_backend("triton", fake_t4, torch.bfloat16) == "triton"
+
+
+@pytest.mark.parametrize("arch", [*sorted(GPU_TABLE), None])
+@pytest.mark.parametrize("out_f", [1, 2, 8, 15])
+def test_layers_with_few_outputs_get_tiles_of_at_least_16(arch, out_f):
+    """A classifier head (out = 1, 2, ...): every launch of its forward and backward gets row, column, depth
+    and rank tiles of at least 16 (``tl.dot``'s minimum), on every architecture (None: the interpreter)."""
+    props = GPU_TABLE[arch] if arch is not None else None
+    checked = 0
+    for dtype in DTYPES:
+        if props is not None and dtype == torch.bfloat16 and not configs.bf16_tensor_cores(props):
+            continue  # sm_75: bf16 runs the reference path
+        for factor_dtype in {dtype, torch.float32}:
+            for rows in (1, 8, 16, 17, 64, 4096):
+                for in_f in (64, 576, 4096):
+                    for rank in sorted({1, min(out_f, 8)}):
+                        for launch in launches_of_a_layer(rows, out_f, in_f, rank, dtype, factor_dtype):
+                            kw = select_config(*launch, props, interpreted=props is None).kwargs
+                            narrow = {k: kw[k] for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH", "BLOCK_RANK")
+                                      if k in kw and kw[k] < 16}
+                            assert not narrow, (arch, launch, narrow)
+                            checked += 1
+    assert checked > 100
