@@ -378,6 +378,15 @@ def test_knobs_and_path_selection():
     for shape in ((4096, 4096), (14336, 4096), (4096, 14336)):
         assert knobs("accurate", 256, *shape) == ("krylov", 272, 6)
         assert knobs("accurate-v1", 256, *shape)[0] == "gram"
+    # Where the rule matters: r = 200 (block r + r/4 = 266, 9 x 266 >= 2048) narrows to 216 and keeps all 8
+    # steps (9 x 216 = 1944 < 2048) -- "the most steps below the switch", not the minimum: a rule taking 6
+    # steps (or the first count from below) gives the same 6 at r = 256 but a less accurate basis here.
+    # r = 224: 240 wide, 8 steps would be 2160, 7 steps 1920 < 2048.
+    assert knobs("accurate", 200, 4096, 4096) == ("krylov", 216, 8)
+    assert knobs("accurate", 224, 4096, 4096) == ("krylov", 240, 7)
+    assert knobs("accurate-v1", 200, 4096, 4096)[0] == "gram"
+    # Explicit knobs are used as given (no narrowing): the Gram path.
+    assert knobs("accurate", 200, 4096, 4096, steps=8)[0] == "gram"
     assert knobs("accurate", 512, 4096, 4096)[0] == "gram"  # not even 6 steps fit
     assert knobs("accurate", 24, 576, 1536)[0] == "gram"  # small d: the Gram path stays (cheap, exact)
     assert knobs("accurate", 256, 4096, 4096, steps=8)[0] == "gram"  # explicit knobs are taken as given
