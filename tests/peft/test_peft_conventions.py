@@ -39,3 +39,16 @@ def test_pica_m_is_a_persistent_container_cleaned_on_delete():
     assert list(model.base_model.pica_M) == ["default"]
     keys = [k for k in model.state_dict() if ".pica_M." in k]
     assert len(keys) == len(set(keys)) == len(model.base_model.pica_M["default"])
+
+
+def test_init_weights_false_draws_small_values_not_a_standard_normal():
+    """The documented scale: N(0, 0.05²) (pica_kernels.core.bank.random_m_init), small enough that the adapted
+    model stays near its base -- not torch.randn's N(0, 1)."""
+    from pica_kernels.core.bank import random_m_init
+
+    values = torch.cat([m.reshape(-1) for m in _random_init("default", seed=0).values()])
+    assert values.numel() >= 500 and values.dtype == torch.float32
+    assert 0.8 * 0.05 <= values.std().item() <= 1.2 * 0.05  # ~7 standard errors either side
+    assert abs(values.mean().item()) <= 0.01 and values.abs().max().item() <= 6 * 0.05
+    torch.manual_seed(0)
+    assert 0.8 * 0.05 <= random_m_init((64, 64)).std().item() <= 1.2 * 0.05
