@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from skip_policy import pytest_configure, pytest_runtest_makereport  # noqa: F401  (hooks: CI=true fails on skips)
+
+# The suite never writes to the user's basis cache (~/.cache/pica_kernels), and no test sees another's entries:
+# the cache is off for every test (and the subprocesses they start); tests/test_cache.py turns it on in its own
+# tmp directories.
+os.environ["PICA_KERNELS_CACHE"] = "0"
 
 # `pytester` runs inner pytest sessions (tests/test_skip_policy.py checks the CI skip policy with it).
 pytest_plugins = ["pytester"]
