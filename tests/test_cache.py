@@ -359,10 +359,11 @@ def test_max_bytes_values(monkeypatch, value, expected):
     assert cache.max_bytes() == expected
 
 
-def test_bad_max_bytes_names_the_variable(cache_dir, monkeypatch):
+def test_bad_max_bytes_names_the_variable(cache_dir, monkeypatch, svd_calls):
     monkeypatch.setenv("PICA_KERNELS_CACHE_MAX_BYTES", "four gigs")
     with pytest.raises(ValueError, match="PICA_KERNELS_CACHE_MAX_BYTES.*'four gigs'"):
         _bases(_weights())
+    assert svd_calls == []  # refused before any SVD
 
 
 def test_zero_turns_the_cache_off(tmp_path, monkeypatch, svd_calls):

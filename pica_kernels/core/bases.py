@@ -43,6 +43,9 @@ def batched_bases(
             )
         by_shape.setdefault((tuple(w.shape), w.dtype, w.device, ranks[name]), []).append((name, w))
     bases: dict[str, torch.Tensor] = {}
+    use_cache = cache.directory() is not None
+    if use_cache:
+        cache.max_bytes()  # a bad PICA_KERNELS_CACHE_MAX_BYTES fails here, before any SVD runs
     bar = None
     if progress and len(layers) > 1 and layers[0][1].device.type != "meta":
         from tqdm.auto import tqdm
@@ -55,7 +58,7 @@ def batched_bases(
             rank_i = ranks[chunk[0][0]]
             # Keyed per batch, not per layer: the SVD takes some decisions for a whole batch (cache.py).
             key = None
-            if cache.directory() is not None:
+            if use_cache:
                 key = cache.batch_key([w for _, w in chunk], rank_i, side, method=method, seed=seed)
             basis = cache.load(key, chunk[0][1].device) if key is not None else None
             if basis is None:
