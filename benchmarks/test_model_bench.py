@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -164,3 +165,90 @@ def test_model_step(benchmark, smollm2):
     assert info["lora-r1"]["trainable"] == 207_360
     assert info["svft-p"]["trainable"] == 30 * (576 + 192 + 192 + 576 + 576) + 150  # sum of min(out, in), gates
     assert all(len(v) == ROUNDS for v in inter.samples.values())
+
+
+# ---------------------------------------------------------------------------------------------- ready time
+READY_ROUNDS = int(os.environ.get("BENCH_READY_ROUNDS", 5))
+
+
+def test_ready_time(benchmark, tmp_path):
+    """Ready = load SmolLM2 from its GGUF file + make it trainable, per method, with the basis cache cold and warm.
+
+    Every variant loads the model afresh (what a user waits for); the variants run interleaved, shuffled per
+    round. ``pica-r32 off``: the cache turned off (``PICA_KERNELS_CACHE=0``, the SVD as before the cache);
+    ``cold``: an empty cache directory (SVD + hashing + writing); ``warm``: a directory filled before the rounds
+    (hashing + reading). ``load_adapter``: a fresh base model + ``load_adapter`` of an adapter saved before the
+    rounds (bases recomputed or read from the cache, fingerprints checked). Wall time is the figure (CPU time in
+    the JSON); the apply part (after loading) is timed too, as it is the part the cache changes.
+    """
+    import pica_kernels as pk
+    import pica_kernels.cache as cache
+    from pica_kernels.registry_models import load_smollm2
+
+    warm_dir, adapter = tmp_path / "warm-cache", tmp_path / "adapter"
+    os.environ["PICA_KERNELS_CACHE"] = str(warm_dir)
+    model, _ = load_smollm2()
+    model = _apply(f"pica-r{H.RANK}", model)  # fills the warm cache, warms up imports
+    with torch.no_grad():
+        for p in model.pica_bank.parameters():
+            p.normal_(0, 0.01)
+    pk.save_adapter(model, adapter)
+    del model
+    cold_dirs = iter(range(10**6))
+    apply_s: dict[str, list[float]] = {}
+    stats: dict[str, dict] = {}
+
+    def variant(name: str, how: str, cache_dir):
+        def run():
+            d = cache_dir() if callable(cache_dir) else cache_dir
+            os.environ["PICA_KERNELS_CACHE"] = str(d)
+            cache.reset_stats()
+            model, _ = load_smollm2()
+            t0 = time.perf_counter()
+            if how == "apply":
+                _apply(name.split()[0], model)
+            else:
+                pk.load_adapter(model, adapter, progress=False)
+            apply_s.setdefault(name, []).append(time.perf_counter() - t0)
+            stats[name] = cache.stats()
+            if callable(cache_dir):
+                cache.clear()
+
+        return run
+
+    def fresh():
+        return tmp_path / f"cold-{next(cold_dirs)}"
+
+    r = f"r{H.RANK}"
+    fns = {
+        f"lora-{r}": variant(f"lora-{r}", "apply", 0),
+        f"pica-{r} off": variant(f"pica-{r} off", "apply", 0),
+        f"pica-{r} cold": variant(f"pica-{r} cold", "apply", fresh),
+        f"pica-{r} warm": variant(f"pica-{r} warm", "apply", warm_dir),
+        "load_adapter cold": variant("load_adapter cold", "load", fresh),
+        "load_adapter warm": variant("load_adapter warm", "load", warm_dir),
+    }
+    inter = H.Interleaved(fns, torch.device("cpu"))
+    env = H.environment()
+    benchmark.group = "smollm2-135m ready (load + apply)"
+    benchmark.pedantic(inter.run_round, rounds=READY_ROUNDS, iterations=1)
+    os.environ["PICA_KERNELS_CACHE"] = "0"
+    lora = f"lora-{r}"
+    info = {}
+    for name in fns:
+        wall, cpu = inter.wall[name], inter.samples[name]
+        info[name] = {
+            "ready_wall_median_s": statistics.median(wall), "ready_cpu_median_s": statistics.median(cpu),
+            "apply_median_s": statistics.median(apply_s[name]),
+            "ready_ratio_to_lora": statistics.median(a / b for a, b in zip(wall, inter.wall[lora])),
+            "rounds": len(wall), "ready_wall_s": wall, "apply_s": apply_s[name], "cache_stats_last": stats[name],
+        }
+    benchmark.extra_info.update({
+        "suite": "ready", "model": "SmolLM2-135M-Instruct", "targets": TARGETS, "rank": H.RANK, "methods": info,
+        "env": env, "loadavg_end": list(os.getloadavg()), "cache_entry_bytes": sum(
+            f.stat().st_size for f in warm_dir.iterdir()),
+    })
+    # Sanity, not performance: warm variants hit every batch and ran no SVD; cold ones wrote every batch.
+    assert stats[f"pica-{r} warm"]["misses"] == 0 and stats[f"pica-{r} warm"]["hits"] > 0
+    assert stats["load_adapter warm"]["misses"] == 0
+    assert stats[f"pica-{r} cold"]["hits"] == 0 and stats[f"pica-{r} cold"]["writes"] > 0

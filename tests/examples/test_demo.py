@@ -35,7 +35,7 @@ def test_make_demo_quantize_passes_the_switch(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_on_an_nf4_base(smollm2_base, tmp_path, capsys):
+def test_demo_on_an_nf4_base(smollm2_base, tmp_path, capsys, monkeypatch):
     """The demo's quantized path end to end, on a small random Llama with SmolLM2's tokenizer: the real model in nf4
     is covered by tests/test_quant.py::test_smollm2_nf4_end_to_end (a full demo run on it costs minutes here)."""
     import torch
@@ -48,6 +48,7 @@ def test_demo_on_an_nf4_base(smollm2_base, tmp_path, capsys):
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     base = tf.LlamaForCausalLM(cfg).eval()
     demo = _load_demo()
+    monkeypatch.setenv("PICA_KERNELS_CACHE", str(tmp_path / "basis-cache"))  # the demo reports cold and warm
     out = tmp_path / "adapter"
     demo.main(["--quantize", "nf4", "--steps", "4", "--batch-size", "4", "--rank", "8", "--lr", "3e-2",
                "--generate", "1", "--out", str(out)], base_and_tok=(base, tok))
@@ -55,6 +56,11 @@ def test_demo_on_an_nf4_base(smollm2_base, tmp_path, capsys):
     assert "bitsandbytes.nn.modules.Linear4bit" in text and "'type': 'nf4'" in text
     assert "quantized storage) untouched by training: True" in text
     assert "identical to the trained model's: True" in text
+    # step 1 computes and caches the bases of the nf4 layers (dequantized), the reload into a fresh quantization
+    # reads every batch back, and both times are printed
+    assert re.search(r"apply_pica took [\d.]+ s \(cold basis cache: \d+ SVD batches computed", text), text
+    assert re.search(r"load_adapter into the fresh base took [\d.]+ s \(warm basis cache: all \d+ SVD batches "
+                     r"read back", text), text
     assert "warned lossy: True" in text
     assert "(packed data and quant state) bit for bit: True" in text
     rel = float(re.search(r"PEFT LoRA logits vs PiCa: max relative error (\S+)", text).group(1))
