@@ -229,7 +229,7 @@ def run(args) -> dict:
         from pica_kernels.registry_models import load_smollm2
 
         base, model_name = load_smollm2()[0], "SmolLM2-135M-Instruct"
-    base = base.float().eval().requires_grad_(False)
+    base = base.eval().requires_grad_(False)  # float32 (load_smollm2 and the tiny model both)
     load_s = time.perf_counter() - t0
     pica, pica_s = build_pica(base, max(ns), args.rank, args.seed)
     lora, lora_s = build_lora(base, max(ns), args.rank, args.seed)
