@@ -42,14 +42,15 @@ def calls(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["stack", "list"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize(("case", "ids", "seq"), CASES, ids=[c[0] for c in CASES])
-def test_inference_path_matches_the_reference(case, ids, seq, bias, dtype, calls):
+def test_inference_path_matches_the_reference(case, ids, seq, bias, dtype, as_list, calls):
     (x64, w64, b64, p64, ms64), (x, w, b, p, ms) = inputs(len(ids), seq, dtype, bias)
     adapter_ids = torch.tensor(ids)
     with torch.no_grad():
-        y = multitask_pica_linear(x, w, b, p, ms, adapter_ids, backend="reference")
+        y = multitask_pica_linear(x, w, b, p, list(ms) if as_list else ms, adapter_ids, backend="reference")
     assert calls == [ids]
     want, _ = reference.multitask_forward(x64, w64, b64, ms64, p64, adapter_ids)
     # And independently of multitask_forward: each sequence through the one-adapter reference.
@@ -97,3 +98,34 @@ def test_empty_sequences():
     with torch.no_grad():
         y = mt.grouped_inference(x, w, b, p, ms, torch.tensor([0, 1, 0]))
     assert y.shape == (3, 0, 20)
+
+
+def test_a_list_of_m_trains_through_the_custom_op(calls):
+    """A list of (out, r) M's in several dtypes: with a gradient the op stacks them (promoted dtype) and each M
+    gets the gradient of its own sequences, as with a stacked tensor."""
+    (x64, w64, b64, p64, ms64), (x, w, b, p, ms) = inputs(4, 6, torch.float32)
+    ids = torch.tensor([2, 0, 2, 0])
+    m_list = [ms[0].clone().requires_grad_(), ms[1].clone().requires_grad_(),
+              ms[2].double().clone().requires_grad_()]
+    y = multitask_pica_linear(x, w, b, p, m_list, ids, backend="reference")
+    assert calls == [] and y.dtype == torch.float32
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    y.backward(dy)
+    m64 = ms64[:3].clone().requires_grad_()
+    want, _ = reference.multitask_forward(x64, w64, b64, m64, p64, ids)
+    want.backward(dy.double())
+    assert_close_to_reference(y, want, torch.float32, "y")
+    for i in (0, 2):
+        assert_close_to_reference(m_list[i].grad, m64.grad[i], torch.float32, f"dM[{i}]")
+    assert m_list[1].grad is None or torch.all(m_list[1].grad == 0)
+
+
+def test_a_bad_list_of_m_is_refused_by_name():
+    _, (x, w, b, p, ms) = inputs(2, 3, torch.float32)
+    ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"m_stack\[1\] must be \(20, 6\)"):
+        multitask_pica_linear(x, w, b, p, [ms[0], ms[1][:, :5]], ids)
+    with pytest.raises(TypeError, match="m_stack must be"):
+        multitask_pica_linear(x, w, b, p, [], ids)
+    with pytest.raises(ValueError, match="adapter_ids must lie in"):
+        multitask_pica_linear(x, w, b, p, [ms[0]], ids)
