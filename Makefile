@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.pica-installed
 
-.PHONY: install test test-real-data demo lint bench paper clean aot aot-oldest-triton
+.PHONY: install test test-real-data demo lint bench bench-serving paper clean aot aot-oldest-triton
 BENCH_STAMP := $(VENV)/.pica-bench-installed
 
 install: $(STAMP)
@@ -46,6 +46,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py
+
+# Multi-adapter serving on the real SmolLM2-135M (~10 min on 2 quiet cores; not part of `make test` or `make bench`):
+# one batch with N = 1/4/16/64 adapters, PiCa mixed_batch vs PEFT LoRA adapter_names vs frozen, 1 and 2 request
+# threads -> benchmarks/results/serving.{json,md}.
+bench-serving: $(BENCH_STAMP)
+	$(PY) benchmarks/serving_bench.py
 
 # The paper's claims at small scale (docs/results/, ~1.5 h on 2 CPU cores): parameter table, GLUE-style
 # table on all-MiniLM-L6-v2 with spectral analysis and Theorem 1 plots, SmolLM2 on GSM-8K.
