@@ -110,6 +110,10 @@ def test_shared_memory_model_matches_measured_compiles():
     assert estimate_shared_memory(big, 4, Mode.CONCAT_K, 2, 2, 2, (10, 0)) >= 131_088  # sm_100: + barriers
     assert estimate_shared_memory(big, 4, Mode.CONCAT_K, 2, 2, 4, (9, 0)) >= 180_224
     assert estimate_shared_memory(decode, 4, Mode.DECODE, 2, 2, 2, (9, 0)) >= 110_592
+    # mma.sync's cp.async pipeline keeps num_stages - 1 buffers: sm_120 (no wgmma), sm_90 tiles of < 64 rows.
+    assert estimate_shared_memory({**big, "BLOCK_RANK": 16}, 3, Mode.PLAIN, 2, 2, 2, (12, 0)) == 65_536 + reserve
+    small = {"BLOCK_ROWS": 16, "BLOCK_COLS": 64, "BLOCK_DEPTH": 128, "BLOCK_RANK": 32}
+    assert estimate_shared_memory(small, 4, Mode.CONCAT_K, 2, 2, 2, (9, 0)) == 61_440 + reserve
 
 
 def test_regimes_and_device_awareness():
