@@ -714,7 +714,10 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
         lines.append("")
     lines += ["## Spilling kernels", "",
               "Spills outside 16-bit prefill and backward GEMMs are recorded, not failed (fp32 operands, "
-              "decode-time launches).", ""]
+              "decode-time launches). A kernel class is compiled once, for its example launch (with a bias "
+              "where one of its launches has one), and stands for the launches of every op listed: the spill "
+              "rule judges the example, so a small / mid class whose example is a forward passes even when "
+              "backward ops (no bias epilogue) launch it too.", ""]
     if spills:
         lines += ["| arch | regime | tile | dtypes | registers | spill B (stores + loads) | ops | example |",
                   "|---|---|---|---|---|---|---|---|"]
