@@ -10,9 +10,14 @@ Dispatch rule (every op of :mod:`pica_kernels.ops` follows it):
 4. Whatever was asked, float64 (and any dtype other than fp16/bf16/fp32) runs
    the reference: the kernels are written for the training dtypes, and the
    interpreter's float64 ``tl.dot`` returned NaN when tried (triton 3.9).
-5. bf16 on a GPU without bf16 tensor cores (sm_75, T4) runs the reference,
-   with a one-time warning naming the GPU -- or raises, when ``triton`` was
-   asked for explicitly or ``PICA_KERNELS_STRICT=1``.
+5. A GPU older than sm_80 (sm_75, T4) runs the reference (cuBLAS) unless
+   ``triton`` was asked for explicitly (argument or environment variable),
+   with a one-time warning naming the GPU and why: Triton emits no tensor-core
+   MMA instruction for Turing (every ``tl.dot`` becomes FMA, with register
+   spills of KBs; docs/kernels.md), so the kernels run there far slower than
+   cuBLAS. bf16 there never runs the kernels (no bf16 tensor cores: they do
+   not compile): the reference, or an error when ``triton`` was asked for
+   explicitly or ``PICA_KERNELS_STRICT=1``.
 
 ``triton`` on CPU tensors is allowed only under the Triton CPU interpreter
 (``TRITON_INTERPRET=1`` in the environment); this is how the tests run the
@@ -94,13 +99,27 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                 raise RuntimeError(f"pica_kernels: {message} ({why}); use fp16 or backend='reference'")
             if props.name not in _WARNED_NO_BF16:
                 _WARNED_NO_BF16.add(props.name)
-                warnings.warn(f"pica_kernels: {message}; bf16 runs the reference (PyTorch) path on it. "
-                              f"fp16 runs the kernels.", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"pica_kernels: {message}; bf16 runs the reference (PyTorch) path on it.",
+                              RuntimeWarning, stacklevel=3)
+            return "reference"
+    if backend == "triton" and device.type == "cuda" and not explicit:
+        props = device_props(device)
+        if props.capability < FAST_CAPABILITY:
+            if props.name not in _WARNED_SLOW:
+                _WARNED_SLOW.add(props.name)
+                warnings.warn(f"pica_kernels: {props.name} ({props.arch}) runs the reference (cuBLAS) path: "
+                              "Triton emits no tensor-core MMA instruction before sm_80 (every tl.dot becomes "
+                              "FMA, with register spills), so the kernels are far slower than cuBLAS there. "
+                              f"backend='triton' or {ENV_VAR}=triton runs them anyway (fp16 / fp32).",
+                              RuntimeWarning, stacklevel=3)
             return "reference"
     return backend
 
 
 _WARNED_NO_BF16: set[str] = set()
+_WARNED_SLOW: set[str] = set()
+#: The oldest architecture the kernels run on by default (Ampere: tensor-core MMA from Triton).
+FAST_CAPABILITY = (8, 0)
 
 
 def eager_reference(backend: str, x: torch.Tensor) -> bool:

@@ -6,12 +6,20 @@
   pointer (an ``x`` that starts 4 bytes into its storage), an integer equal to 1 and divisible-by-16 integers.
 * The largest tile of every (architecture, regime) compiles for all seven architectures and passes the
   gate's checks (in a subprocess: the kernels are decorated once per process, in compiler mode there).
-* docs/kernels.md was produced from the current kernel source and configs (its recorded hash).
+* docs/kernels.md was produced from the current sources of every file that decides a launch (its
+  recorded hash), its sweep covers both PiCa sides, and every per-regime maximum it shows is the maximum
+  of the recorded compiles; the configs' shared-memory estimate matches what those compiles allocate.
+* The gate fails on planted bad configs: an output-side config that spills, an fp32-output (dM) class
+  over the shared-memory limit; and the class key keeps every pointer's dtype (the fp32 output of dM is
+  compiled as its own kernel).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import re
+import shutil
 import types
 
 import pytest
@@ -22,7 +30,7 @@ pytest.importorskip("triton")
 
 from pica_kernels.ops import grouped  # noqa: E402
 from pica_kernels.ops.kernels import aot, launchers, padding  # noqa: E402
-from pica_kernels.ops.kernels.configs import GPU_TABLE  # noqa: E402
+from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, estimate_shared_memory  # noqa: E402
 
 
 def test_docs_kernels_md_matches_current_kernel_source_and_configs():
@@ -35,6 +43,8 @@ def test_docs_kernels_md_matches_current_kernel_source_and_configs():
         assert f"### {arch} " in text, f"no resource table for {arch} in docs/kernels.md"
     report = json.loads(aot.DEFAULT_JSON.read_text())
     assert report["source_hash"] == recorded
+    assert set(aot.OPS) <= set(report["sweep"]["ops"]), "the recorded sweep is not the default one"
+    assert {op for spec in report["specs"] for op in spec["ops"]} >= {"forward/output", "backward/output"}
     assert report["failures"] == [], "the full sweep has failures: fix them or record them in aot.KNOWN_FAILURES"
     # Every exemption is still needed (a known failure that disappeared must leave aot.KNOWN_FAILURES).
     seen = {k for spec in report["specs"] for k in aot.known(aot.Spec(**_spec_fields(spec)))}
@@ -138,3 +148,126 @@ def test_largest_tile_of_every_architecture_and_regime_compiles_and_fits(tmp_pat
         assert result["registers"] and result["mma"]
     assert report["failures"] == [], "\n".join(report["failures"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_source_hash_covers_every_file_that_decides_a_launch(tmp_path):
+    """docs/kernels.md goes stale (the test above fails) when the kernel, the launchers, the configs, the
+    rank padding or the tuned-config table changes, e.g. DECODE_MAX_R in launchers.py."""
+    src = aot.Path(aot.__file__).parent
+    assert {"lowrank_gemm.py", "launchers.py", "configs.py", "padding.py", "tuned_configs.json"} <= set(
+        aot.HASHED_SOURCES)
+    for name in aot.HASHED_SOURCES:
+        shutil.copy(src / name, tmp_path / name)
+    assert aot.source_hash(tmp_path) == aot.source_hash()
+    text = (tmp_path / "launchers.py").read_text()
+    assert "DECODE_MAX_R = 64" in text
+    (tmp_path / "launchers.py").write_text(text.replace("DECODE_MAX_R = 64", "DECODE_MAX_R = 256"))
+    assert aot.source_hash(tmp_path) != aot.source_hash()
+    for name in aot.HASHED_SOURCES:
+        shutil.copy(src / name, tmp_path / name)
+        before = aot.source_hash(tmp_path)
+        (tmp_path / name).write_bytes((src / name).read_bytes() + b"\n")
+        assert aot.source_hash(tmp_path) != before, name
+
+
+def test_class_key_keeps_the_output_dtype():
+    """s = dy @ A (16-bit output) and dA = dy.T @ t (fp32 output) share mode, operand dtypes and (here, the
+    interpreter's blocks) config: the fp32-output kernel is still its own class, so the gate compiles it."""
+    specs = aot.collect([("sm_86", aot.Point("backward/input", "fp16", 64, 64, 16, 64, False))])
+    plain = [s for s in aot.representatives(specs).values() if s.mode == "plain"]
+    assert {s.out_dtype for s in plain} == {"float16", "float32"}
+    assert len({(s.dtypes, tuple(sorted(s.config.items()))) for s in plain}) == 1  # the same GEMM otherwise
+    assert all(len(s.pointers) == 9 for s in plain)
+
+
+#: 128 x 256 fp32 accumulators over 128 threads: 256 registers each, above the 255 a thread has.
+SPILLING = {"BLOCK_ROWS": 128, "BLOCK_COLS": 256, "BLOCK_DEPTH": 32, "BLOCK_RANK": 16, "GROUP_ROWS": 1,
+            "num_warps": 4, "num_stages": 2}
+#: 3 x (128 x 128 + 128 x 128) x 2 B = 196,608 B of pipeline buffers: above sm_86's 101,376 B.
+OVERSIZE = {"BLOCK_ROWS": 128, "BLOCK_COLS": 128, "BLOCK_DEPTH": 128, "BLOCK_RANK": 16, "GROUP_ROWS": 8,
+            "num_warps": 8, "num_stages": 4}
+
+
+def test_gate_fails_on_planted_output_side_spill_and_fp32_output_class_over_the_limit(tmp_path):
+    plants = [{"when": {"op": "backward/output", "mode": "PLAIN", "out": "float32"}, "config": SPILLING},
+              {"when": {"op": "backward/input", "mode": "PLAIN", "out": "float32"}, "config": OVERSIZE}]
+    out = tmp_path / "planted.json"
+    proc = aot.run_subprocess("--quiet", "--archs", "sm_86", "--variants", "fp16", "--sizes", "1024", "--ranks", "16",
+                              "--tokens", "64", "--ops", "backward/input,backward/output", "--plant",
+                              json.dumps(plants), "--json", str(out), timeout=1800)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, "the gate passed planted bad configs"
+    specs = json.loads(out.read_text())["specs"]
+    planted = {"spill": [], "shared": []}
+    for spec in specs:
+        config = {k: v for k, v in spec["config"].items()}
+        if config == {**config, **SPILLING}:
+            planted["spill"].append(spec)
+            assert spec["pointers"][6] == "float32" and "backward/output" in spec["ops"]
+            assert any("register spills" in f for f in spec["failures"]), spec
+        elif config == {**config, **OVERSIZE}:
+            planted["shared"].append(spec)
+            assert spec["pointers"][6] == "float32" and "backward/input" in spec["ops"]
+            assert any("shared memory" in f and "> 101376 B" in f for f in spec["failures"]), spec
+        else:  # the launches not planted pass
+            assert spec["failures"] == [], spec
+    assert planted["spill"] and planted["shared"], [s["config"] for s in specs]
+
+
+def _md_tables(text: str) -> dict:
+    """{(arch, group): {column: cell}} of docs/kernels.md's per-architecture resource tables."""
+    rows, arch, header = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"### (sm_\d+) ", line)
+        if m:
+            arch, header = m.group(1), None
+            continue
+        if arch and line.startswith("| regime "):
+            header = [c.strip() for c in line.strip("|").split("|")]
+        elif arch and header and line.startswith("| ") and not line.startswith("|---"):
+            cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            rows[(arch, cells["regime"])] = cells
+        elif not line.strip():  # a table ends at a blank line
+            header = None
+    return rows
+
+
+def test_every_regime_maximum_in_docs_equals_the_recorded_compiles():
+    """Each row of docs/kernels.md's tables against the specs recorded in kernels_aot.json (not its summary)."""
+    report = json.loads(aot.DEFAULT_JSON.read_text())
+    want = collections.defaultdict(lambda: {"compiles": 0, "launches": 0, "shared": 0, "regs": 0, "spill": 0})
+    for spec in report["specs"]:
+        row = want[(spec["arch"], f"{spec['regime']} {spec['mode']}")]
+        row["compiles"] += 1
+        row["launches"] += spec["launches"]
+        r = spec["result"]
+        row["shared"] = max(row["shared"], r.get("shared", 0))
+        row["regs"] = max(row["regs"], r.get("registers") or 0)
+        row["spill"] = max(row["spill"], r.get("spill_bytes") or 0)
+    docs = _md_tables(aot.DEFAULT_MARKDOWN.read_text())
+    assert set(docs) == set(want)
+    for key, w in want.items():
+        d = docs[key]
+        assert int(d["max shared (B)"]) == w["shared"], (key, d, w)
+        assert int(d["max regs"]) == w["regs"], (key, d, w)
+        assert int(re.search(r"\((\d+)\)", d["kernels spilling (max B)"]).group(1)) == w["spill"], (key, d, w)
+        assert int(d["compiles"]) == w["compiles"] and int(d["launches"]) == w["launches"], (key, d, w)
+
+
+def test_shared_memory_estimate_matches_what_triton_allocates():
+    """configs.estimate_shared_memory (as it is now) against every recorded compile's metadata.shared: never
+    below it, and within 5 % of it for the largest kernel of every (architecture, mode) -- the configs fit
+    the memory that exists, not a pessimistic model of it (sm_75, whose FMA dots stage less, aside)."""
+    report = json.loads(aot.DEFAULT_JSON.read_text())
+    itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}
+    best = collections.defaultdict(float)
+    for spec in report["specs"]:
+        shared = spec["result"].get("shared")
+        if shared is None:
+            continue
+        est = estimate_shared_memory(spec["config"], spec["config"]["num_stages"], Mode[spec["mode"].upper()],
+                                     *(itemsize[d] for d in spec["dtypes"]), GPU_TABLE[spec["arch"]].capability)
+        assert shared <= est, (spec["arch"], spec["example"], spec["config"], shared, est)
+        best[(spec["arch"], spec["mode"])] = max(best[(spec["arch"], spec["mode"])], shared / est)
+    loose = {k: round(v, 3) for k, v in best.items() if v < 0.95 and k[0] != "sm_75"}
+    assert not loose, f"the estimate is far above the compiles' shared memory: {loose}"

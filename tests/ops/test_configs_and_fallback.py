@@ -115,6 +115,10 @@ def test_shared_memory_model_matches_measured_compiles():
     assert estimate_shared_memory(big, 4, Mode.CONCAT_K, 2, 2, 2, (10, 0)) >= 131_088  # sm_100: + barriers
     assert estimate_shared_memory(big, 4, Mode.CONCAT_K, 2, 2, 4, (9, 0)) >= 180_224
     assert estimate_shared_memory(decode, 4, Mode.DECODE, 2, 2, 2, (9, 0)) >= 110_592
+    # mma.sync's cp.async pipeline keeps num_stages - 1 buffers: sm_120 (no wgmma), sm_90 tiles of < 64 rows.
+    assert estimate_shared_memory({**big, "BLOCK_RANK": 16}, 3, Mode.PLAIN, 2, 2, 2, (12, 0)) == 65_536 + reserve
+    small = {"BLOCK_ROWS": 16, "BLOCK_COLS": 64, "BLOCK_DEPTH": 128, "BLOCK_RANK": 32}
+    assert estimate_shared_memory(small, 4, Mode.CONCAT_K, 2, 2, 2, (9, 0)) == 61_440 + reserve
 
 
 def test_regimes_and_device_awareness():
@@ -334,7 +338,47 @@ def test_bf16_on_sm75_runs_the_reference_with_one_warning(fake_t4, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert backend_mod.resolve_backend("auto", fake_t4, torch.bfloat16) == "reference"
-    assert backend_mod.resolve_backend("auto", fake_t4, torch.float16) == "triton"
+    with pytest.warns(RuntimeWarning, match=r"Tesla T4 \(sm_75\) runs the reference"):
+        assert backend_mod.resolve_backend("auto", fake_t4, torch.float16) == "reference"  # no MMA: cuBLAS
+    assert backend_mod.resolve_backend("triton", fake_t4, torch.float16) == "triton"  # asked for explicitly
+
+
+def test_sm75_runs_the_reference_by_default_for_every_dtype(monkeypatch):
+    """Only the device-properties lookup is faked (a T4's, as torch reports them); the dispatch is real.
+    Triton emits no tensor-core MMA for Turing: the kernels run there only when asked for."""
+    import types
+
+    def props(major, minor, name):
+        return types.SimpleNamespace(name=name, major=major, minor=minor, multi_processor_count=40,
+                                     shared_memory_per_block_optin=64 * 1024)
+
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    monkeypatch.setenv(launchers.STRICT_ENV_VAR, "0")
+    monkeypatch.setattr(backend_mod, "_WARNED_SLOW", set())
+    monkeypatch.setattr(backend_mod, "_WARNED_NO_BF16", set())
+    cuda = torch.device("cuda", 0)
+    configs.device_props.cache_clear()
+    try:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props(7, 5, "Tesla T4"))
+        with pytest.warns(RuntimeWarning, match=r"Tesla T4 \(sm_75\) runs the reference \(cuBLAS\) path: "
+                                                r"Triton emits no tensor-core MMA"):
+            assert backend_mod.resolve_backend("auto", cuda, torch.float16) == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 warns its own reason (no bf16 tensor cores)
+            assert backend_mod.resolve_backend("auto", cuda, torch.bfloat16) == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once
+            assert backend_mod.resolve_backend("auto", cuda, torch.float32) == "reference"
+            assert backend_mod.resolve_backend("auto", cuda, torch.float16) == "reference"
+            assert backend_mod.resolve_backend("triton", cuda, torch.float16) == "triton"
+            monkeypatch.setenv(backend_mod.ENV_VAR, "triton")
+            assert backend_mod.resolve_backend("auto", cuda, torch.float32) == "triton"
+            monkeypatch.delenv(backend_mod.ENV_VAR)
+            configs.device_props.cache_clear()
+            monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props(8, 0, "A100"))
+            assert backend_mod.resolve_backend("auto", cuda, torch.float16) == "triton"  # sm_80: the kernels
+    finally:
+        configs.device_props.cache_clear()
 
 
 def test_bf16_on_sm75_raises_when_triton_is_explicit_or_strict(fake_t4, monkeypatch):

@@ -12,8 +12,10 @@ as ``JITFunction.run`` would. A compile without those hints is a different, wors
 decode kernel of issue 12 compiled to ~20 KB of shared memory unhinted, 110,592 B hinted).
 
 Checks per compile (:func:`check`): it compiles; ``metadata.shared`` <= the architecture's opt-in
-limit; no register spills in 16-bit prefill and backward GEMMs (the ptxas log); ``wgmma`` in the sm_90
-PTX for tiles of >= 64 rows.
+limit and <= the configs' estimate (what ``select_config`` fits to the limit); no register spills in
+16-bit prefill and backward GEMMs (the ptxas log); ``wgmma`` in the sm_90 PTX for tiles of >= 64 rows;
+tensor-core MMA for 16-bit and tf32 dots from sm_80 on. Kernels are deduplicated into classes whose key
+holds every pointer argument's dtype (an fp32 dM output is another kernel than a 16-bit one).
 
 The kernel module is decorated once, at import, in interpreter or compiler mode; the gate needs compiler
 mode, so it runs in its own process (:func:`run_subprocess` clears ``TRITON_INTERPRET``), and compiles in
@@ -65,28 +67,36 @@ VARIANTS = {
     "fp16-fp32M": (torch.float16, torch.float32, False),
     "bf16-fp32M": (torch.bfloat16, torch.float32, False),
 }
-#: The launch sequences :func:`record` knows; :data:`OPS` are swept by default (PiCa input side: forward
-#: incl. decode, backward dx + dM, grouped q/k/v forward and backward, multi-task forward).
+#: The launch sequences :func:`record` knows; :data:`OPS` are swept by default: PiCa's input side (forward
+#: incl. decode, backward dx + dM = dy.T @ t) and output side (forward incl. decode with the fp32 M as the
+#: depth loop's factor, backward dx + dM = s.T @ x), grouped q/k/v forward and backward, multi-task forward.
+#: With the variants that is every dtype combination the ops launch: x / weight / basis in x's dtype, M
+#: in x's or fp32, outputs in x's dtype, and the fp32 accumulators (dM, split-K partials, DECODE's t).
 ALL_OPS = ("forward/input", "forward/output", "backward/input", "backward/output", "backward/lora",
            "grouped/forward", "grouped/backward", "multitask/forward")
-OPS = ("forward/input", "backward/input", "grouped/forward", "grouped/backward", "multitask/forward")
-#: Sources whose hash docs/kernels.md records (the table is stale when either changes).
-HASHED_SOURCES = ("lowrank_gemm.py", "configs.py")
+OPS = ("forward/input", "forward/output", "backward/input", "backward/output", "grouped/forward",
+       "grouped/backward", "multitask/forward")
+#: Every source that decides which kernels launch (the kernel, the launch sequences and their grids,
+#: configs, rank padding, the tuned-config lookup and its table): docs/kernels.md records their hash
+#: and is stale when any of them changes.
+HASHED_SOURCES = ("lowrank_gemm.py", "launchers.py", "configs.py", "padding.py", "tuned.py", "tuned_configs.json")
 #: The sweep of the make-test gate (``--largest``): enough points to reach the largest tile of every
 #: (architecture, regime) -- r >= 64 maxes BLOCK_RANK, T picks the regime, sizes only split-K.
 TEST_SWEEP_ARGS = ("--sizes", "4096", "--ranks", "64,256", "--tokens", "1,16,64,4096",
-                   "--ops", "forward/input,backward/input,multitask/forward")
+                   "--ops", "forward/input,forward/output,backward/input,backward/output,multitask/forward")
 DEFAULT_MARKDOWN = Path(__file__).resolve().parents[3] / "docs" / "kernels.md"
 DEFAULT_JSON = DEFAULT_MARKDOWN.parent / "results" / "kernels_aot.json"
 HASH_MARKER = "aot-source-hash"
 
 
-def source_hash() -> str:
-    """sha256 over the kernel source and the configs source (what the resource table depends on)."""
+def source_hash(directory: Path | None = None) -> str:
+    """sha256 over :data:`HASHED_SOURCES` (in ``directory``, default this package's): what the table
+    depends on."""
+    directory = Path(__file__).parent if directory is None else Path(directory)
     h = hashlib.sha256()
     for name in HASHED_SOURCES:
         h.update(name.encode())
-        h.update((Path(__file__).with_name(name)).read_bytes())
+        h.update((directory / name).read_bytes())
     return h.hexdigest()
 
 
@@ -355,7 +365,7 @@ class Spec:
     arch: str
     mode: str
     regime: str
-    dtypes: tuple[str, str, str]  # x, weight, factor
+    dtypes: tuple[str, str, str]  # x, weight, factor (what the config and the estimate see)
     config: dict
     estimate: int
     args: tuple
@@ -366,11 +376,25 @@ class Spec:
     launches: int = 0
     jit_keys: int = 1  # JIT specialisations this spec stands for (see representatives)
     result: dict = dataclasses.field(default_factory=dict)
+    #: The element type of every pointer argument, in the kernel's order (x, weight, t, factor_up,
+    #: factor_down, bias, out, t_out, tasks; an unused one is the output's): each is part of the compiled
+    #: kernel (the fp32 output of dM is another kernel than the same GEMM's 16-bit output).
+    pointers: tuple = ()
+
+    @property
+    def out_dtype(self) -> str:
+        return self.pointers[6] if self.pointers else "?"
+
+    @property
+    def dtype_text(self) -> str:
+        """x, weight, factor -> output (the report's dtypes column)."""
+        return f"{', '.join(self.dtypes)} -> {self.out_dtype}"
 
     @property
     def kernel_class(self) -> tuple:
-        """The kernel but its hints and its bias epilogue: mode, dtypes, config and the other flags."""
-        return (self.arch, self.mode, self.dtypes,
+        """The kernel but its hints and its bias epilogue: mode, every pointer's dtype, config and the other
+        flags."""
+        return (self.arch, self.mode, self.dtypes, self.pointers,
                 tuple(sorted((k, v) for k, v in self.constexprs.items() if k != "HAS_BIAS")))
 
     @property
@@ -392,12 +416,27 @@ class Spec:
                 f"w{c['num_warps']} s{c['num_stages']}")
 
 
-def collect(points) -> dict:
-    """Record every point's launches and deduplicate them on the JIT's key: {key: Spec}."""
+def planted(plant: dict | list | None, arch: str, p: Point, args, cexprs: dict) -> dict:
+    """``cexprs`` with ``plant["config"]`` applied when the launch matches ``plant["when"]`` (keys: ``arch``,
+    ``op``, ``mode`` (PLAIN, CONCAT_K, DECODE), ``out`` (the output's dtype, e.g. float32)); a list of such
+    plants: the first that matches. The gate's own tests plant bad configs this way and check that the
+    gate fails on them."""
+    have = {"arch": arch, "op": p.op, "mode": Mode(cexprs["MODE"]).name,
+            "out": str(args[6].dtype).removeprefix("torch.")}
+    for one in ([plant] if isinstance(plant, dict) else plant or []):
+        if all(have[k] == v for k, v in one.get("when", {}).items()):
+            return {**cexprs, **one["config"]}
+    return cexprs
+
+
+def collect(points, plant: dict | list | None = None) -> dict:
+    """Record every point's launches and deduplicate them on the JIT's key: {key: Spec}. ``plant``: see
+    :func:`planted`."""
     specs: dict = {}
     for arch, p in points:
         cc = capability(arch)
         for _grid, args, cexprs in record(arch, p):
+            cexprs = planted(plant, arch, p, args, cexprs)
             desc = describe_args(args)
             key, _, _, specialization, _ = bind(cc, desc, cexprs)
             spec = specs.get(key)
@@ -416,24 +455,25 @@ def collect(points) -> dict:
                                          tuple(str(d).removeprefix("torch.") for d in dts), config, est, desc,
                                          dict(cexprs), example=str(p),
                                          hints=sum(v[1] == "D" or (v[0] == "constexpr" and v[1] == 1)
-                                                   for v in specialization[:len(desc)]))
+                                                   for v in specialization[:len(desc)]),
+                                         pointers=tuple(v[1] for v in desc if isinstance(v, tuple)))
             spec.ops.add(p.op)
             spec.launches += 1
     return specs
 
 
 def _collect_arch(job):
-    arch, kw = job
-    return collect(sweep((arch,), **kw))
+    arch, kw, plant = job
+    return collect(sweep((arch,), **kw), plant)
 
 
-def collect_parallel(archs, jobs: int = 2, **sweep_kw) -> dict:
+def collect_parallel(archs, jobs: int = 2, plant: dict | list | None = None, **sweep_kw) -> dict:
     """:func:`collect` of :func:`sweep`, one architecture per worker process."""
     ctx = multiprocessing.get_context("spawn")
     me = importlib.import_module(f"{__package__}.aot")
     specs: dict = {}
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=me._worker_init) as ex:
-        for part in ex.map(me._collect_arch, [(arch, sweep_kw) for arch in archs]):
+        for part in ex.map(me._collect_arch, [(arch, sweep_kw, plant) for arch in archs]):
             specs.update(part)
     return specs
 
@@ -475,7 +515,8 @@ def largest_per_group(specs: dict, by_mode: bool = False) -> dict:
 KNOWN_FAILURES = {
     "sm_75 spills": "triton 3.9 emits no MMA instruction for sm_75 (Turing): every tl.dot becomes FMA, ptxas "
                     "keeps 64 registers and spills KBs per thread; the kernels cannot be fast on a T4 whatever "
-                    "the config (run the reference / cuBLAS path there; see docs/kernels.md)",
+                    "the config, so sm_75 runs the reference (cuBLAS) path by default and the kernels only when "
+                    "asked for (backend='triton' or PICA_KERNELS_BACKEND=triton; ops/backend.py)",
     "sm_86 spills narrow-prefill": "s = dy @ M with 16-bit dy and an fp32 M at r = 32 (128x32x64, 3 stages) "
                                    "spills 8 B at 80 registers (triton 3.9); the likely fix, halving the "
                                    "narrow depth step for an fp32 right operand on every architecture (what "
@@ -494,6 +535,8 @@ def _checks(spec: Spec) -> list[tuple[str, str]]:
     failures = []
     if r["shared"] > props.smem_per_block:
         failures.append(("shared", f"shared memory {r['shared']} B > {props.smem_per_block} B"))
+    if r["shared"] > spec.estimate:  # select_config fits the estimate to the limit: it must not be low
+        failures.append(("estimate", f"shared memory {r['shared']} B > configs' estimate {spec.estimate} B"))
     sixteen_bit = spec.dtypes[0] in ("float16", "bfloat16")
     if sixteen_bit and (spec.regime.endswith("prefill") or spec.backward) and (r["spill_bytes"] or 0) > 0:
         failures.append(("spills", f"register spills: {r['spill_bytes']} B ({r['registers']} registers)"))
@@ -574,6 +617,7 @@ def _spec_json(s: Spec) -> dict:
     return {"arch": s.arch, "mode": s.mode, "regime": s.regime, "dtypes": s.dtypes, "config": s.config,
             "estimate": s.estimate, "ops": sorted(s.ops), "example": s.example, "launches": s.launches,
             "jit_keys": s.jit_keys, "hints": s.hints, "constexprs": s.constexprs, "args": s.args,
+            "pointers": s.pointers,
             "result": s.result, "failures": check(s), "known": known(s)}
 
 
@@ -585,11 +629,14 @@ def load_json(path: Path) -> tuple[dict, dict]:
         specs[i] = Spec(d["arch"], d["mode"], d["regime"], tuple(d["dtypes"]), d["config"], d["estimate"],
                         tuple(tuple(a) if isinstance(a, list) else a for a in d["args"]), d["constexprs"],
                         hints=d["hints"], ops=set(d["ops"]), example=d["example"], launches=d["launches"],
-                        jit_keys=d["jit_keys"], result=d["result"])
+                        jit_keys=d["jit_keys"], result=d["result"], pointers=tuple(d.get("pointers", ())))
     return specs, report
 
 
-def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, stats: dict, sweep_kw: dict) -> None:
+def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, stats: dict, sweep_kw: dict,
+                   digest: str | None = None) -> None:
+    """docs/kernels.md from compiled specs; ``digest``: the :func:`source_hash` of the sources compiled (taken
+    when the run started), default the current one."""
     import triton
 
     rows = summary(specs)
@@ -607,40 +654,44 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
         "`triton.compile` for `GPUTarget(\"cuda\", cc, 32)` -- no GPU involved. Shared memory is the compiled",
         "kernel's `metadata.shared`, registers and spills come from the ptxas log, the MMA kind from the PTX.",
         "",
-        f"- {HASH_MARKER}: {source_hash()} (sha256 of {' + '.join(HASHED_SOURCES)}; tests/ops/test_aot_gate.py "
+        f"- {HASH_MARKER}: {digest or source_hash()} (sha256 of {' + '.join(HASHED_SOURCES)}; tests/ops/test_aot_gate.py "
         "fails when it no longer matches: rerun `make aot`)",
         f"- triton {triton.__version__}, torch {torch.__version__}; command `{command}`; {seconds / 60:.1f} min wall "
-        "on the 2-core development machine",
+        "on the 2-core development machine (shared with other jobs while it ran)",
         f"- sweep: in/out in {sweep_kw['sizes']}, r in {sweep_kw['ranks']}, T in {sweep_kw['tokens']}; ops "
         f"{', '.join(sweep_kw['ops'])}; bias on/off (forwards); variants (x / trainable factor) "
-        f"{', '.join(VARIANTS)}; bf16 not on sm_75 (it runs the reference there)",
+        f"{', '.join(VARIANTS)}; sm_75 (the reference by default there; the kernels only when asked for) in fp16 / fp32, not bf16",
         f"- {stats['launches']} launches recorded -> {stats['jit_keys']} JIT specialisations (the JIT's cache key) "
-        f"-> {stats['classes']} kernel classes (mode, dtypes, config and flags but the bias) -> "
+        f"-> {stats['classes']} kernel classes (mode, every pointer's dtype, config and flags but the bias) -> "
         f"**{stats['compiles']} compiled**: "
         + ("every JIT specialisation (`--every`)." if stats["classes"] == stats["jit_keys"] and stats.get("every") else
            "per class, the specialisation with the most hints (divisibility-16, ==1), i.e. the aligned, "
            "pipelined kernel with the most shared memory; `--every` compiles them all (hours on 2 cores)."),
         f"- gate: **{'PASS' if not failures else f'FAIL ({len(failures)} failures)'}** -- compiles; shared <= limit; "
-        "no spills in 16-bit prefill and backward GEMMs; wgmma on sm_90 for tiles of >= 64 rows; tensor-core "
+        "shared <= the configs' estimate; no spills in 16-bit prefill and backward GEMMs; wgmma on sm_90 for tiles of >= 64 rows; tensor-core "
         f"MMA (not FMA) for 16-bit and tf32 dots from sm_80 on. Known failures (not failing the gate): "
         f"{len(known_hits)} kernels, listed below.",
-        "",
     ]
+    missing = [arch for arch in ARCHS if not any(s.arch == arch for s in specs.values())]
+    if missing:
+        lines.append(f"- **PARTIAL**: no compiles of {', '.join(missing)} in this report (their tables are absent; "
+                     "tests/ops/test_aot_gate.py fails until a full `make aot` run)")
+    lines.append("")
     if known_hits:
         lines += ["## Known failures", ""]
         for name, why in KNOWN_FAILURES.items():
             hits = [s for s, k in known_hits if k == name]
             if hits:
                 worst = max(hits, key=lambda s: s.result.get("spill_bytes") or 0)
-                lines.append(f"- **{name}** ({len(hits)} kernels; worst: {worst.tile}, {', '.join(worst.dtypes)}, "
+                lines.append(f"- **{name}** ({len(hits)} kernels; worst: {worst.tile}, {worst.dtype_text}, "
                              f"{worst.result.get('registers')} registers, {worst.result.get('spill_bytes')} B spilled, "
                              f"{worst.result.get('mma')}): {why}.")
         lines.append("")
     if failures:
-        lines += ["## Failures", "", "| arch | regime | tile | dtypes (x, W, factor) | example | failure |",
+        lines += ["## Failures", "", "| arch | regime | tile | dtypes (x, W, factor -> out) | example | failure |",
                   "|---|---|---|---|---|---|"]
         for s, f in sorted(failures, key=lambda sf: (ARCHS.index(sf[0].arch), sf[0].group)):
-            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {', '.join(s.dtypes)} | {s.example} | {f} |")
+            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {s.dtype_text} | {s.example} | {f} |")
         lines.append("")
     lines += ["## Resources per architecture and regime", "",
               "Regime (configs.regime): decode (one-launch DECODE), small (rows <= 16), mid (<= 64), prefill; "
@@ -663,22 +714,25 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
         lines.append("")
     lines += ["## Spilling kernels", "",
               "Spills outside 16-bit prefill and backward GEMMs are recorded, not failed (fp32 operands, "
-              "decode-time launches).", ""]
+              "decode-time launches). A kernel class is compiled once, for its example launch (with a bias "
+              "where one of its launches has one), and stands for the launches of every op listed: the spill "
+              "rule judges the example, so a small / mid class whose example is a forward passes even when "
+              "backward ops (no bias epilogue) launch it too.", ""]
     if spills:
         lines += ["| arch | regime | tile | dtypes | registers | spill B (stores + loads) | ops | example |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in sorted(spills, key=lambda s: (ARCHS.index(s.arch), s.group, -s.result["spill_bytes"])):
-            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {', '.join(s.dtypes)} | {s.result['registers']} | "
+            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {s.dtype_text} | {s.result['registers']} | "
                          f"{s.result['spill_bytes']} | {', '.join(sorted(s.ops))} | {s.example} |")
     else:
         lines.append("None.")
     lines += ["", "## Shared memory above the configs' estimate", "",
               "`configs.estimate_shared_memory` is what `select_config` fits to the limit; a kernel using more "
-              "than estimated could exceed the limit on a GPU.", ""]
+              "than estimated could exceed the limit on a GPU (a gate failure).", ""]
     if under:
         lines += ["| arch | regime | tile | dtypes | estimate | compiled |", "|---|---|---|---|---|---|"]
         for s in under:
-            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {', '.join(s.dtypes)} | {s.estimate} | "
+            lines.append(f"| {s.arch} | {s.group} | {s.tile} | {s.dtype_text} | {s.estimate} | "
                          f"{s.result['shared']} |")
     else:
         lines.append("None: every compiled kernel fits in its estimate.")
@@ -716,16 +770,21 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="comma-separated in/out sizes (default: the full sweep)")
     ap.add_argument("--ranks", default=None)
     ap.add_argument("--tokens", default=None)
+    ap.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--merge", type=Path, default=None,
                     help="a --json report of the same sweep: its specs of the architectures not in --archs join "
                          "this run's (rerun some architectures after a config change that touches only them)")
+    ap.add_argument("--plant", default=None,
+                    help='a JSON {"when": {"arch"|"op"|"mode"|"out": ...}, "config": {...}} (or a list of them): the '
+                         "config replaces the launches' it matches (the gate's tests check that the gate fails "
+                         "on a bad one)")
     ap.add_argument("--render", type=Path, default=None,
                     help="write --markdown from this --json report instead of compiling")
     a = ap.parse_args(argv)
-    if a.render:  # re-render (and merge) reports; their sources must be the current ones
+    if a.render:  # re-render (and merge) reports: the markdown records the hash of the sources they compiled
         specs, report = load_json(a.render)
         stats, seconds, command = report["stats"], report["seconds"], report["command"]
         if a.merge:
@@ -739,11 +798,12 @@ def main(argv=None) -> int:
                 "summary": summary(specs), "specs": [_spec_json(s) for s in specs.values()]},
                 separators=(",", ":")))
         write_markdown(specs, a.markdown or DEFAULT_MARKDOWN, seconds=seconds, stats=stats,
-                       sweep_kw=report["sweep"], command=command)
+                       sweep_kw=report["sweep"], command=command, digest=report["source_hash"])
         return 1 if any(check(s) for s in specs.values()) else 0
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
         raise SystemExit("run the AOT gate without TRITON_INTERPRET (use run_subprocess)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    digest = source_hash()  # of the sources this run records and compiles (edits during the run: stale)
     # A fresh cache: a cached kernel skips ptxas, whose log gives registers and spills.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pica-aot-")
     _worker_init()
@@ -754,7 +814,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     sweep_kw = dict(sizes=ints(a.sizes, SIZES), ranks=ints(a.ranks, RANKS), tokens=ints(a.tokens, TOKENS),
                     ops=tuple(a.ops.split(",")))
-    specs = collect_parallel(a.archs.split(","), a.jobs, **sweep_kw)
+    if a.variants:  # not in the default sweep_kw: --merge compares sweeps, and old reports have no variants key
+        sweep_kw["variants"] = tuple(a.variants.split(","))
+    specs = collect_parallel(a.archs.split(","), a.jobs, json.loads(a.plant) if a.plant else None, **sweep_kw)
     stats = {"launches": sum(s.launches for s in specs.values()), "jit_keys": len(specs)}
     if not a.every:
         specs = representatives(specs)
@@ -791,11 +853,12 @@ def main(argv=None) -> int:
 
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({
-            "source_hash": source_hash(), "triton": triton.__version__, "command": command, "seconds": seconds,
+            "source_hash": digest, "triton": triton.__version__, "command": command, "seconds": seconds,
             "stats": stats, "sweep": sweep_kw, "failures": failures, "summary": summary(specs),
             "specs": [_spec_json(s) for s in specs.values()]}, separators=(",", ":")))
     if a.markdown:
-        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw, command=command)
+        write_markdown(specs, a.markdown, seconds=seconds, stats=stats, sweep_kw=sweep_kw, command=command,
+                       digest=digest)
     print(f"{len(specs)} compiles, {len(failures)} failures, {seconds:.0f} s")
     for f in failures:
         print("FAIL", f)

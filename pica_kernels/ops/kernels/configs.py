@@ -128,23 +128,33 @@ def estimate_shared_memory(blocks: dict, num_stages: int, mode: Mode, x_bytes: i
     """Shared memory (bytes) of one program: the tiles one iteration of a pipelined loop loads, times the
     buffers Triton keeps of them, for the larger of the two loops (depth; CONCAT_K's rank loop).
 
-    Buffers: ``num_stages - 1`` on sm_80..sm_89 (cp.async pipelining), ``num_stages`` from sm_90 on
-    (the wgmma/TMA pipeline; counted for sm_100 and sm_120 too, unmeasured there, to stay on the safe
-    side); sm_75 needs fewer (one buffer measured), counted like sm_80. Measured with triton.compile
-    and the JIT's specialisation (triton 3.9): sm_86 DECODE 16x64x128, r=64, 4 stages, fp16: 3 x 36,864
-    = 110,592 B; sm_86 CONCAT_K 128x128x64, fp32 factor, 3 stages: 2 x (16,384 + 32,768) = 98,304 B
-    (the rank loop dominates); sm_86 PLAIN 128x128x64, 3 / 4 stages: 65,536 / 98,304 B; sm_90 PLAIN
-    128x16x128, 4 stages: 4 x 36,864 = 147,456 B; sm_75 CONCAT_K 128x128x64, 3 stages: 32,768 B.
-    Where the two loops' buffers partly coexist (sm_90 CONCAT_K 128x128x64, bf16 x, fp32 factor, 4
-    stages: 180,224 B) the larger loop's count (196,608 B) still covers it. Plus :data:`SMEM_RESERVE`.
+    Buffers (:func:`pipeline_buffers`): ``num_stages`` for the wgmma (sm_90) / tcgen05 (sm_100) pipeline,
+    which those architectures use for tiles of >= 64 rows; ``num_stages - 1`` for the cp.async pipeline
+    of ``mma.sync`` -- sm_80..sm_89, sm_120 (RTX 5090: no wgmma), and sm_90 / sm_100 tiles of < 64 rows;
+    sm_75 (no MMA from triton 3.9: FMA dots) is counted like sm_80, above what it uses. Checked class by
+    class against ``metadata.shared`` of the AOT gate's compiles (triton 3.9, docs/kernels.md): equal to
+    it up to :data:`SMEM_RESERVE` for 16-bit operands, e.g. sm_86 DECODE 16x64x128, r=64, 4 stages, fp16:
+    3 x 36,864 = 110,592 B; sm_86 CONCAT_K 128x128x64, fp32 factor, 3 stages: 2 x (16,384 + 32,768) =
+    98,304 B (the rank loop dominates); sm_90 PLAIN 128x16x128, 4 stages: 4 x 36,864 = 147,456 B; sm_90
+    CONCAT_K 16x64x128, 4 stages: 3 x 20,480 = 61,440 B; sm_120 PLAIN 128x128x64, 3 stages: 2 x 32,768 =
+    65,536 B. Above it (a safe side) where the factor counted (the wider of factor_up / factor_down) is
+    not the one the loop stages -- DECODE's depth loop stages factor_down, so an fp32 factor_up (input-side
+    M) is counted at 4 bytes where 2 are staged -- and where the two loops' buffers partly coexist (sm_90
+    CONCAT_K 128x128x64, bf16 x, fp32 factor, 4 stages: 180,224 B; the larger loop's count is 196,608 B).
+    Plus :data:`SMEM_RESERVE`.
     """
     bm, bn, bk, br = blocks["BLOCK_ROWS"], blocks["BLOCK_COLS"], blocks["BLOCK_DEPTH"], blocks["BLOCK_RANK"]
     depth_stage = bm * bk * x_bytes + bk * bn * weight_bytes
     if mode == Mode.DECODE:
         depth_stage += bk * br * factor_bytes
     rank_stage = bm * br * x_bytes + br * bn * factor_bytes if mode == Mode.CONCAT_K else 0
-    buffers = num_stages if tuple(capability) >= (9, 0) else max(1, num_stages - 1)
-    return buffers * max(depth_stage, rank_stage) + SMEM_RESERVE
+    return pipeline_buffers(num_stages, bm, capability) * max(depth_stage, rank_stage) + SMEM_RESERVE
+
+
+def pipeline_buffers(num_stages: int, block_rows: int, capability: tuple[int, int]) -> int:
+    """Shared-memory buffers Triton keeps per pipelined operand (see :func:`estimate_shared_memory`)."""
+    wgmma = (9, 0) <= tuple(capability) < (11, 0) and block_rows >= 64  # sm_90 wgmma, sm_100 tcgen05
+    return num_stages if wgmma else max(1, num_stages - 1)
 
 
 def _block_rank(mode: Mode, rank: int, block_depth: int, block_rows: int = 64) -> int:
