@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 SIDES = ("input", "output")
@@ -65,8 +66,11 @@ def lowrank_factors(basis: torch.Tensor, m: torch.Tensor, side: str) -> tuple[to
 # ----------------------------------------------------------------- factor casts
 # An fp32 ``M`` with bf16/fp16 activations is cast to the activation dtype for the GEMMs. The cast copy is
 # kept per factor and reused while the factor is unchanged: its version counter (bumped by every in-place
-# write: optimizer steps, ``copy_`` under no_grad), storage and dtype must all match. A write through
-# ``.data`` bypasses the version counter (as it bypasses autograd's own checks): call
+# write: ``copy_`` under no_grad, most optimizer steps), storage and dtype must all match. Two writers leave
+# the version counter alone: torch's fused optimizers (``AdamW(fused=True)``, transformers.Trainer's default
+# ``adamw_torch_fused``: measured, torch 2.13, the version stays 0 across steps) -- every ``torch.optim``
+# step therefore drops the casts of the parameters it stepped (:func:`_forget_stepped`, a global
+# step hook) -- and a write through ``.data`` (it bypasses autograd's own checks too): call
 # :func:`clear_cast_cache` after one.
 _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -74,6 +78,19 @@ _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def clear_cast_cache() -> None:
     """Forget every cached factor cast (only needed after writing a factor through ``.data``)."""
     _CASTS.clear()
+
+
+def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any ``torch.optim`` step: drop the cached casts of the parameters it stepped (a fused step
+    rewrites them without bumping their version counters, so the cache key cannot see it)."""
+    if len(_CASTS) == 0:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _CASTS.pop(p, None)
+
+
+register_optimizer_step_post_hook(_forget_stepped)
 
 
 def cast_factor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
