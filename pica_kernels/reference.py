@@ -124,7 +124,9 @@ def cast_factor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def autocast_dtype(x) -> torch.dtype | None:
     """The dtype of the autocast region enabled for ``x``'s device type, or None outside one (or for a
     device type autocast does not know, e.g. meta)."""
-    if not isinstance(x, torch.Tensor):
+    # One C call answers the common case (no region anywhere) before the per-device queries: the entry points
+    # and the layers ask on every call.
+    if not torch._C._is_any_autocast_enabled() or not isinstance(x, torch.Tensor):
         return None
     kind = x.device.type
     if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
