@@ -30,7 +30,10 @@ Both are the generic low-rank form ``y = x@W.T + (x@B.T)@A.T + b`` with
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 SIDES = ("input", "output")
@@ -63,8 +66,11 @@ def lowrank_factors(basis: torch.Tensor, m: torch.Tensor, side: str) -> tuple[to
 # ----------------------------------------------------------------- factor casts
 # An fp32 ``M`` with bf16/fp16 activations is cast to the activation dtype for the GEMMs. The cast copy is
 # kept per factor and reused while the factor is unchanged: its version counter (bumped by every in-place
-# write: optimizer steps, ``copy_`` under no_grad), storage and dtype must all match. A write through
-# ``.data`` bypasses the version counter (as it bypasses autograd's own checks): call
+# write: ``copy_`` under no_grad, most optimizer steps), storage and dtype must all match. Two writers leave
+# the version counter alone: torch's fused optimizers (``AdamW(fused=True)``, transformers.Trainer's default
+# ``adamw_torch_fused``: measured, torch 2.13, the version stays 0 across steps) -- every ``torch.optim``
+# step therefore drops the casts of the parameters it stepped (:func:`_forget_stepped`, a global
+# step hook) -- and a write through ``.data`` (it bypasses autograd's own checks too): call
 # :func:`clear_cast_cache` after one.
 _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -72,6 +78,19 @@ _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def clear_cast_cache() -> None:
     """Forget every cached factor cast (only needed after writing a factor through ``.data``)."""
     _CASTS.clear()
+
+
+def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any ``torch.optim`` step: drop the cached casts of the parameters it stepped (a fused step
+    rewrites them without bumping their version counters, so the cache key cannot see it)."""
+    if len(_CASTS) == 0:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _CASTS.pop(p, None)
+
+
+register_optimizer_step_post_hook(_forget_stepped)
 
 
 def cast_factor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,6 +107,56 @@ def cast_factor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     cast = v.detach().to(dtype)
     _CASTS[v] = (key, cast)
     return cast
+
+
+# ------------------------------------------------------------------- autocast
+# PiCa follows autocast as nn.Linear does. Inside ``torch.autocast(device, dtype)`` the operands autocast would
+# cast for F.linear -- x, the frozen weight and the bias, where floating point and not float64 -- run in the
+# region's dtype (bf16 or fp16); the output is in that dtype. The factors are NOT cast by autocast: an fp32 ``M``
+# (and basis) stays fp32, is cast for the GEMMs by :func:`cast_factor` (once per change), and ``dM`` is
+# accumulated in fp32 and returned fp32 -- autocast's own cast of M would put a cast node in the graph and round
+# dM to bf16. The math then runs with autocast off: every GEMM below is written for the dtypes it is handed
+# (``_mm_fp32`` would otherwise be cast back to bf16, and ``addmm_`` into a bf16 output refuses an fp32 operand).
+# The public entry points (these functions and pica_kernels.ops) do the cast; the custom ops run in their
+# inputs' dtypes with autocast off inside, like the functions here that take no such cast.
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype of the autocast region enabled for ``x``'s device type, or None outside one (or for a
+    device type autocast does not know, e.g. meta)."""
+    # One C call answers the common case (no region anywhere) before the per-device queries: the entry points
+    # and the layers ask on every call.
+    if not torch._C._is_any_autocast_enabled() or not isinstance(x, torch.Tensor):
+        return None
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def autocast_operand(v, dtype: torch.dtype | None):
+    """``v`` as autocast hands an operand of F.linear to the GEMM in a ``dtype`` region: a floating-point
+    tensor other than float64 cast to ``dtype``; anything else (None, float64, integers, a non-tensor that the
+    argument checks will refuse) unchanged. A list or tuple is cast item by item (grouped weights)."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(autocast_operand(item, dtype) for item in v)
+    if dtype is None or not isinstance(v, torch.Tensor) or not v.is_floating_point() \
+            or v.dtype in (dtype, torch.float64):
+        return v
+    return v.to(dtype)
+
+
+def compute_dtype(v: torch.Tensor) -> torch.dtype:
+    """The dtype ``v`` (x or a frozen weight) takes in a linear layer's GEMM under the current autocast state."""
+    amp = autocast_dtype(v)
+    return amp if amp is not None and v.is_floating_point() and v.dtype != torch.float64 else v.dtype
+
+
+def autocast_off(x: torch.Tensor):
+    """A context with autocast off for ``x``'s device type (a no-op context where it is off already)."""
+    if autocast_dtype(x) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _mm_fp32(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -303,6 +372,11 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dt):
+        with autocast_off(dy):  # a backward run inside an autocast region: the dtypes above, not autocast's
+            return _LowRankLinear._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, t, weight, a, b = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         if ctx.merge:
@@ -338,8 +412,16 @@ def lowrank_linear(
     C++ engine costs less per call than a Python ``autograd.Function``);
     factors of another dtype through :class:`_LowRankLinear` (dA/dB in fp32);
     many fp32 tokens through the merged weight (:func:`merged_pays`).
+
+    Inside ``torch.autocast``: x, weight and bias run in the region's dtype, as F.linear's would; the factors
+    keep their dtype (an fp32 ``M`` gets an fp32 gradient, accumulated in fp32). See "autocast" above.
     """
     check_ranks(a, b)
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = autocast_operand((x, weight, bias), amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return lowrank_linear(x, weight, bias, a, b)
     # 2-D x as is: a reshape is a view node in the graph, traversed again in backward (T = 1: ~5% of a step).
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     args = (x2, weight, bias, a, b)
@@ -376,9 +458,10 @@ class _LowRankTerm(torch.autograd.Function):
     def backward(ctx, dy, _dt):
         x, t, a, b = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad
-        s = dy @ cast_factor(a, dy.dtype) if (need_x or need_b) else None
-        dx = s @ cast_factor(b, dy.dtype) if need_x else None
-        return dx, _grad_a(dy, t, a) if need_a else None, _grad_b(s, x, b) if need_b else None
+        with autocast_off(dy):
+            s = dy @ cast_factor(a, dy.dtype) if (need_x or need_b) else None
+            dx = s @ cast_factor(b, dy.dtype) if need_x else None
+            return dx, _grad_a(dy, t, a) if need_a else None, _grad_b(s, x, b) if need_b else None
 
 
 def lowrank_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -386,8 +469,14 @@ def lowrank_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
     For front ends that add it to a base layer's own output (several active adapters, quantized bases).
     Factors of another dtype than x are cast like in :func:`lowrank_linear`, and their gradients are
-    accumulated in fp32 (autograd through a bf16 cast would round dM to bf16).
+    accumulated in fp32 (autograd through a bf16 cast would round dM to bf16). Inside ``torch.autocast``, x runs
+    in the region's dtype (as in :func:`lowrank_linear`; the factors keep theirs).
     """
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x = autocast_operand(x, amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return lowrank_term(x, a, b)
     if x.dtype == a.dtype == b.dtype:
         return (x @ b.T) @ a.T
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

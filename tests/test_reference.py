@@ -267,6 +267,22 @@ def test_cast_of_fp32_m_is_reused_until_m_changes():
     torch.testing.assert_close(ops.pica_linear(x, w, b, basis, m), F.linear(x, w, b), atol=0, rtol=0)
 
 
+def test_cast_of_m_is_refreshed_after_a_fused_optimizer_step():
+    """A fused optimizer (transformers.Trainer's default adamw_torch_fused) rewrites M without bumping its version
+    counter; the cached bf16 cast must not outlive its step (it did: under Trainer(bf16=True) M never moved)."""
+    x, w, b, basis, m = _inputs(5, 6, 8, 3, "input", dtype=torch.float32)
+    x, w, b, basis = (t.bfloat16() for t in (x, w, b, basis))
+    m = torch.nn.Parameter(m)
+    opt = torch.optim.AdamW([m], lr=0.1, fused=True)
+    ops.pica_linear(x, w, b, basis, m).float().square().sum().backward()
+    version = m._version
+    opt.step()
+    assert m._version == version  # why the version-keyed cache alone cannot see this write
+    assert torch.equal(reference.cast_factor(m, torch.bfloat16), m.detach().bfloat16())
+    want = reference.lowrank_forward(x, w, b, m.detach().bfloat16(), basis)[0]
+    torch.testing.assert_close(ops.pica_linear(x, w, b, basis, m), want, atol=0, rtol=0)  # the same computation
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_lowrank_term(dtype):
     """The adapter term alone: values and gradients; gradcheck in float64, fp32 factors under bf16 x."""

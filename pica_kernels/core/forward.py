@@ -74,7 +74,10 @@ def adapter_forward(
     base the ops cannot read (a quantized layer: its own forward runs, the term is added); x (..., in)."""
     from ..ops import lowrank_linear
 
-    if not adapters or weight is None or x.dtype != weight.dtype:
+    # The op runs when x and W meet in one dtype in the GEMM: equal dtypes, or both cast by an autocast region
+    # (the op follows autocast as nn.Linear does; reference.py, "autocast").
+    fused = weight is not None and reference.compute_dtype(x) == reference.compute_dtype(weight)
+    if not adapters or not fused:
         check_input(x, in_features)  # no op checks x on these paths
     if not adapters:
         return base_layer(x)
@@ -88,10 +91,10 @@ def adapter_forward(
             dtype = torch.promote_types(torch.promote_types(dtype, fa.dtype), fb.dtype)
         a = torch.cat([fa.to(dtype) for fa, _ in factors], dim=1)  # (out, Σr)
         b = torch.cat([fb.to(dtype) for _, fb in factors], dim=0)  # (Σr, in)
-    if weight is not None and x.dtype == weight.dtype:
+    if fused:
         return lowrank_linear(x, weight, bias, a, b)  # checks every argument
-    # x in another dtype than W (autocast), or a quantized base: the base layer decides the output dtype, the
-    # term follows it.
+    # A quantized base (or x in another dtype than W): the base layer decides the output dtype, the term follows
+    # it (in the autocast dtype inside an autocast region: lowrank_term follows autocast like the op).
     y = base_layer(x)
     return y + reference.lowrank_term(x.to(y.dtype), a, b)
 
@@ -115,7 +118,7 @@ def mixed_forward(
     # One basis for all (the same storage, as adapters of equal side and rank share it): one multi-task launch.
     bases = {(t[0].data_ptr(), tuple(t[0].shape), t[0].stride(), t[0].dtype) for t in tensors.values()}
     if used and x.dim() == 3 and len(bases) == 1 and all(t[2] == "input" for t in tensors.values()) \
-            and weight is not None and x.dtype == weight.dtype:
+            and weight is not None and reference.compute_dtype(x) == reference.compute_dtype(weight):
         ms = [tensors[n][1] for n in used]
         if BASE_ADAPTER in names:
             ms.append(torch.zeros_like(ms[0]))

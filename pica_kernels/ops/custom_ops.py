@@ -26,8 +26,12 @@ from .kernels import launchers, padding
 
 
 def reference_forward(x, weight, bias, a, b):
-    """Same contract as :func:`launchers.triton_forward`; the math of :func:`pica_kernels.reference.lowrank_linear`."""
-    return reference.lowrank_forward(x, weight, bias, a, b)
+    """Same contract as :func:`launchers.triton_forward`; the math of :func:`pica_kernels.reference.lowrank_linear`.
+
+    Autocast off: the op computes in its inputs' dtypes whatever region calls it (its fake kernel promises
+    x.dtype; the entry points cast for autocast before the op, see :mod:`pica_kernels.reference`)."""
+    with reference.autocast_off(x):
+        return reference.lowrank_forward(x, weight, bias, a, b)
 
 
 def reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
@@ -35,7 +39,8 @@ def reference_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
     and dB accumulated in (at least) fp32 like the kernels -- several layers may share M, and a bf16
     ``dy.T @ t`` is off by ~2e-3 relative -- and returned in a's / b's own dtype (the math lives once,
     in :func:`pica_kernels.reference.lowrank_backward`)."""
-    return reference.lowrank_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
+    with reference.autocast_off(dy):  # a backward inside an autocast region: the dtypes given, as the forward
+        return reference.lowrank_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db)
 
 
 @torch.library.custom_op("pica_kernels::lowrank_linear", mutates_args=())
@@ -142,10 +147,11 @@ def _backward(ctx, dy, _dt):
             dy, x, t, weight, a, b, need_x, need_a, need_b, ctx.backend
         )
         dx, da, db = (g if n else None for g, n in ((dx, need_x), (da, need_a), (db, need_b)))
-    if need_w:  # not PiCa's case (W frozen); kept so the op is a complete linear layer
-        dw = (dy.T @ x).to(weight.dtype)
-    if need_bias:
-        dbias = dy.sum(0)
+    with reference.autocast_off(dy):
+        if need_w:  # not PiCa's case (W frozen); kept so the op is a complete linear layer
+            dw = (dy.T @ x).to(weight.dtype)
+        if need_bias:
+            dbias = dy.sum(0)
     return (dx, dw, dbias, da, db, None) + (None,) * (ctx.num_inputs - 6)  # (rank_align, when given)
 
 

@@ -67,7 +67,8 @@ def _grouped_op(
             return _grouped_triton(x, weights, biases, a, b_cat, ranks, rank_align)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
-    ys, t = reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks)
+    with reference.autocast_off(x):  # the op computes in its inputs' dtypes (the entry point cast them)
+        ys, t = reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks)
     # t in the kernels' slot layout whichever branch ran (one layout for the fake kernel to promise).
     return [*ys, padding.pad_slots_like_kernel(t, ranks, rank_align)]
 
@@ -152,8 +153,14 @@ def grouped_lowrank_linear(
     """Projections sharing ``x``; shapes in the module docstring. Differentiable in x, each a[i] and b_cat.
 
     Frozen weights and biases only (PiCa and LoRA freeze them); ``a`` and ``b_cat`` may be
-    any floating dtype (cast on the fly, as in :func:`lowrank_linear`).
+    any floating dtype (cast on the fly, as in :func:`lowrank_linear`). Inside ``torch.autocast``: x, the
+    weights and biases in the region's dtype, ``a`` and ``b_cat`` in their own (as :func:`lowrank_linear`).
     """
+    amp = reference.autocast_dtype(x)
+    if amp is not None:
+        x, weights, biases = reference.autocast_operand((x, list(weights), list(biases)), amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_lowrank_linear(x, weights, biases, a, b_cat, ranks, backend=backend)
     check_grouped_args(x, weights, biases, a, b_cat, ranks)
     lead = x.shape[:-1]
     outs = torch.ops.pica_kernels.grouped_lowrank_linear(

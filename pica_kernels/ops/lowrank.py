@@ -47,13 +47,23 @@ def lowrank_linear(
     This is the entry point for other libraries: PiCa passes ``(a, b) = (M, P)``
     or ``(U_r, M)``; LoRA passes ``(lora_B.weight * scaling, lora_A.weight)``
     with both requiring grad.
+
+    Inside ``torch.autocast`` it follows autocast as ``nn.Linear`` does: x, weight and bias run in the
+    region's dtype (bf16/fp16) and y comes back in it; ``a``/``b`` keep their dtype and their gradients are
+    accumulated in fp32 (:mod:`pica_kernels.reference`, "autocast").
     """
+    amp = reference.autocast_dtype(x)
+    if amp is not None:  # cast here, not by the custom op: see docs/design.md, "Mixed precision (autocast)"
+        x, weight, bias = reference.autocast_operand((x, weight, bias), amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return lowrank_linear(x, weight, bias, a, b, backend=backend)
     checks.check_lowrank_args(x, weight, bias, a, b)
     return run_lowrank(x, weight, bias, a, b, backend)
 
 
 def run_lowrank(x, weight, bias, a, b, backend: str) -> torch.Tensor:
-    """:func:`lowrank_linear` on arguments its caller has checked (each argument is checked once per call)."""
+    """:func:`lowrank_linear` on arguments its caller has checked (each argument is checked once per call) and
+    cast for autocast (autocast is off here)."""
     if eager_reference(backend, x):  # eager CPU: the reference's own autograd, no custom-op round trip
         return reference.lowrank_linear(x, weight, bias, a, b)
     lead = x.shape[:-1]

@@ -74,7 +74,8 @@ def _multitask_op(
             return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids, rank_align)
         except launchers.KernelFallback:
             pass  # a shape class that failed to compile or launch (warned once): the reference runs it
-    y, t = reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids)
+    with reference.autocast_off(x):  # the op computes in its inputs' dtypes (the entry point cast them)
+        y, t = reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids)
     # t laid out as the kernels lay it out, whichever branch ran (one layout for the fake kernel to promise).
     return y, padding.pad_cols_like_kernel(t, rank_align)
 
@@ -98,7 +99,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dt):
     t, weight, m_stack, basis, ids = ctx.saved_tensors
     need_x, _need_w, need_bias, need_m = ctx.need
-    dx, dbias, dm = reference.multitask_backward(dy, t, weight, m_stack, basis, ids, need_x, need_bias, need_m)
+    with reference.autocast_off(dy):  # a backward inside an autocast region: dM stays an fp32 reduction
+        dx, dbias, dm = reference.multitask_backward(dy, t, weight, m_stack, basis, ids, need_x, need_bias, need_m)
     return (dx, None, dbias, dm, None, None, None) + (None,) * (ctx.num_inputs - 7)  # (rank_align, when given)
 
 
@@ -119,8 +121,14 @@ def multitask_pica_linear(
 
     ``m_stack``: (n, out, r), or a sequence of n (out, r) tensors (any floating dtypes), stacked (in their
     promoted dtype) only where the custom op runs: the eager CPU inference path reads them where they are.
-    Differentiable in x, m_stack and bias (W and the basis frozen).
+    Differentiable in x, m_stack and bias (W and the basis frozen). Inside ``torch.autocast``: x, weight and bias
+    in the region's dtype, ``basis`` and ``m_stack`` in their own (dM accumulated in fp32, in m_stack's dtype).
     """
+    amp = reference.autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = reference.autocast_operand((x, weight, bias), amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return multitask_pica_linear(x, weight, bias, basis, m_stack, adapter_ids, backend=backend)
     check_multitask_args(x, weight, bias, basis, m_stack, adapter_ids)
     ms = [m_stack] if isinstance(m_stack, torch.Tensor) else list(m_stack)
     if eager_reference(backend, x) and not (torch.is_grad_enabled() and any(

@@ -52,7 +52,15 @@ def pica_linear(
     Returns (..., out) in x.dtype. Differentiable in x and m (and weight/basis
     if they require grad). Saved for backward: ``t = x @ P.T`` (T, r) on the
     input side, ``x`` on the output side (``dM`` needs it there).
+
+    Inside ``torch.autocast``: x, weight and bias in the region's dtype, ``basis`` and ``m`` in their own
+    (as :func:`~pica_kernels.ops.lowrank_linear`); ``m``'s gradient comes back in m's dtype, accumulated in fp32.
     """
+    amp = reference.autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = reference.autocast_operand((x, weight, bias), amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return pica_linear(x, weight, bias, basis, m, side, backend=backend)
     check_pica_args(x, weight, bias, basis, m, side)
     a, b = reference.lowrank_factors(basis, m, side)
     return run_lowrank(x, weight, bias, a, b, backend)

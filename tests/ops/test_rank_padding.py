@@ -132,6 +132,22 @@ def test_factors_are_padded_once_per_version(side):
     assert_close_to_reference(y.detach().cpu(), reference64(x, w, bias, basis, m, side, dy)[0], torch.float32, "y")
 
 
+def test_a_fused_optimizer_step_refreshes_the_padded_m():
+    """A fused optimizer (transformers.Trainer's default adamw_torch_fused) rewrites M without bumping its version
+    counter: the padded copy must still be rebuilt after its step (the step hook drops it), never served stale."""
+    x, w, bias, basis, m = pica_inputs(20, 40, 36, 8, "input", torch.float32, seed=3)
+    m = torch.nn.Parameter(m)
+    opt = torch.optim.AdamW([m], lr=0.1, fused=True)
+    dy = torch.randn(20, 36, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    pica_step(x, w, bias, basis, m, "input", dy)
+    version = m._version
+    opt.step()
+    assert m._version == version  # why the version-keyed cache alone cannot see this write
+    y = pica_linear(x, w, bias, basis, m, side="input", backend="triton")
+    assert_close_to_reference(y.detach().cpu(), reference64(x, w, bias, basis, m, "input", dy)[0], torch.float32,
+                              "y after a fused step (a stale padded M?)")
+
+
 def test_reference_path_pads_no_factor_and_keeps_the_kernels_t_layout():
     x, w, bias, basis, m = pica_inputs(20, 40, 36, 8, "input", torch.float32)
     y, t = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "reference", RANK_ALIGN)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import DATA_DIR, tiny_model
 from peft import get_peft_model
+from train_helpers import BF16_LOSS_RTOL, trainer_losses
 
 from pica_kernels.peft import PiCaPeftConfig
 
@@ -58,6 +59,22 @@ def _trainer(out_dir: Path, max_steps: int, base=None, tokenizer=None, r: int = 
 
 def test_trainer_checkpoint_resume_equals_uninterrupted(tmp_path):
     _check_resume(tmp_path, lambda out: _trainer(out, max_steps=4), resume_step=2)
+
+
+def test_trainer_bf16_autocast_trains_and_tracks_fp32(tmp_path):
+    """The PEFT front end under Trainer(bf16=True, use_cpu=True), i.e. torch.autocast to bfloat16 around the
+    forward: 3 steps whose losses track an fp32 run within BF16_LOSS_RTOL (train_helpers.py says why), M stays
+    fp32, and the loss falls by more than twice that tolerance, so a run that does not train fails. Before, every
+    PiCa layer raised under autocast; then, with the fused AdamW step invisible to the cast cache, M never moved."""
+    runs = {}
+    for bf16 in (False, True):
+        model = get_peft_model(tiny_model("llama"), PiCaPeftConfig(r=4, task_type="CAUSAL_LM"))
+        runs[bf16] = trainer_losses(model, tmp_path / str(bf16), bf16=bf16)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    fp32, bf16 = runs[False], runs[True]
+    assert fp32[-1] < fp32[0] * (1 - 2 * BF16_LOSS_RTOL), fp32
+    assert bf16 != fp32  # autocast did run
+    assert bf16 == pytest.approx(fp32, rel=BF16_LOSS_RTOL)
 
 
 @pytest.mark.slow

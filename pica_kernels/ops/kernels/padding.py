@@ -21,8 +21,11 @@ launchers run rank ``r`` as ``rp = padded_rank(r)``:
 * gradients are sliced back to the true shape (``dM`` (out, r) or (r, in)): the zero
   rows / columns never leave the launchers.
 
-A write through ``.data`` bypasses the version counter (as it bypasses autograd's own
-checks): call :func:`clear_pad_cache` after one. Inference tensors have no version
+Two writers leave the version counter alone: torch's fused optimizers (``AdamW(fused=True)``,
+transformers.Trainer's default ``adamw_torch_fused``) -- every ``torch.optim`` step therefore
+drops the padded copies of the parameters it stepped (a global step hook, :func:`_forget_stepped`)
+-- and a write through ``.data`` (it bypasses autograd's own checks too): call
+:func:`clear_pad_cache` after one. Inference tensors have no version
 counter; they are padded per call. The reference math (:mod:`pica_kernels.reference`, and
 the eager CPU path that calls it directly) is never padded.
 """
@@ -30,6 +33,7 @@ the eager CPU path that calls it directly) is never padded.
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 #: Ranks are padded to a multiple of this: the JIT's divisibility hint.
@@ -55,6 +59,13 @@ class PadCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def forget(self, tensors) -> None:
+        """Drop the padded copies of ``tensors`` (each the root of the views that were padded)."""
+        if len(self._entries) == 0:
+            return
+        for v in tensors:
+            self._entries.pop(v, None)
 
     def __len__(self) -> int:
         return sum(len(specs) for specs in self._entries.values())
@@ -91,6 +102,16 @@ PAD_CACHE = PadCache()
 def clear_pad_cache() -> None:
     """Forget every padded copy (only needed after writing a factor through ``.data``)."""
     PAD_CACHE.clear()
+
+
+def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any ``torch.optim`` step: drop the padded copies of the parameters it stepped (a fused step
+    rewrites them without bumping their version counters)."""
+    for group in optimizer.param_groups:
+        PAD_CACHE.forget(group["params"])
+
+
+register_optimizer_step_post_hook(_forget_stepped)
 
 
 def _pad_dim(v: torch.Tensor, dim: int, width: int) -> torch.Tensor:
