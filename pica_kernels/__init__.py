@@ -11,7 +11,8 @@ Public API (see README.md):
     truncated_svd, pica_linear               the ops
     lowrank_linear                           backend entry point: y = x@W.T + (x@B.T)@A.T + b
     mixed_batch                              one adapter per sequence of a batch
-    PiCaError, AdapterMismatchError          errors (AdapterMismatchError is a PiCaError and a ValueError)
+    PiCaError, AdapterMismatchError          errors (AdapterMismatchError and PiCaConfigError are PiCaErrors
+    PiCaConfigError                          and ValueErrors)
 """
 
 __version__ = "0.1.0"
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 from .adapters import load_adapter, save_adapter
 from .apply import apply_pica
 from .config import PiCaConfig
-from .core.errors import AdapterMismatchError, PiCaError
+from .core.errors import AdapterMismatchError, PiCaConfigError, PiCaError
 from .export import export_lora
 from .layer import PiCaLinear, mixed_batch
 from .model import (
@@ -37,6 +38,7 @@ from .svd import truncated_svd
 __all__ = [
     "AdapterMismatchError",
     "PiCaConfig",
+    "PiCaConfigError",
     "PiCaError",
     "PiCaLinear",
     "apply_pica",

@@ -10,6 +10,6 @@
 ``errors``    ``PiCaError`` and its subclasses
 """
 
-from .errors import AdapterMismatchError, BasisMismatchError, PiCaError
+from .errors import AdapterMismatchError, BasisMismatchError, PiCaConfigError, PiCaError
 
-__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaError"]
+__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaConfigError", "PiCaError"]
