@@ -70,7 +70,7 @@ class PiCaPeftConfig(PeftConfig):
     svd_seed: int = field(default=0, metadata={"help": "Seed of the SVD sketch"})
     store_bases: bool = field(default=False, metadata={"help": "Save the frozen bases in the adapter file"})
     check_base_model: str = field(default="error", metadata={
-        "help": "On load, a base model that differs outside the adapted layers: 'error' or 'warn'"})
+        "help": "On load, a base model that differs from the adapter's (any tensor): 'error' or 'warn'"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored (in, out) (Conv1D)"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules"})
     init_weights: bool = field(default=True, metadata={"help": "Zero-init M (identity at start)"})
