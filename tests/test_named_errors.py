@@ -256,6 +256,13 @@ def test_importing_the_peft_front_end_is_quiet():
     assert not [line for line in out.splitlines() if any(n in line for n in NOISE)], out
 
 
+def test_loading_a_registry_model_is_quiet():
+    """The demo's first step (load_smollm2; MiniLM here, the same path and far smaller) resolves transformers'
+    model classes, which imports torchao: its optional-kernel messages stay out of the output."""
+    out = _stderr_of("from pica_kernels.registry_models import load_minilm; load_minilm()")
+    assert not [line for line in out.splitlines() if any(n in line for n in NOISE)], out
+
+
 def test_the_demo_export_step_is_quiet():
     """The export step's imports (PEFT, and with it transformers' quantizers, torchao and bitsandbytes) and a LoRA
     export and reload, as examples/demo.py runs them, print nothing of the optional kernels they could not load."""
