@@ -199,9 +199,11 @@ def main(argv: list[str] | None = None, base_and_tok=None) -> None:
     del originals, restored
 
     print("\n== 6. Export as a standard LoRA adapter (what vLLM / SGLang / llama.cpp load), check it in PEFT")
-    from peft import PeftModel
-
+    from pica_kernels.core.imports import import_quietly
     from pica_kernels.export import export_lora
+
+    # PEFT without the messages of optional GPU / hub kernels that torchao and bitsandbytes cannot load here.
+    PeftModel = import_quietly("peft").PeftModel
 
     lora_dir = args.out.with_name(args.out.name + "-lora")
     export_lora(model, lora_dir)

@@ -11,7 +11,8 @@ Public API (see README.md):
     truncated_svd, pica_linear               the ops
     lowrank_linear                           backend entry point: y = x@W.T + (x@B.T)@A.T + b
     mixed_batch                              one adapter per sequence of a batch
-    PiCaError, AdapterMismatchError          errors (AdapterMismatchError is a PiCaError and a ValueError)
+    PiCaError, AdapterMismatchError          errors (AdapterMismatchError and PiCaConfigError are PiCaErrors
+    PiCaConfigError                          and ValueErrors)
     cache                                    the on-disk basis cache (PICA_KERNELS_CACHE; cache.clear())
 """
 
@@ -21,7 +22,7 @@ from . import cache
 from .adapters import load_adapter, save_adapter
 from .apply import apply_pica
 from .config import PiCaConfig
-from .core.errors import AdapterMismatchError, PiCaError
+from .core.errors import AdapterMismatchError, PiCaConfigError, PiCaError
 from .export import export_lora
 from .layer import PiCaLinear, mixed_batch
 from .model import (
@@ -39,6 +40,7 @@ from .svd import truncated_svd
 __all__ = [
     "AdapterMismatchError",
     "PiCaConfig",
+    "PiCaConfigError",
     "PiCaError",
     "PiCaLinear",
     "apply_pica",

@@ -37,18 +37,25 @@ from . import __version__
 from .apply import BANK_NAME, apply_pica, get_bank, pica_layers, set_submodule
 from .config import PiCaConfig
 from .core import quant as core_quant
+from .core.defaults import check_adapter_name
 from .core.errors import AdapterMismatchError
-from .core.files import base_tensors as files_base_tensors
 from .core.files import (
+    NO_DATA,
     check_base_tensors,
     check_basis_fingerprint,
+    check_m_values,
+    check_when_data,
     compare_identity,
+    dtype_from_name,
     dtype_name,
     file_sha256,
     json_checksum,
+    load_json,
     require,
     tensor_identity,
+    unverified,
 )
+from .core.files import base_tensors as files_base_tensors
 from .core.targets import group_key, role_of
 from .layer import PiCaLinear
 from .model import active_adapter, set_adapter
@@ -174,7 +181,10 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
     groups = require(meta, "groups", dict, where)
     layers = require(meta, "layers", dict, where)
     require(meta, "base_tensors", dict, where)
-    require(meta, "adapter_name", str, where)
+    try:
+        check_adapter_name(require(meta, "adapter_name", str, where))
+    except ValueError as e:
+        raise AdapterMismatchError(f"adapter_name: {where} records {meta['adapter_name']!r}: {e}") from None
     rank, side = require(config, "rank", int, f"{where} config"), require(config, "side", str, f"{where} config")
     stores = bool(meta.get("stores_bases"))
     json_keys = {f"m.{g}" for g in groups} | {f"fingerprint.{n}" for n in layers}
@@ -200,6 +210,7 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
         for n in require(g, "layers", list, gw):
             member_of[n] = key
         m = tensors[f"m.{key}"]
+        check_m_values(key, m, where, require(g, "m_dtype", str, gw))
         out_f, in_f = require(g, "weight_shape", list, gw)
         expected = (out_f, g_rank) if side == "input" else (g_rank, in_f)
         if tuple(m.shape) != expected:
@@ -214,6 +225,7 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
         g = require(info, "group", str, lw)
         l_rank = require(info, "rank", int, lw)
         require(info, "weight", dict, lw)
+        dtype_from_name(require(info, "basis_dtype", str, lw))
         if member_of.get(n) != g:
             raise AdapterMismatchError(f"layers[{n!r}].group: pica_config.json says {g!r}, its groups list it in "
                                        f"{member_of.get(n)!r}")
@@ -245,10 +257,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         if not f.is_file():
             raise FileNotFoundError(f"adapter file {f} not found (an adapter directory holds {CONFIG_FILE} "
                                     f"and {TENSORS_FILE})")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterMismatchError(f"{cfg_file} is not valid JSON (truncated or corrupted?): {e}") from None
+    meta = load_json(cfg_file.read_bytes(), str(cfg_file))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterMismatchError(f"format: {cfg_file} is not a pica_kernels adapter config (format="
                                    f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
@@ -278,8 +287,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------- load
-def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> None:
-    """Targeted weights must match (always an error); untargeted tensors too (error, or a warning on request)."""
+def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> dict[str, dict]:
+    """Targeted weights must match (always an error); untargeted tensors too (error, or a warning on request).
+    Returns the identities of untargeted tensors with no data yet (checked at the first forward that has it)."""
     modules = dict(model.named_modules())
     for lname, info in meta["layers"].items():
         module = modules.get(lname)
@@ -295,14 +305,18 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> None:
                 f"layers[{lname!r}].quantization: the adapter was trained on a base quantized as {saved_quant}, this "
                 f"model's layer is {now_quant or 'not quantized'}; quantize the base the same way before loading"
             )
-        problem = compare_identity(f"layer {lname!r} weight", tensor_identity(_original_weight(module)),
-                                   info["weight"])
+        what, now = f"layer {lname!r} weight", tensor_identity(_original_weight(module))
+        problem = compare_identity(what, now, info["weight"]) or unverified(what, now, info["weight"])
+        if NO_DATA in now and not problem:
+            problem = f"{what}: it has no data in this model ({now[NO_DATA]}); its basis needs its values"
         if problem:
             raise AdapterMismatchError(f"base model: {problem}; load the adapter onto the model it was trained on "
                                        f"({meta['base_model']})")
     adapted = {f"{n}.weight" for n in meta["layers"]}
-    check_base_tensors(base_tensors(model), meta["base_tensors"], on_mismatch,
-                       "pass check_base_model='warn' to load anyway", skip=adapted)
+    return check_base_tensors(base_tensors(model), meta["base_tensors"], on_mismatch, _LOAD_ANYWAY, skip=adapted)
+
+
+_LOAD_ANYWAY = "pass check_base_model='warn' to load anyway"
 
 
 def _rollback(model: nn.Module, new_adapter: str | None, wrapped_before: set[str], had_bank: bool, grad_flags,
@@ -350,6 +364,8 @@ def load_adapter(
     """
     if check_base_model not in ("error", "warn"):
         raise ValueError(f"check_base_model must be 'error' or 'warn', got {check_base_model!r}")
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     meta, tensors = read_adapter(path)
     name = adapter_name or meta["adapter_name"]
     try:
@@ -381,7 +397,7 @@ def load_adapter(
                 f"layers: adapter {name!r} of the model covers other layers than the file: missing {missing}, "
                 f"extra {extra}"
             )
-    _check_base_model(model, meta, check_base_model)
+    pending = _check_base_model(model, meta, check_base_model)
     modules = dict(model.named_modules())
     for lname, info in saved_layers.items():
         module = modules[lname]
@@ -411,7 +427,7 @@ def load_adapter(
         # 3. Fingerprints: the basis each M will multiply must be the one it was trained with.
         for lname in saved_layers:
             check_basis_fingerprint(lname, layers[lname].basis(name), config.side, tensors[f"fingerprint.{lname}"],
-                                    basis_atol)
+                                    basis_atol, dtype_from_name(saved_layers[lname]["basis_dtype"]))
         # 4. M, once per group.
         bank = get_bank(model)
         with torch.no_grad():
@@ -424,4 +440,5 @@ def load_adapter(
     except BaseException:
         _rollback(model, None if existing else name, wrapped_before, had_bank, grad_flags, saved_m)
         raise
+    check_when_data(model, pending, lambda: base_tensors(model), check_base_model, _LOAD_ANYWAY)
     return model

@@ -7,7 +7,8 @@ from dataclasses import InitVar, asdict, dataclass, field, fields
 
 from . import reference
 from .core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS, DTYPES
-from .core.targets import check_rank, check_rank_pattern
+from .core.errors import PiCaConfigError
+from .core.targets import check_module_spec, check_rank, check_rank_pattern, check_seed
 from .svd import SVD_METHODS
 
 #: Field spellings of the PEFT front end accepted here: ``PiCaConfig(r=8, share_m=False, exclude_modules=[...])``.
@@ -54,18 +55,18 @@ class PiCaConfig:
             if value is not None:
                 setattr(self, ALIASES[alias], value)
         check_rank(self.rank)
+        check_seed(self.svd_seed)
         self.rank_pattern = check_rank_pattern(self.rank_pattern)
         reference.check_side(self.side)
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         if self.m_dtype is not None and self.m_dtype not in DTYPES:
             raise ValueError(f"m_dtype must be one of {sorted(DTYPES)}, got {self.m_dtype!r}")
-        if not isinstance(self.target_modules, str):
-            self.target_modules = tuple(self.target_modules)
-            if not self.target_modules:
-                raise ValueError("target_modules is empty")
-        if self.exclude is not None and not isinstance(self.exclude, str):
-            self.exclude = tuple(self.exclude)
+        self.target_modules = check_module_spec(self.target_modules, "target_modules")
+        if not self.target_modules:
+            raise PiCaConfigError("target_modules is empty")
+        if self.exclude is not None:
+            self.exclude = check_module_spec(self.exclude, "exclude")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -33,14 +33,19 @@ def load_smollm2(dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
+    from .core.imports import quiet_known_import_noise
+
     d = smollm2_dir()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the GGUF converter is chatty
-    try:
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    finally:
-        logging.set_verbosity(verbosity)
+    # Resolving the model class imports transformers' modeling code and, through it, torchao: its messages about
+    # optional kernels that cannot load here are dropped (nothing else is).
+    with quiet_known_import_noise():
+        try:
+            tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        finally:
+            logging.set_verbosity(verbosity)
     return model.eval(), tok
 
 
@@ -52,5 +57,8 @@ def load_minilm():
     """``(model, tokenizer)`` of all-MiniLM-L6-v2 as a transformers BertModel."""
     from transformers import AutoModel, AutoTokenizer
 
+    from .core.imports import quiet_known_import_noise
+
     d = minilm_dir()
-    return AutoModel.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
+    with quiet_known_import_noise():  # see load_smollm2
+        return AutoModel.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)

@@ -8,8 +8,9 @@
 ``files``     fingerprints and the whole-file checks of adapter files
 ``defaults``  defaults and reserved names
 ``errors``    ``PiCaError`` and its subclasses
+``imports``   the optional libraries imported without their known import-time noise
 """
 
-from .errors import AdapterMismatchError, BasisMismatchError, PiCaError
+from .errors import AdapterMismatchError, BasisMismatchError, PiCaConfigError, PiCaError
 
-__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaError"]
+__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaConfigError", "PiCaError"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import PiCaConfigError
+
 #: The paper's targets: q, k, v, up and down projections.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
@@ -28,11 +30,15 @@ def default_m_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_adapter_name(name: object) -> str:
-    """An adapter name must be a non-empty str without '.', and not the mixed-batch sentinel."""
+    """An adapter name must be a non-empty str without '.', '/' or '\\', and not the mixed-batch sentinel.
+
+    '.' would split state_dict keys; '/' and '\\' would make a path of the name where a front end saves an adapter
+    under its name (PEFT writes a non-default adapter to ``<save dir>/<name>``: ``/abs/path`` would escape it)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"adapter_name must be a non-empty str, got {name!r}")
+        raise PiCaConfigError(f"adapter_name must be a non-empty str, got {name!r}")
     if name == BASE_ADAPTER:
-        raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved (it marks base-model rows of a mixed batch)")
-    if "." in name:
-        raise ValueError(f"adapter_name must not contain '.', got {name!r}")
+        raise PiCaConfigError(f"adapter_name {BASE_ADAPTER!r} is reserved (it marks base-model rows of a mixed batch)")
+    for bad in (".", "/", "\\"):
+        if bad in name:
+            raise PiCaConfigError(f"adapter_name must not contain {bad!r}, got {name!r}")
     return name

@@ -3,7 +3,9 @@
 ``PiCaError`` is the base of every error pica_kernels raises about adapters.
 ``AdapterMismatchError`` (also a ``ValueError``, as before) says an adapter file
 does not fit a model, or is damaged; the message names the field and both
-values. ``BasisMismatchError`` is its old PEFT-side name, kept as an alias.
+values. ``PiCaConfigError`` (also a ``ValueError``) says a configuration value
+or argument is not one PiCa accepts; the message names it and what is expected.
+``BasisMismatchError`` is its old PEFT-side name, kept as an alias.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ class PiCaError(Exception):
 
 class AdapterMismatchError(PiCaError, ValueError):
     """An adapter file does not fit this model (or is damaged); the message names what differs."""
+
+
+class PiCaConfigError(PiCaError, ValueError):
+    """A configuration field or argument has a value PiCa does not accept; the message names it and what is
+    expected."""
 
 
 #: Former name on the PEFT side (a drifted basis); the same class.

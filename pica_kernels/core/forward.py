@@ -32,6 +32,48 @@ def check_input(x: torch.Tensor, in_features: int) -> None:
     checks.check_x(x, in_features)
 
 
+def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``x`` in the dtype of the layer's (plain, unquantized) weight (out, in), or a TypeError naming both, as a
+    plain ``nn.Linear`` would refuse them (with a bare "mat1 and mat2" error). Inside a ``torch.autocast`` region
+    of x's device the GEMMs run in autocast's dtype whatever the two dtypes are: nothing to check there."""
+    if x.dtype == weight.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(f"x has dtype {x.dtype}, the layer's weight has {weight.dtype}: cast the input "
+                    f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
+
+
+class _MergedTripwire(torch.autograd.Function):
+    """Identity on ``y`` that ties it to the merged adapters' ``M``: a backward through the layer reaches
+    :meth:`backward`, which says why no gradient can flow to ``M`` (it is folded into the base weight) instead of
+    torch's bare "does not require grad" or a silently untrained ``M``."""
+
+    @staticmethod
+    def forward(ctx, y, names, *ms):
+        ctx.names = names
+        return y.clone()  # a fresh tensor: a view made inside a Function could not be modified in place later
+
+    @staticmethod
+    def backward(ctx, grad):
+        names = ", ".join(repr(n) for n in ctx.names)
+        raise RuntimeError(
+            f"adapter {names} is merged into the base weights, so its M gets no gradient: unmerge before training "
+            f"(pica_kernels.unmerge(model) natively, model.unmerge_adapter() under PEFT), or freeze M "
+            f"(requires_grad_(False)) to train other parameters through the merged model"
+        )
+
+
+def merged_output(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``y`` of a merged layer, tied to the merged ``M`` that still require grad when the layer trains (training
+    mode, grad enabled), so that a backward through it fails with a message (:class:`_MergedTripwire`); as is
+    otherwise (inference, or ``M`` frozen)."""
+    if not (layer.training and torch.is_grad_enabled()):
+        return y
+    names = [n for n in layer.merged_adapters if layer._tensors(n)[1].requires_grad]
+    if not names:
+        return y
+    return _MergedTripwire.apply(y, names, *(layer._tensors(n)[1] for n in names))
+
+
 def layer_forward(
     layer: nn.Module,
     x: torch.Tensor,
@@ -51,12 +93,15 @@ def layer_forward(
     (PEFT's semantics: the layer is unmerged). ``args``/``kwargs`` go to the base layer where it runs alone.
     """
     base = layer.base_layer
+    weight = None if layer.quantization else weight_out_in(base)  # quantized base: its own forward + the term
+    if weight is not None:
+        check_input_dtype(x, weight)
     if disabled or (names is None and layer.merged):
         if disabled and layer.merged:
             layer.unmerge()
         check_input(x, layer.in_features)
-        return base(x, *args, **kwargs)
-    weight = None if layer.quantization else weight_out_in(base)  # quantized base: its own forward + the term
+        y = base(x, *args, **kwargs)
+        return merged_output(layer, y) if layer.merged else y
     if names is not None:
         if layer.merged:
             raise ValueError("cannot pass adapter_names (a mixed batch) while adapters are merged; unmerge first")

@@ -51,8 +51,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _require(package: str):
+    from .imports import import_quietly
+
     try:
-        return __import__(package)
+        return import_quietly(package)
     except ImportError as e:
         raise ImportError(
             f"quantized bases need {package}: pip install '{QUANT_EXTRA}' (bitsandbytes and torchao)"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from .errors import PiCaConfigError
+
 
 def role_of(name: str) -> str:
     """The module name after its first all-digit component, further indices removed.
@@ -63,18 +65,52 @@ def rank_for(name: str, rank: int, rank_pattern: Mapping[str, int] | None) -> in
 
 def check_rank(rank: object, field: str = "rank") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{field} must be a positive int, got {rank!r}")
+        raise PiCaConfigError(f"{field} must be a positive int, got {rank!r}")
     return rank
+
+
+def _check_regex(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise PiCaConfigError(f"{field}: {pattern!r} is not a valid regular expression ({e}); a str is matched as a "
+                              f"regex against the whole module name, a list of str as module-name suffixes") from None
+
+
+def check_module_spec(spec: object, field: str) -> str | tuple[str, ...]:
+    """A ``target_modules`` / ``exclude`` value: a regex str (full match on the module name; ``"all-linear"`` too)
+    or a collection of non-empty str suffixes. Returns the str, or the suffixes as a tuple (in their order)."""
+    if isinstance(spec, str):
+        _check_regex(spec, field)
+        return spec
+    expected = (f"{field} must be a regex str (matched against the whole module name), \"all-linear\", or a list "
+                f"of module-name suffixes (str)")
+    if isinstance(spec, Mapping) or not isinstance(spec, (Sequence, set, frozenset)):
+        raise PiCaConfigError(f"{expected}; got {type(spec).__name__} {spec!r}")
+    items = tuple(spec)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise PiCaConfigError(f"{expected}; got {item!r} among them ({spec!r})")
+    return items
+
+
+def check_seed(seed: object, field: str = "svd_seed") -> int:
+    """A seed of ``torch.Generator.manual_seed``: an int (not a bool) in [-2**63, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise PiCaConfigError(f"{field} must be an int in [-2**63, 2**64) (the seed of the SVD sketch), got {seed!r}")
+    return seed
 
 
 def check_rank_pattern(rank_pattern: object, field: str = "rank_pattern") -> dict[str, int]:
     if rank_pattern is None:
         return {}
     if not isinstance(rank_pattern, Mapping):
-        raise ValueError(f"{field} must be a dict {{module name or regex: rank}}, got {type(rank_pattern).__name__}")
+        raise PiCaConfigError(
+            f"{field} must be a dict {{module name or regex: rank}}, got {type(rank_pattern).__name__}")
     for k, v in rank_pattern.items():
         if not isinstance(k, str):
-            raise ValueError(f"{field} keys must be str, got {k!r}")
+            raise PiCaConfigError(f"{field} keys must be str, got {k!r}")
+        _check_regex(k, f"{field} key")
         check_rank(v, f"{field}[{k!r}]")
     return dict(rank_pattern)
 

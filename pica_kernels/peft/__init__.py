@@ -7,10 +7,16 @@ saved PiCa adapters as long as ``pica_kernels.peft`` has been imported.
 Requires the ``peft`` extra (``pip install pica_kernels[peft]``).
 """
 
-from ._register import PEFT_NAME, ensure_peft_type, register
-from .config import DEFAULT_TARGET_MODULES, PiCaPeftConfig
-from .layer import PiCaPeftLinear
-from .model import BasisMismatchError, PiCaPeftModel
+from ..core.imports import import_quietly
+
+# PEFT imports transformers, and through it torchao and bitsandbytes: imported here first, without the known
+# messages of optional kernels that cannot load on this machine (pica_kernels.core.imports).
+import_quietly("peft")
+
+from ._register import PEFT_NAME, ensure_peft_type, register  # noqa: E402
+from .config import DEFAULT_TARGET_MODULES, PiCaPeftConfig  # noqa: E402
+from .layer import PiCaPeftLinear  # noqa: E402
+from .model import BasisMismatchError, PiCaPeftModel  # noqa: E402
 
 register()
 

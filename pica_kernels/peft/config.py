@@ -8,7 +8,7 @@ from peft.config import PeftConfig
 
 from .. import reference
 from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS
-from ..core.targets import check_rank, check_rank_pattern
+from ..core.targets import check_module_spec, check_rank, check_rank_pattern, check_seed
 from ..svd import SVD_METHODS, method_from_file, versioned_method
 from ._register import ensure_peft_type
 
@@ -70,7 +70,7 @@ class PiCaPeftConfig(PeftConfig):
     svd_seed: int = field(default=0, metadata={"help": "Seed of the SVD sketch"})
     store_bases: bool = field(default=False, metadata={"help": "Save the frozen bases in the adapter file"})
     check_base_model: str = field(default="error", metadata={
-        "help": "On load, a base model that differs outside the adapted layers: 'error' or 'warn'"})
+        "help": "On load, a base model that differs from the adapter's (any tensor): 'error' or 'warn'"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored (in, out) (Conv1D)"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules"})
     init_weights: bool = field(default=True, metadata={"help": "Zero-init M (identity at start)"})
@@ -87,16 +87,19 @@ class PiCaPeftConfig(PeftConfig):
                 setattr(self, ALIASES[alias], value)
         self.peft_type = ensure_peft_type()
         check_rank(self.r, "r")
+        check_seed(self.svd_seed)
         self.rank_pattern = check_rank_pattern(self.rank_pattern)
         reference.check_side(self.side)
         if self.check_base_model not in ("error", "warn"):
             raise ValueError(f"check_base_model must be 'error' or 'warn', got {self.check_base_model!r}")
         if self.svd_method is not None and self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
+        # None: PEFT's own rules (target_parameters, or a model-type default) decide; refused later when none apply.
+        for key in ("target_modules", "exclude_modules"):
+            spec = getattr(self, key)
+            if spec is not None:
+                spec = check_module_spec(spec, key)
+                setattr(self, key, spec if isinstance(spec, str) else set(spec))
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 

@@ -24,6 +24,7 @@ here, and what this class does instead:
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager
 from functools import partial
 
@@ -45,7 +46,16 @@ from ..core.defaults import (
 )
 from ..core.errors import AdapterMismatchError, BasisMismatchError
 from ..core.files import base_tensors as files_base_tensors
-from ..core.files import check_base_tensors, check_basis_fingerprint, check_m_tensors, tensor_identity
+from ..core.files import (
+    check_base_tensors,
+    check_basis_fingerprint,
+    check_m_tensors,
+    check_m_values,
+    check_when_data,
+    dtype_from_name,
+    load_json,
+    tensor_identity,
+)
 from ..core.quant import dequantized_weight, is_quantized_base, original_dequantized_weight
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..svd import basis_fingerprint, truncated_svd
@@ -80,6 +90,19 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             originals[f"{n}.base_layer.weight"] = original
     return files_base_tensors(model, originals, keep=lambda key: not any(p in key for p in _NOT_BASE),
                               fold=lambda key: key.replace(".base_layer.", ".").replace(".original_module.", "."))
+
+
+def _adapted_weights(model: nn.Module) -> set[str]:
+    """Names (as :func:`_base_tensors` gives them) of the adapted layers' weights."""
+    if isinstance(model, PiCaPeftModel):
+        model = model.model
+    elif isinstance(getattr(model, "base_model", None), PiCaPeftModel):
+        model = model.base_model.model
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, PiCaPeftLinear)}
+
+
+_LOAD_ANYWAY = ("load with a PiCaPeftConfig whose check_base_model='warn' "
+                "(PeftModel.from_pretrained(model, path, config=config)) to load anyway")
 
 
 class PiCaPeftModel(BaseTuner):
@@ -314,11 +337,23 @@ class PiCaPeftModel(BaseTuner):
         fingerprints = {k[: -len(suffix)]: v for k, v in state_dict.items() if k.endswith(suffix)}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
         identity = state_dict.pop(BASE_IDENTITY_KEY, None)
-        if identity is not None:  # files written before the whole-model identity have none
-            saved = json.loads(identity.cpu().numpy().tobytes().decode())
-            check_base_tensors(_base_tensors(model), saved, getattr(config, "check_base_model", "error"),
-                               "load with a PiCaPeftConfig whose check_base_model='warn' "
-                               "(PeftModel.from_pretrained(model, path, config=config)) to load anyway")
+        on_mismatch = getattr(config, "check_base_model", "error")
+        saved: dict = {}
+        if identity is None:
+            msg = ("base_tensors: the adapter file records no identity of its base model (key "
+                   f"{BASE_IDENTITY_KEY!r} missing: written by another program, or edited), so the model cannot be "
+                   "checked against it")
+            if on_mismatch != "warn":
+                raise AdapterMismatchError(f"{msg}; {_LOAD_ANYWAY}")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        else:
+            saved = load_json(identity.cpu().numpy().tobytes(), f"the adapter file's {BASE_IDENTITY_KEY}")
+            adapted = _adapted_weights(model)
+            pending = check_base_tensors(_base_tensors(model), saved, on_mismatch, _LOAD_ANYWAY, adapted=adapted)
+            check_when_data(model, pending, lambda: _base_tensors(model), on_mismatch, _LOAD_ANYWAY, adapted)
+        for key, value in state_dict.items():
+            if ".pica_M." in key:
+                check_m_values(key.rpartition(".")[2], value, "the adapter file")
         bank = next((m for m in model.modules() if isinstance(m, PiCaBank)), None)
         if bank is not None and adapter_name in bank:
             # The file whole against the model its config built: every group's M present, nothing extra, ranks agree.
@@ -342,6 +377,10 @@ class PiCaPeftModel(BaseTuner):
                         f"the adapter file has a PiCa basis fingerprint for {name!r}, but the model has no PiCa "
                         f"layer of adapter {adapter_name!r} there (wrong base model or target_modules?)"
                     )
-                check_basis_fingerprint(name.removeprefix("base_model.model."), module.pica_basis[adapter_name],
-                                        module.pica_side[adapter_name], stored)
+                layer = name.removeprefix("base_model.model.")
+                # The basis had the dtype of the (dequantized) weight it was computed from.
+                entry = saved.get(f"{layer}.weight")
+                saved_dtype = entry.get("dtype") if isinstance(entry, dict) else None
+                check_basis_fingerprint(layer, module.pica_basis[adapter_name], module.pica_side[adapter_name], stored,
+                                        saved_dtype=dtype_from_name(saved_dtype) if saved_dtype else None)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

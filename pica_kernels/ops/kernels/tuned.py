@@ -253,7 +253,9 @@ def load_table(path: Path | str | None = None) -> Table | None:
         return _CACHE[str(path)]
     table = None
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        _warn_once(("bad", str(path)), f"pica_kernels: tuned-config table ignored: {path} is not UTF-8 text ({err})")
     except OSError as err:
         _warn_once(("missing", str(path)), f"pica_kernels: tuned-config table {path} cannot be read ({err}); "
                                            "using the heuristic configs")
@@ -262,6 +264,9 @@ def load_table(path: Path | str | None = None) -> Table | None:
             table = Table.from_json(json.loads(text), str(path))
         except (json.JSONDecodeError, TableError) as err:
             _warn_once(("bad", str(path)), f"pica_kernels: tuned-config table ignored: {err}")
+        except RecursionError:  # nested deeper than the parser (or the table's walk) can follow
+            _warn_once(("bad", str(path)), f"pica_kernels: tuned-config table ignored: {path} is nested too deeply "
+                                           "to be a tuned-config table")
         else:
             if table.errors:
                 _warn_once(("entries", str(path)), f"pica_kernels: {path}: {len(table.errors)} tuned "
