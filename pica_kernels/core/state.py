@@ -417,8 +417,9 @@ class Transaction:
         self._undo.append(undo)
 
     def rollback(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
+        with torch.no_grad():  # an undo recomputes merged weights from M, which requires grad
+            for undo in reversed(self._undo):
+                undo()
         self._snapshot.restore()
 
 

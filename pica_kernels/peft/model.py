@@ -31,7 +31,7 @@ from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
-from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
+from peft.tuners.tuners_utils import _set_adapter as _peft_set_aux_adapter
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -143,13 +143,20 @@ class PiCaPeftModel(BaseTuner):
             unknown = [n for n in names if n not in state.adapters]
             if unknown:
                 raise ValueError(f"Adapter(s) {unknown} not found; the model has {list(state.adapters)}")
-            if state.merged:
+            if state.merged and list(state.active) != names:  # a switch; re-setting the same ones keeps merges
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
                               stacklevel=2)
                 self._restack(txn, state.evolve(merged=()))
-            txn.publish(txn.before.evolve(active=names, merged=()))
-            peft_set_adapter(self.model, adapter_name, inference_mode=inference_mode, layer_cls=self.tuner_layer_cls)
+            txn.publish(self._cell().value.evolve(active=names))
+            self._activate(adapter_name, inference_mode)
             self.active_adapter = adapter_name
+
+    def _activate(self, adapter_name, inference_mode: bool = False) -> None:
+        """requires_grad of the active adapters (PEFT's per-layer set_adapter; the state is published already)."""
+        _peft_set_aux_adapter(self.model, adapter_name, inference_mode=inference_mode)
+        for module in self.model.modules():
+            if isinstance(module, PiCaPeftLinear):
+                module.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         """Enable / disable every layer at once (the model's state); merged weights stay merged: a disabled layer
@@ -298,6 +305,11 @@ class PiCaPeftModel(BaseTuner):
                     model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                     low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
                 )
+        except BaseException:
+            # PeftModel.add_adapter put the config in before injecting and drops it on Exception only.
+            if self.peft_config.get(adapter_name) is not None and len(self.peft_config) > 1:
+                self.peft_config.pop(adapter_name, None)
+            raise
         finally:
             self._pending_bases = {}
 
@@ -391,7 +403,7 @@ class PiCaPeftModel(BaseTuner):
             txn.publish(state.evolve(adapters=remaining, active=active))
             super().delete_adapter(adapter_name)
             if active != list(state.active) and active:
-                peft_set_adapter(self.model, active, layer_cls=self.tuner_layer_cls)  # requires_grad of the new
+                self._activate(active)  # requires_grad of the new active adapters
             self.active_adapter = active[0] if len(active) == 1 else active
             _UNDO_LOAD.get(self, {}).pop(adapter_name, None)
             store = self._modules.get("pica_M")
