@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .apply import BANK_NAME, apply_pica, get_bank, pica_layers, set_submodule
+from .apply import BANK_NAME, apply_pica, get_bank, pica_layers
 from .config import PiCaConfig
 from .core import quant as core_quant
 from .core.defaults import check_adapter_name
@@ -56,6 +56,7 @@ from .core.files import (
     unverified,
 )
 from .core.files import base_tensors as files_base_tensors
+from .core.state import transaction
 from .core.targets import group_key, role_of
 from .layer import PiCaLinear
 from .model import active_adapter, set_adapter
@@ -319,27 +320,6 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> dict[st
 _LOAD_ANYWAY = "pass check_base_model='warn' to load anyway"
 
 
-def _rollback(model: nn.Module, new_adapter: str | None, wrapped_before: set[str], had_bank: bool, grad_flags,
-              saved_m) -> None:
-    """Undo a partial load: old M values, the new adapter, layers it wrapped, a bank it created, requires_grad."""
-    with torch.no_grad():
-        for param, value in saved_m:
-            param.copy_(value)
-    bank = getattr(model, BANK_NAME, None)
-    if new_adapter is not None and isinstance(bank, nn.Module):
-        for lname, layer in list(pica_layers(model)):
-            if new_adapter in layer.adapters:
-                layer.delete_adapter(new_adapter)
-            if lname not in wrapped_before:
-                set_submodule(model, lname, layer.base_layer)
-        bank.remove(new_adapter)
-        bank.configs.pop(new_adapter, None)
-        if not had_bank:
-            delattr(model, BANK_NAME)
-    for p, flag in grad_flags:
-        p.requires_grad_(flag)
-
-
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -411,12 +391,9 @@ def load_adapter(
             raise AdapterMismatchError(f"layers[{lname!r}].group: the file says {info['group']!r}, its name, shape "
                                        f"and rank give {want!r}")
 
-    # 2. Apply (computing bases) when the adapter is new; roll back on any failure.
+    # 2. Apply (computing bases) when the adapter is new: one transaction, undone exactly on any failure.
     stored = {n: tensors[f"basis.{n}"] for n in saved_layers if f"basis.{n}" in tensors}
-    wrapped_before = {n for n, _ in pica_layers(model)}
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_m: list = []
-    try:
+    with transaction(bank.cell if had_bank else None, [model]) as txn:
         if not existing:
             exact = PiCaConfig(**{**config.to_dict(), "target_modules": tuple(saved_layers), "exclude": None,
                                   "rank_pattern": {n: info["rank"] for n, info in saved_layers.items()
@@ -431,14 +408,12 @@ def load_adapter(
         # 4. M, once per group.
         bank = get_bank(model)
         with torch.no_grad():
-            if existing:
-                saved_m = [(bank.get(name, key), bank.get(name, key).detach().clone()) for key in meta["groups"]]
             for key in meta["groups"]:
                 param = bank.get(name, key)
+                if existing:
+                    txn.keep(param)
                 param.copy_(tensors[f"m.{key}"].to(device=param.device, dtype=param.dtype))
         set_adapter(model, name)
-    except BaseException:
-        _rollback(model, None if existing else name, wrapped_before, had_bank, grad_flags, saved_m)
-        raise
+    # Identities recorded without data (meta / offloaded tensors at save time) are checked at the first forward.
     check_when_data(model, pending, lambda: base_tensors(model), check_base_model, _LOAD_ANYWAY)
     return model

@@ -17,6 +17,7 @@ from .config import PiCaConfig
 from .core.bank import PiCaBank
 from .core.bases import batched_bases
 from .core.defaults import DTYPES, check_adapter_name
+from .core.state import install_forward_scope, transaction
 from .core.targets import (
     check_layer_rank,
     fused_expert_parameters,
@@ -175,46 +176,34 @@ def apply_pica(
     bases.update(batched_bases(needed, {n: ranks[n] for n, _ in needed}, config.side, method=config.svd_method,
                                seed=config.svd_seed, progress=progress))
 
-    # 2. The edit, undone on any exception.
+    # 2. The edit: one transaction on the model's adapter state, undone exactly on any exception.
     first = bank is None
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    swapped: list[tuple[str, nn.Module]] = []
-    extended: list[PiCaLinear] = []
     m_dtype = DTYPES[config.m_dtype] if config.m_dtype else None
-    try:
+    with transaction(None if first else bank.cell, [model]) as txn:
         if first:
             bank = PiCaBank()
             model.add_module(BANK_NAME, bank)
+            install_forward_scope(model, bank.cell)
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in bank.parameters():
                 p.requires_grad_(True)
+        before = bank.cell.value
         for name, module, rank, key in plan:
             kwargs = dict(group=key, basis=bases.get(name), m_dtype=m_dtype,
                           svd_method=config.svd_method, svd_seed=config.svd_seed)
             if isinstance(module, PiCaLinear):
-                module.add_adapter(adapter_name, rank, config.side, **kwargs)
-                extended.append(module)
+                module._add_structure(adapter_name, rank, config.side, **kwargs)
             else:
-                layer = PiCaLinear(module, rank, config.side, adapter_name=adapter_name, bank=bank, **kwargs)
-                if not first:
-                    # PEFT semantics: an added adapter starts inactive, also on layers it newly wraps.
-                    layer.active_adapter = None
-                set_submodule(model, name, layer)
-                swapped.append((name, module))
+                set_submodule(model, name, PiCaLinear(module, rank, config.side, adapter_name=adapter_name, bank=bank,
+                                                      **kwargs))
         bank.configs[adapter_name] = config
-    except BaseException:
-        for name, module in reversed(swapped):
-            set_submodule(model, name, module)
-        for layer in extended:
-            if adapter_name in layer.adapters:
-                layer.delete_adapter(adapter_name)
-        if bank is not None:
-            bank.remove(adapter_name)
-            bank.configs.pop(adapter_name, None)
-        if first and BANK_NAME in model._modules:
-            delattr(model, BANK_NAME)
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        raise
+        # PEFT semantics: an added adapter starts inactive (the first one is active).
+        now = bank.cell.value  # new layers register the adapter on a bank they are handed; the state is set here
+        adapters = now.adapters if adapter_name in now.adapters else (*now.adapters, adapter_name)
+        after = now.evolve(adapters=adapters, active=before.active or (adapter_name,))
+        if first:
+            bank.cell.value = after.validated()
+        else:
+            txn.publish(after)
     return model

@@ -27,6 +27,7 @@ from . import reference
 from .core import forward as core_forward
 from .core import merge as core_merge
 from .core import quant as core_quant
+from .core import state as core_state
 from .core.bank import PiCaBank
 from .core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, prepare_basis, weight_out_in
 from .core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
@@ -46,20 +47,33 @@ class AdapterSpec:
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str]):
-    """Within the block, every PiCaLinear of ``model`` serves sequence i of the batch with ``adapter_names[i]``.
+    """Within the block, in this thread / asyncio task only, every PiCaLinear of ``model`` serves sequence i of
+    the batch with ``adapter_names[i]``.
 
     For models whose forward cannot pass ``adapter_names`` down to the layers
     (any Hugging Face model). Inputs must be (batch, seq, in) with
-    ``batch == len(adapter_names)``.
+    ``batch == len(adapter_names)``. The selection travels in a context
+    variable, never on the shared layers: forwards of other threads or tasks
+    keep their own selection (or the active adapter).
     """
-    layers = [m for m in model.modules() if isinstance(m, PiCaLinear)]
-    for layer in layers:
-        layer._mixed_batch_names = list(adapter_names)
-    try:
+    cells = state_cells(model)
+    names = list(adapter_names)
+    known = {BASE_ADAPTER}.union(*(c.value.adapters for c in cells)) if cells else {BASE_ADAPTER}
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+        raise KeyError(f"unknown adapters {unknown}; the model has {sorted(known - {BASE_ADAPTER})}")
+    with core_state.request(cells, names=names):
         yield model
-    finally:
-        for layer in layers:
-            layer._mixed_batch_names = None
+
+
+def state_cells(model: nn.Module) -> list[core_state.StateCell]:
+    """The adapter-state cells of the PiCa layers of ``model`` (one for a model built by apply_pica or PEFT)."""
+    cells: dict[int, core_state.StateCell] = {}
+    for m in model.modules():
+        cell = getattr(m, "pica_state_cell", None) if isinstance(m, nn.Module) else None
+        if isinstance(cell, core_state.StateCell):  # PiCaLinear, or the PEFT front end's layer
+            cells.setdefault(id(cell), cell)
+    return list(cells.values())
 
 
 def basis_buffer_name(side: str, rank: int) -> str:
@@ -116,19 +130,26 @@ class PiCaLinear(nn.Module):
         #: quantized-base hook: the base's quantisation (core.quant.quant_info), None for a plain layer.
         self.quantization = core_quant.quant_info(base_layer)
         self.out_features, self.in_features = self.base_weight.shape
-        if bank is None:
+        own = bank is None
+        if own:
             self.pica_bank = PiCaBank()
             bank = self.pica_bank
         # Unregistered on purpose: a shared bank is registered once, by its owner.
         object.__setattr__(self, "_bank", bank)
+        #: which adapters cover this layer (side, rank, group): structure, not state. The adapter state (active,
+        #: merged, disabled) is the model's, read from the bank's cell (see pica_kernels.core.state).
         self.adapters: dict[str, AdapterSpec] = {}
-        self.active_adapter: str | None = None
-        self.disabled = False
-        self.merged_adapters: list[str] = []
-        self.add_adapter(
+        self._add_structure(
             adapter_name, rank, side, group=group, basis=basis, m_dtype=m_dtype,
             svd_method=svd_method, svd_seed=svd_seed,
         )
+        state = bank.cell.value
+        if adapter_name not in state.adapters:
+            # A layer on its own (or on a bank a user shares between layers by hand): its first adapter is active.
+            bank.cell.value = state.evolve(adapters=(*state.adapters, adapter_name),
+                                           active=state.active or (adapter_name,))
+        if own:
+            core_state.install_forward_scope(self, bank.cell)
 
     # ----------------------------------------------------------------- access
     @property
@@ -149,9 +170,50 @@ class PiCaLinear(nn.Module):
         name = adapter or self.active_adapter
         return self._bank.get(name, self.adapters[name].group)
 
+    # ------------------------------------------------------------------ state (read from the model's cell)
+    @property
+    def state(self) -> core_state.AdapterState:
+        """The adapter state of the model this layer belongs to (one value for all its layers)."""
+        return self._bank.cell.value
+
+    @property
+    def pica_state_cell(self) -> core_state.StateCell:
+        return self._bank.cell
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The model's active adapter where it covers this layer, else None (this layer gives its base output)."""
+        active = self.state.active
+        return active[0] if active and active[0] in self.adapters else None
+
+    @property
+    def disabled(self) -> bool:
+        return self.state.disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._own_model_op("disabled = ...").set_disabled(self, bool(value))
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into this layer's weight, in merge order (the model's merged stack, filtered)."""
+        return self.state.merged_on(self.adapters)
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    def _own_model_op(self, what: str):
+        """The model-level operations, for a layer that is its own model (it owns its bank); a layer of a larger
+        model shares the model's state and is changed through the model (pica_kernels.merge(model), ...)."""
+        if getattr(self, "pica_bank", None) is not self._bank:
+            raise core_state.AdapterStateError(
+                f"PiCaLinear.{what} on a layer of a larger model: adapter state is the model's (one value for all "
+                f"its layers); call the model-level function (pica_kernels.set_adapter / merge / unmerge / "
+                f"delete_adapter / disable_adapter(model, ...)) instead")
+        from . import model as model_ops
+
+        return model_ops
 
     @property
     def merged_adapter(self) -> str | None:
@@ -178,7 +240,30 @@ class PiCaLinear(nn.Module):
         svd_method: str = DEFAULT_SVD_METHOD,
         svd_seed: int = 0,
     ) -> None:
-        """Add an adapter (the first one added becomes active). Adapters of equal side and rank share the basis."""
+        """Add an inactive adapter to this layer on its own (a layer of a larger model: ``apply_pica(model, ...,
+        adapter_name=...)``). Adapters of equal side and rank share the basis."""
+        self._own_model_op("add_adapter")
+        with core_state.transaction(self._bank.cell, [self]) as txn:
+            self._add_structure(adapter_name, rank, side, group=group, basis=basis, m_dtype=m_dtype,
+                                svd_method=svd_method, svd_seed=svd_seed)
+            before = txn.before
+            txn.publish(before.evolve(adapters=(*before.adapters, adapter_name),
+                                      active=before.active or (adapter_name,)))
+
+    def _add_structure(
+        self,
+        adapter_name: str,
+        rank: int,
+        side: str = "input",
+        *,
+        group: str = "m",
+        basis: torch.Tensor | None = None,
+        m_dtype: torch.dtype | None = None,
+        svd_method: str = DEFAULT_SVD_METHOD,
+        svd_seed: int = 0,
+    ) -> None:
+        """This layer's part of a new adapter: its basis (shared by adapters of equal side and rank), its ``M`` in
+        the bank, its spec. Called inside a transaction that also adds the adapter to the model's state."""
         reference.check_side(side)
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
@@ -206,31 +291,20 @@ class PiCaLinear(nn.Module):
         shape = reference.m_shape(self.out_features, self.in_features, rank, side)
         self._bank.create(adapter_name, group, shape, m_dtype or default_m_dtype(weight.dtype), weight.device)
         self.adapters[adapter_name] = AdapterSpec(side=side, rank=rank, group=group)
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
 
     def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise KeyError(f"unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if self.merged and adapter_name not in self.merged_adapters:
-            raise RuntimeError(
-                f"adapters {self.merged_adapters} are merged; unmerge before switching to {adapter_name!r}"
-            )
-        self.active_adapter = adapter_name
+        """Make ``adapter_name`` active (a layer on its own; see :func:`pica_kernels.set_adapter`)."""
+        self._own_model_op("set_adapter").set_adapter(self, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from this layer (its basis too, when no other adapter uses it)."""
-        if adapter_name not in self.adapters:
-            raise KeyError(f"unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if adapter_name in self.merged_adapters:
-            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
+        """Remove an adapter (a layer on its own; see :func:`pica_kernels.delete_adapter`)."""
+        self._own_model_op("delete_adapter").delete_adapter(self, adapter_name)
+
+    def _remove_structure(self, adapter_name: str) -> None:
+        """This layer's part of deleting an adapter: its spec, and its basis when no other adapter uses it."""
         spec = self.adapters.pop(adapter_name)
         if not any((s.side, s.rank) == (spec.side, spec.rank) for s in self.adapters.values()):
             delattr(self, basis_buffer_name(spec.side, spec.rank))
-        if self._bank is getattr(self, "pica_bank", None):
-            self._bank.remove(adapter_name)
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.adapters), None)
 
     # ---------------------------------------------------------------- forward
     def _tensors(self, name: str) -> core_forward.AdapterTensors:
@@ -243,15 +317,23 @@ class PiCaLinear(nn.Module):
         adapter name per sequence of ``x`` (batch, seq, in), ``BASE_ADAPTER``
         for the base model alone (see :func:`pica_kernels.core.forward.mixed_forward`).
         """
-        names = adapter_names if adapter_names is not None else getattr(self, "_mixed_batch_names", None)
-        if names is not None and not self.disabled:
-            known = set(self.adapters) | set(self._bank.configs) | {BASE_ADAPTER}
-            unknown = sorted({n for n in names if n not in known})
-            if unknown:
-                raise KeyError(f"unknown adapters {unknown}; the model has {sorted(known - {BASE_ADAPTER})}")
-        active = [] if self.active_adapter is None else [self.active_adapter]
-        return core_forward.layer_forward(self, x, active=active, names=names, on_layer=self.adapters,
-                                          disabled=self.disabled)
+        cell = self._bank.cell
+        token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
+        try:
+            state = cell.value
+            sel = core_state.current_selection(cell)
+            names = adapter_names if adapter_names is not None else (sel.names if sel is not None else None)
+            disabled = state.disabled or (sel is not None and sel.disabled)
+            if names is not None and not disabled:
+                known = set(state.adapters) | {BASE_ADAPTER}
+                unknown = sorted({n for n in names if n not in known})
+                if unknown:
+                    raise KeyError(f"unknown adapters {unknown}; the model has {sorted(state.adapters)}")
+            active = [a for a in state.active[:1] if a in self.adapters]
+            return core_forward.layer_forward(self, x, active=active, names=names, on_layer=self.adapters,
+                                              disabled=disabled, merged=bool(state.merged_on(self.adapters)))
+        finally:
+            cell.release_forward(token)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
@@ -264,17 +346,20 @@ class PiCaLinear(nn.Module):
         """Add ``ΔW`` into the base weight, stacking on adapters merged before: ``round(W0 + Σ ΔW)`` in fp32.
 
         The original weight is kept (one extra copy of W per merged layer) so
-        that :meth:`unmerge` restores it bit for bit.
+        that :meth:`unmerge` restores it bit for bit. A layer on its own; a layer
+        of a larger model is merged with :func:`pica_kernels.merge`.
         """
-        name = adapter or self.active_adapter
-        if name is None or name not in self.adapters:
-            raise KeyError(f"unknown adapter {name!r}; this layer has {sorted(self.adapters)}")
-        core_merge.merge_layer(self, [name], self.delta_weight, safe_merge=safe_merge)
-        self.active_adapter = name
+        self._own_model_op("merge").merge(self, adapter, safe_merge=safe_merge)
 
     def unmerge(self) -> None:
         """Restore the exact original base weight (a no-op when nothing is merged)."""
-        core_merge.unmerge_layer(self)
+        self._own_model_op("unmerge").unmerge(self)
+
+    def _set_stack(self, before: core_state.AdapterState, after: core_state.AdapterState, txn,
+                   safe_merge: bool = False) -> None:
+        """This layer's weight from the merged stack of ``before`` to that of ``after`` (inside a transaction)."""
+        core_merge.set_stack(self, before.merged_on(self.adapters), after.merged_on(self.adapters),
+                             self.delta_weight, txn=txn, safe_merge=safe_merge)
 
     def extra_repr(self) -> str:
         specs = ", ".join(f"{n}: side={s.side}, r={s.rank}, group={s.group}" for n, s in self.adapters.items())
@@ -295,6 +380,7 @@ def grouped_forward(x: torch.Tensor, layers: list[PiCaLinear], *, backend: str =
     fused = [
         i for i, layer in enumerate(layers)
         if not (layer.disabled or layer.merged or layer.active_adapter is None
+                or core_state.current_selection(layer.bank.cell) is not None  # a request's own selection
                 or layer.base_weight.requires_grad
                 or (layer.base_layer.bias is not None and layer.base_layer.bias.requires_grad))
     ]

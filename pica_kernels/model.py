@@ -16,98 +16,125 @@ from .apply import BANK_NAME, apply_pica, find_targets, get_bank, pica_layers, s
 from .config import PiCaConfig
 from .core.bases import batched_bases
 from .core.defaults import DEFAULT_TARGETS
+from .core.state import (
+    AdapterState,
+    AdapterStateError,
+    request,
+    transaction,
+    uninstall_forward_scope,
+)
 from .core.targets import group_key, role_of
-from .layer import PiCaLinear
+from .layer import PiCaLinear, state_cells
 
 __all__ = [
-    "BANK_NAME", "DEFAULT_TARGETS", "PiCaConfig", "active_adapter", "apply_pica", "batched_bases", "delete_adapter",
+    "BANK_NAME", "DEFAULT_TARGETS", "AdapterState", "PiCaConfig", "active_adapter", "adapter_state", "apply_pica", "batched_bases", "delete_adapter",
     "disable_adapter", "find_targets", "get_bank", "group_key", "merge", "merge_and_unload", "parameter_report",
-    "pica_layers", "role_of", "set_adapter", "unmerge",
+    "pica_layers", "role_of", "set_adapter", "set_disabled", "unmerge",
 ]
 
 
 # ------------------------------------------------------------ adapters API
+# Every call below is one transaction on the model's adapter state (pica_kernels.core.state): it computes the next
+# state whole and validates it before touching a layer, publishes it, edits the layers, and on any exception
+# (KeyboardInterrupt included) leaves the model exactly as it was. ``model`` may also be a PiCaLinear on its own.
 def _layers_or_raise(model: nn.Module) -> list[PiCaLinear]:
     get_bank(model)
     return [m for _, m in pica_layers(model)]
 
 
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's adapter state: adapters, active, merged (in order), disabled (an immutable value)."""
+    return get_bank(model).cell.value
+
+
 def active_adapter(model: nn.Module) -> str | None:
-    layers = _layers_or_raise(model)
-    return layers[0].active_adapter if layers else None
+    active = adapter_state(model).active
+    return active[0] if active else None
+
+
+def _unknown(name, state: AdapterState) -> KeyError:
+    return KeyError(f"unknown adapter {name!r}; the model has {sorted(state.adapters)}")
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make ``adapter_name`` the active adapter of every PiCa layer."""
-    bank = get_bank(model)
-    if adapter_name not in bank.configs:
-        raise KeyError(f"unknown adapter {adapter_name!r}; the model has {sorted(bank.configs)}")
-    for layer in _layers_or_raise(model):
-        if adapter_name in layer.adapters:
-            layer.set_adapter(adapter_name)
-        else:
-            layer.unmerge()
-            layer.active_adapter = None  # this layer is not adapted by adapter_name: base output
+    """Make ``adapter_name`` the active adapter of the model (layers it does not cover give their base output).
+
+    Refused, changing nothing, while other adapters are merged (``unmerge(model)`` first)."""
+    with transaction(get_bank(model).cell, [model]) as txn:
+        state = txn.before
+        if adapter_name not in state.adapters:
+            raise _unknown(adapter_name, state)
+        if state.merged and adapter_name not in state.merged:
+            raise AdapterStateError(f"adapters {list(state.merged)} are merged; unmerge(model) before switching to "
+                                    f"{adapter_name!r} (nothing was changed)")
+        txn.publish(state.evolve(active=(adapter_name,)))
+
+
+def set_disabled(model: nn.Module, disabled: bool) -> None:
+    """Disable (every layer gives its base output, exactly, also while merged) or enable the adapters, for every
+    caller until changed; :func:`disable_adapter` disables for one request only."""
+    with transaction(get_bank(model).cell, [model]) as txn:
+        txn.publish(txn.before.evolve(disabled=disabled))
 
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
-    """Context in which the model computes exactly its base output (unmerging and re-merging if merged)."""
-    layers = _layers_or_raise(model)
-    merged = {id(layer): list(layer.merged_adapters) for layer in layers}
-    for layer in layers:
-        layer.unmerge()
-        layer.disabled = True
-    try:
+    """Context in which the model computes exactly its base output (also while merged), for this thread / asyncio
+    task only: other callers keep the adapters. Nothing shared is changed."""
+    cells = state_cells(model)  # a PEFT model's too
+    if not cells:
+        get_bank(model)  # raises: no PiCa adapters
+    with request(cells, disabled=True):
         yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
-            for name in merged[id(layer)]:
-                layer.merge(name)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter everywhere; the active adapter falls back to a remaining one."""
+    """Remove an adapter everywhere; an active one is replaced by a remaining one (the first added)."""
     bank = get_bank(model)
-    if adapter_name not in bank.configs:
-        raise KeyError(f"unknown adapter {adapter_name!r}; the model has {sorted(bank.configs)}")
-    for layer in _layers_or_raise(model):
-        if adapter_name in layer.adapters:
-            layer.delete_adapter(adapter_name)
-    bank.remove(adapter_name)
-    del bank.configs[adapter_name]
-    remaining = next(iter(bank.configs), None)
-    if remaining is not None and active_adapter(model) is None:
-        set_adapter(model, remaining)
+    with transaction(bank.cell, [model]) as txn:
+        state = txn.before
+        if adapter_name not in state.adapters:
+            raise _unknown(adapter_name, state)
+        if adapter_name in state.merged:
+            raise AdapterStateError(f"adapter {adapter_name!r} is merged; unmerge(model) before deleting it")
+        remaining = [a for a in state.adapters if a != adapter_name]
+        active = [a for a in state.active if a != adapter_name] or remaining[:1]
+        txn.publish(state.evolve(adapters=remaining, active=active))
+        for layer in _layers_or_raise(model):
+            if adapter_name in layer.adapters:
+                layer._remove_structure(adapter_name)
+        bank.remove(adapter_name)
+        bank.configs.pop(adapter_name, None)
 
 
 # -------------------------------------------------------------------- merge
-def merge(model: nn.Module, adapter_name: str | None = None, *, safe_merge: bool = False) -> nn.Module:
-    """Add ``ΔW`` of the active (or named) adapter into every base weight; see :meth:`PiCaLinear.merge`.
+def _restack(model: nn.Module, txn, after: AdapterState, safe_merge: bool = False) -> None:
+    txn.publish(after)
+    for layer in _layers_or_raise(model):
+        layer._set_stack(txn.before, after, txn, safe_merge=safe_merge)
 
-    Merging another adapter afterwards stacks: the weights become ``round(W0 + ΔW_a + ΔW_b)``.
+
+def merge(model: nn.Module, adapter_name: str | None = None, *, safe_merge: bool = False) -> nn.Module:
+    """Add ``ΔW`` of the active (or named) adapter into every base weight it covers; see :meth:`PiCaLinear.merge`.
+
+    Merging another adapter afterwards stacks: the weights become ``round(W0 + ΔW_a + ΔW_b)``. The active adapter
+    does not change. ``safe_merge``: a non-finite weight raises and nothing is merged.
     """
-    layers = _layers_or_raise(model)
-    if safe_merge:
-        # Check every layer before touching any, so a failure leaves the model unmerged.
-        for layer in layers:
-            name = adapter_name or layer.active_adapter
-            if name in layer.adapters and name not in layer.merged_adapters:
-                merged = layer.base_weight.to(torch.float32) + layer.delta_weight(name)
-                if not bool(torch.isfinite(merged).all()):
-                    raise ValueError(f"merging adapter {name!r} gives NaN or Inf in a weight; nothing was merged")
-    for layer in layers:
-        name = adapter_name or layer.active_adapter
-        if name in layer.adapters:
-            layer.merge(name)
+    with transaction(get_bank(model).cell, [model]) as txn:
+        state = txn.before
+        name = adapter_name or (state.active[0] if state.active else None)
+        if name is None or name not in state.adapters:
+            raise _unknown(name, state)
+        if name not in state.merged:
+            _restack(model, txn, state.evolve(merged=(*state.merged, name)), safe_merge)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore every base weight bit for bit."""
-    for layer in _layers_or_raise(model):
-        layer.unmerge()
+    """Restore every base weight bit for bit (every merged adapter, however many were stacked)."""
+    with transaction(get_bank(model).cell, [model]) as txn:
+        if txn.before.merged:
+            _restack(model, txn, txn.before.evolve(merged=()))
     return model
 
 
@@ -120,21 +147,27 @@ def merge_and_unload(
     quantized layer becomes a plain ``nn.Linear`` (adapted ones holding ``dequant(W0) + ΔW``, rounded once from
     fp32) in ``dtype`` (default: the dtype the weights were quantized from), so the result is an exact merge.
     """
-    if dequantize:
-        from .core.quant import dequantize_model, unload_dequantized
+    bank = get_bank(model)
+    with transaction(bank.cell, [model]) as txn:
+        state = txn.before
+        name = adapter_name or (state.active[0] if state.active else None)
+        stack = [*state.merged, *([name] if name in state.adapters and name not in state.merged else [])]
+        if dequantize:
+            from .core.quant import dequantize_model, unload_dequantized
 
-        for name, layer in list(pica_layers(model)):
-            if layer.quantization:
-                set_submodule(model, name, unload_dequantized(layer, adapter_name or layer.active_adapter, dtype))
-    merge(model, adapter_name)
-    for name, layer in list(pica_layers(model)):
-        set_submodule(model, name, layer.base_layer)
-    delattr(model, BANK_NAME)
-    if dequantize:
-        dequantize_model(model, dtype)
+            for lname, layer in list(pica_layers(model)):
+                if layer.quantization:
+                    set_submodule(model, lname, unload_dequantized(
+                        layer, [a for a in stack if a in layer.adapters], dtype))
+        if stack != list(state.merged):
+            _restack(model, txn, state.evolve(merged=stack))
+        for lname, layer in list(pica_layers(model)):
+            set_submodule(model, lname, layer.base_layer)
+        delattr(model, BANK_NAME)
+        uninstall_forward_scope(model)
+        if dequantize:
+            dequantize_model(model, dtype)
     return model
-
-
 
 
 def parameter_report(model: nn.Module, adapter_name: str | None = None):

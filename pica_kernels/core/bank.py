@@ -17,16 +17,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .state import StateCell
+
 
 class PiCaBank(nn.ModuleDict):
     """``{adapter: ParameterDict{group: M}}``; group keys contain no '.'.
 
-    ``configs`` maps adapter names to their config (a plain attribute, not state).
+    ``configs`` maps adapter names to their config (a plain attribute). ``cell`` holds the model's adapter state
+    (:class:`~pica_kernels.core.state.StateCell`): the bank is the one model-level object every layer refers to.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.configs: dict = {}
+        self.cell = StateCell()
 
     @property
     def adapters(self) -> PiCaBank:

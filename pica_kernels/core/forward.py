@@ -22,6 +22,7 @@ from .. import reference
 from ..ops import checks
 from .base import weight_out_in
 from .defaults import BASE_ADAPTER
+from .merge import original_base
 
 #: What a layer knows about one adapter at forward time: (basis, M, side).
 AdapterTensors = tuple[torch.Tensor, torch.Tensor, str]
@@ -82,28 +83,30 @@ def layer_forward(
     names: list[str] | None,
     on_layer: Collection[str],
     disabled: bool,
+    merged: bool,
     **kwargs,
 ) -> torch.Tensor:
-    """The forward of an adapted layer of either front end.
+    """The forward of an adapted layer of either front end, for one state the caller read once.
 
-    ``layer`` has ``base_layer``, ``in_features``, ``quantization``, ``merged``, ``unmerge()`` and
-    ``_tensors(name) -> AdapterTensors``. ``active``: its active adapters; ``names``: one adapter per sequence
-    (a mixed batch; ``BASE_ADAPTER`` or an adapter not in ``on_layer`` gives the base output) or None;
-    ``on_layer``: the adapters this layer has. Disabled adapters give the base output exactly, also while merged
-    (PEFT's semantics: the layer is unmerged). ``args``/``kwargs`` go to the base layer where it runs alone.
+    ``layer`` has ``base_layer``, ``in_features``, ``quantization`` and ``_tensors(name) -> AdapterTensors``.
+    ``active``: its active adapters; ``names``: one adapter per sequence (a mixed batch; ``BASE_ADAPTER`` or an
+    adapter not in ``on_layer`` gives the base output) or None; ``on_layer``: the adapters this layer has;
+    ``merged``: adapters are merged into its weight. Disabled adapters give the base output exactly, also while
+    merged: the base layer's own forward runs on the original weight (:func:`.merge.original_base`), and nothing
+    shared is changed. ``args``/``kwargs`` go to the base layer where it runs alone.
     """
     base = layer.base_layer
     weight = None if layer.quantization else weight_out_in(base)  # quantized base: its own forward + the term
     if weight is not None:
         check_input_dtype(x, weight)
-    if disabled or (names is None and layer.merged):
-        if disabled and layer.merged:
-            layer.unmerge()
+    if disabled or (names is None and merged):
         check_input(x, layer.in_features)
+        if disabled and merged:
+            return original_base(layer)(x, *args, **kwargs)
         y = base(x, *args, **kwargs)
-        return merged_output(layer, y) if layer.merged else y
+        return merged_output(layer, y) if merged else y
     if names is not None:
-        if layer.merged:
+        if merged:
             raise ValueError("cannot pass adapter_names (a mixed batch) while adapters are merged; unmerge first")
         names = [n if n in on_layer else BASE_ADAPTER for n in names]
         return mixed_forward(base, weight, x, names, layer._tensors, layer.in_features)

@@ -10,6 +10,7 @@ restores ``W0`` bit for bit instead of subtracting in low precision.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -32,68 +33,84 @@ def delta_weight(basis: torch.Tensor, m: torch.Tensor, side: str, weight_dtype: 
 
 def original_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """The base weight as stored before any merge (``weight`` itself when nothing is merged)."""
-    return getattr(layer, ORIGINAL_WEIGHT) if getattr(layer, "merged_adapters", None) else weight
+    return layer._buffers.get(ORIGINAL_WEIGHT, weight) if ORIGINAL_WEIGHT in layer._buffers else weight
 
 
-@torch.no_grad()
-def merge_adapters(
-    layer: nn.Module,
-    weight: nn.Parameter,
-    names: list[str],
-    delta: Callable[[str], torch.Tensor],
-    *,
-    fan_in_fan_out: bool = False,
-    safe_merge: bool = False,
-) -> list[str]:
-    """Merge ``names`` (those not merged yet) into ``weight``, stacking on ``layer.merged_adapters``.
+def weights_merged(layer: nn.Module) -> bool:
+    """Whether ``layer``'s base weight holds merged adapters now (what the storage says, not the state)."""
+    if layer.quantization:
+        return getattr(layer, quant.SNAPSHOT, None) is not None
+    return ORIGINAL_WEIGHT in layer._buffers
 
-    ``delta(name)`` gives ``ΔW`` (out, in); ``weight`` is stored (out, in), or (in, out) with
-    ``fan_in_fan_out``. Returns the adapters newly merged. With ``safe_merge`` a non-finite result
-    raises ``ValueError`` and nothing changes.
-    """
-    new = [n for n in dict.fromkeys(names) if n not in layer.merged_adapters]
-    if not new:
-        return []
-    original = getattr(layer, ORIGINAL_WEIGHT) if layer.merged_adapters else weight.detach().clone()
-    acc = accumulation_dtype(weight.dtype)
+
+def _stacked(original: torch.Tensor, stack: list[str], delta: Callable[[str], torch.Tensor],
+             fan_in_fan_out: bool) -> torch.Tensor:
+    """``W0 + Σ ΔW`` of ``stack`` in the accumulation dtype, in the layout of ``original``."""
+    acc = accumulation_dtype(original.dtype)
     merged = original.to(acc)
-    for name in [*layer.merged_adapters, *new]:
-        d = delta(name).to(acc)
+    for name in stack:
+        d = delta(name).to(device=merged.device, dtype=acc)
         merged = merged + (d.T if fan_in_fan_out else d)
-    if safe_merge and not bool(torch.isfinite(merged).all()):
-        raise ValueError(f"merging adapter(s) {new} gives NaN or Inf in the weight; nothing was merged")
-    if not layer.merged_adapters:
-        layer.register_buffer(ORIGINAL_WEIGHT, original, persistent=False)
-    weight.copy_(merged.to(weight.dtype))
-    layer.merged_adapters.extend(new)
-    return new
+    return merged
 
 
 @torch.no_grad()
-def unmerge_adapters(layer: nn.Module, weight: nn.Parameter) -> bool:
-    """Restore the original weight bit for bit; False when nothing was merged."""
-    if not layer.merged_adapters:
-        return False
-    weight.copy_(getattr(layer, ORIGINAL_WEIGHT))
-    delattr(layer, ORIGINAL_WEIGHT)
-    layer.merged_adapters.clear()
-    return True
+def set_stack(layer: nn.Module, old: list[str], new: list[str], delta: Callable[[str], torch.Tensor], *,
+              txn=None, safe_merge: bool = False) -> None:
+    """Make ``layer.base_layer``'s weight ``round(W0 + Σ ΔW)`` over the merged stack ``new`` (``W0`` itself, bit for
+    bit, when ``new`` is empty), the weight holding stack ``old`` now. Both front ends' layers.
 
-
-def merge_layer(layer: nn.Module, names: list[str], delta: Callable[[str], torch.Tensor], *,
-                safe_merge: bool = False) -> None:
-    """Merge ``names`` into ``layer.base_layer`` (both front ends' layers): exact stacking merge of a plain or Conv1D
-    weight, or a re-quantizing merge of a quantized base (lossy, warns: :func:`.quant.merge_quantized`)."""
+    ``delta(name)`` gives ``ΔW`` (out, in). The stack is always recomputed from the original ``W0`` (kept as the
+    non-persistent buffer ``pica_original_weight``; a quantized base keeps its original storage objects, see
+    :func:`.quant.set_quantized_stack`) and rounded once. ``safe_merge``: a non-finite result raises ``ValueError``
+    before the weight changes. ``txn``: the :class:`~pica_kernels.core.state.Transaction` that puts the values back
+    on rollback (the buffer and storage objects themselves are restored by its snapshot).
+    """
+    if list(old) == list(new):
+        return
     if layer.quantization:  # quantized-base hook
-        quant.merge_quantized(layer, layer.base_layer, names, delta, safe_merge=safe_merge)
+        quant.set_quantized_stack(layer, layer.base_layer, old, new, delta, txn=txn, safe_merge=safe_merge)
+        return
+    weight = layer.base_layer.weight
+    fifo = layer.fan_in_fan_out
+    had = ORIGINAL_WEIGHT in layer._buffers
+    original = layer._buffers[ORIGINAL_WEIGHT] if had else weight.detach().clone()
+    if new:
+        merged = _stacked(original, new, delta, fifo)
+        if safe_merge and not bool(torch.isfinite(merged).all()):
+            raise ValueError(f"merging adapter(s) {[n for n in new if n not in old]} gives NaN or Inf in the "
+                             f"weight; nothing was merged")
+    if txn is not None:
+        if old:  # the weight holds round(W0 + Σ ΔW_old): the same computation gives the same bits back
+            txn.on_rollback(lambda: weight.copy_(_stacked(original, old, delta, fifo).to(weight.dtype)))
+        else:
+            txn.on_rollback(lambda: weight.copy_(original))
+    if new:
+        if not had:
+            layer.register_buffer(ORIGINAL_WEIGHT, original, persistent=False)
+        weight.copy_(merged.to(weight.dtype))
     else:
-        merge_adapters(layer, layer.base_layer.weight, names, delta, fan_in_fan_out=layer.fan_in_fan_out,
-                       safe_merge=safe_merge)
+        weight.copy_(original)
+        del layer._buffers[ORIGINAL_WEIGHT]
 
 
-def unmerge_layer(layer: nn.Module) -> bool:
-    """Restore ``layer.base_layer``'s original weight (the original quantized storage for a quantized base) bit for
-    bit; False when nothing was merged."""
-    if layer.quantization:  # quantized-base hook
-        return quant.unmerge_quantized(layer, layer.base_layer)
-    return unmerge_adapters(layer, layer.base_layer.weight)
+def original_base(layer: nn.Module) -> nn.Module:
+    """A module that computes what ``layer.base_layer`` computed before any merge: the base layer itself when
+    nothing is merged, else a shallow proxy of it holding the original weight (or quantized storage), so its own
+    forward runs unchanged and gives the unmerged output exactly, without touching the shared weights."""
+    base = layer.base_layer
+    if not weights_merged(layer):
+        return base
+    proxy = copy.copy(base)
+    params = dict(base._parameters)
+    if layer.quantization:
+        storage = getattr(layer, quant.SNAPSHOT)
+        params["weight"] = storage.weight
+        if storage.extra:
+            state = copy.copy(base.state)
+            state.CB, state.SCB = storage.extra["CB"], storage.extra["SCB"]
+            object.__setattr__(proxy, "state", state)
+    else:
+        params["weight"] = layer._buffers[ORIGINAL_WEIGHT]
+    object.__setattr__(proxy, "_parameters", params)
+    return proxy

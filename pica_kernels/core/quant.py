@@ -9,7 +9,7 @@ What PiCa needs from a quantized layer, in one place:
   same weights, unlike a byte checksum of storage that re-quantising changes).
 - the forward is the base layer's own output plus the low-rank term (:mod:`pica_kernels.core.forward`, given no
   weight), so the quantized GEMM is whatever the library runs.
-- :func:`merge_quantized` / :func:`unmerge_quantized`: merge re-quantizes ``dequant(W0) + ΣΔW`` (lossy, with a
+- :func:`set_quantized_stack`: merge re-quantizes ``dequant(W0) + ΣΔW`` (lossy, with a
   warning, as PEFT does); the original quantized storage objects (packed data and quantization state) are kept,
   so unmerge puts them back bit for bit. Memory: the original packed weight stays alive while merged (for nf4
   about a quarter of a 16-bit copy), no dequantized copy is kept.
@@ -35,10 +35,9 @@ __all__ = [
     "dequantized_copy",
     "dequantized_weight",
     "is_quantized_base",
-    "merge_quantized",
     "quant_info",
     "quantize_base",
-    "unmerge_quantized",
+    "set_quantized_stack",
 ]
 
 QUANT_EXTRA = "pica_kernels[quant]"
@@ -217,19 +216,27 @@ def _restore(module: nn.Module, storage: _Storage) -> None:
 
 
 @torch.no_grad()
-def merge_quantized(layer: nn.Module, base_layer: nn.Module, names: list[str], delta, *, safe_merge: bool = False):
-    """Merge ``names`` into a quantized ``base_layer``: re-quantize ``dequant(W0) + Σ ΔW`` (stacking on
-    ``layer.merged_adapters``). Lossy, with a warning. ``delta(name)`` gives ``ΔW`` (out, in). Returns the adapters
-    newly merged."""
-    new = [n for n in dict.fromkeys(names) if n not in layer.merged_adapters]
+def set_quantized_stack(layer: nn.Module, base_layer: nn.Module, old: list[str], new: list[str], delta, *,
+                        txn=None, safe_merge: bool = False) -> None:
+    """Make a quantized ``base_layer`` hold the merged stack ``new`` (it holds ``old`` now): re-quantize
+    ``dequant(W0) + Σ ΔW`` (lossy, with a warning), or put the original storage objects back bit for bit when
+    ``new`` is empty. ``delta(name)`` gives ``ΔW`` (out, in). The original storage is kept on the layer while merged;
+    ``txn`` puts the current storage objects back on rollback."""
+    original = getattr(layer, SNAPSHOT, None)
+    current = _storage(base_layer)
+    if txn is not None:
+        txn.on_rollback(lambda: _restore(base_layer, current))
     if not new:
-        return []
-    original = getattr(layer, SNAPSHOT, None) or _storage(base_layer)
+        _restore(base_layer, original)
+        object.__delattr__(layer, SNAPSHOT)
+        return
+    original = original or current
     merged = _dequantize(quant_kind(base_layer), original).to(torch.float32)
-    for name in [*layer.merged_adapters, *new]:
+    for name in new:
         merged = merged + delta(name).to(device=merged.device, dtype=torch.float32)
     if safe_merge and not bool(torch.isfinite(merged).all()):
-        raise ValueError(f"merging adapter(s) {new} gives NaN or Inf in the weight; nothing was merged")
+        raise ValueError(f"merging adapter(s) {[n for n in new if n not in old]} gives NaN or Inf in the weight; "
+                         f"nothing was merged")
     warnings.warn(
         f"merging into a quantized base ({quant_info(base_layer)}) re-quantizes W0 + ΔW: lossy, the merged layer "
         f"differs from base + adapter by the quantization error; unmerge() restores the original storage exactly, "
@@ -238,20 +245,7 @@ def merge_quantized(layer: nn.Module, base_layer: nn.Module, names: list[str], d
         stacklevel=5,
     )
     _set_quantized(base_layer, merged, original)
-    if not layer.merged_adapters:
-        object.__setattr__(layer, SNAPSHOT, original)  # not a submodule / buffer: the Parameter object itself
-    layer.merged_adapters.extend(new)
-    return new
-
-
-def unmerge_quantized(layer: nn.Module, base_layer: nn.Module) -> bool:
-    """Put the original quantized storage objects back (bit for bit); False when nothing was merged."""
-    if not layer.merged_adapters:
-        return False
-    _restore(base_layer, getattr(layer, SNAPSHOT))
-    object.__delattr__(layer, SNAPSHOT)
-    layer.merged_adapters.clear()
-    return True
+    object.__setattr__(layer, SNAPSHOT, original)  # not a submodule / buffer: the Parameter object itself
 
 
 @torch.no_grad()
@@ -324,13 +318,11 @@ def is_quantized_tensor(t) -> bool:
 
 
 @torch.no_grad()
-def unload_dequantized(layer: nn.Module, adapter: str | None, dtype: torch.dtype | None = None) -> nn.Linear:
-    """A plain ``nn.Linear`` for a PiCa layer on a quantized base: ``dequant(W0) + Σ ΔW`` of the adapters merged so
-    far and ``adapter``, summed in fp32 and rounded once to ``dtype``."""
-    names = list(dict.fromkeys([*layer.merged_adapters, *([adapter] if adapter in layer.adapters else [])]))
-    layer.unmerge()
+def unload_dequantized(layer: nn.Module, stack: list[str], dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` for a PiCa layer on a quantized base: ``dequant(W0) + Σ ΔW`` over ``stack`` (the
+    adapters to merge, in order), summed in fp32 from the original storage and rounded once to ``dtype``."""
     w = layer.original_weight.to(torch.float32)
-    for name in names:
+    for name in stack:
         w = w + layer.delta_weight(name).to(device=w.device, dtype=torch.float32)
     return dequantized_copy(layer.base_layer, w, dtype)
 

@@ -10,17 +10,17 @@ and merges are the core's functions, the same ones the native :class:`pica_kerne
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..core import base as core_base
 from ..core import forward as core_forward
 from ..core import merge as core_merge
 from ..core import quant as core_quant
+from ..core import state as core_state
 from ..core.bank import LayerMView, PiCaBank
 from .containers import BasisDict
 
@@ -49,17 +49,44 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         self.pica_group: dict[str, str] = {}
         object.__setattr__(self, "_pica_store", m_store)  # unregistered: the tuner registers M once
         object.__setattr__(self, "pica_M", LayerMView(m_store, self.pica_group))  # plain attribute, not a submodule
-        self._disable_adapters = False
-        self.merged_adapters = []
         self.fan_in_fan_out = core_base.is_fan_in_fan_out(base_layer)
         self.quantization = core_quant.quant_info(base_layer)  # None for a plain layer
         w = core_base.weight_out_in(base_layer)
         self.out_features, self.in_features = w.shape
         self._weight_dtype = w.dtype  # the (dequantized) weight's dtype: bases and ΔW follow it, never uint8 storage
         self.kwargs = kwargs
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, r=r, side=side, group=group, basis=basis, store_basis=store_basis,
                           inference_mode=inference_mode)
+
+    # ------------------------------------------------------------ state (read from the model's cell)
+    # PEFT's own bookkeeping (``active_adapter(s)``, ``disable_adapters``, ``merged_adapters``, ``merged``) is read
+    # from the model's one AdapterState (pica_kernels.core.state), held by the tuner's bank; the tuner's
+    # transactions change it. PEFT's per-layer code assigns ``_active_adapter`` / ``_disable_adapters`` while the
+    # tuner runs it inside a transaction that has published the same value already: those writes are ignored.
+    @property
+    def pica_state_cell(self):
+        return self._pica_store.cell
+
+    @property
+    def _active_adapter(self) -> list[str]:
+        return list(self._pica_store.cell.value.active)
+
+    @_active_adapter.setter
+    def _active_adapter(self, value) -> None:
+        pass
+
+    @property
+    def _disable_adapters(self) -> bool:
+        return self._pica_store.cell.value.disabled
+
+    @_disable_adapters.setter
+    def _disable_adapters(self, value) -> None:
+        pass
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into this layer's weight, in merge order (the model's merged stack, filtered)."""
+        return self._pica_store.cell.value.merged_on(self.pica_r)
 
     def get_m(self, adapter: str) -> nn.Parameter:
         return self._pica_store.get(adapter, self.pica_group[adapter])
@@ -89,24 +116,44 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = kwargs.pop("adapter_names", None)  # unknown names were refused by the tuner
-        return core_forward.layer_forward(self, x, *args, active=list(self.active_adapters), names=names,
-                                          on_layer=self.pica_r, disabled=self.disable_adapters, **kwargs)
+        cell = self._pica_store.cell
+        token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
+        try:
+            state = cell.value
+            sel = core_state.current_selection(cell)
+            if names is None and sel is not None:
+                names = None if sel.names is None else list(sel.names)
+            disabled = state.disabled or (sel is not None and sel.disabled)
+            return core_forward.layer_forward(self, x, *args, active=list(state.active), names=names,
+                                              on_layer=self.pica_r, disabled=disabled,
+                                              merged=bool(state.merged_on(self.pica_r)), **kwargs)
+        finally:
+            cell.release_forward(token)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW`` of ``adapter`` in the base weight's layout ((out, in); (in, out) for Conv1D), float32."""
         d = core_merge.delta_weight(*self._tensors(adapter), self._weight_dtype)
         return d.T if self.fan_in_fan_out else d
 
+    def _delta(self, adapter: str) -> torch.Tensor:
+        return core_merge.delta_weight(*self._tensors(adapter), self._weight_dtype)
+
+    def _set_stack(self, before: core_state.AdapterState, after: core_state.AdapterState, txn,
+                   safe_merge: bool = False) -> None:
+        """This layer's weight from the merged stack of ``before`` to that of ``after`` (inside a transaction)."""
+        core_merge.set_stack(self, before.merged_on(self.pica_r), after.merged_on(self.pica_r), self._delta,
+                             txn=txn, safe_merge=safe_merge)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters into the base weight, stacking: ``round(W0 + Σ ΔW)`` in fp32 (see core.merge)."""
-        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.pica_r]
-        core_merge.merge_layer(self, names, lambda a: core_merge.delta_weight(*self._tensors(a), self._weight_dtype),
-                               safe_merge=safe_merge)
+        """Merging is the model's: ``model.merge_adapter()`` (one transaction over every layer)."""
+        raise core_state.AdapterStateError(
+            "PiCaPeftLinear.merge on one layer: the merged stack is the model's (one value for all its layers); "
+            "call model.merge_adapter(...) / merge_and_unload(...)")
 
     def unmerge(self) -> None:
-        """Restore the exact original base weight."""
-        if not core_merge.unmerge_layer(self):
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+        """Unmerging is the model's: ``model.unmerge_adapter()``."""
+        raise core_state.AdapterStateError(
+            "PiCaPeftLinear.unmerge on one layer: the merged stack is the model's; call model.unmerge_adapter()")
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import _set_adapter as _peft_set_aux_adapter
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -57,6 +59,15 @@ from ..core.files import (
     tensor_identity,
 )
 from ..core.quant import dequantized_weight, is_quantized_base, original_dequantized_weight
+from ..core.state import (
+    AdapterState,
+    Snapshot,
+    StateCell,
+    install_forward_scope,
+    request,
+    transaction,
+    uninstall_forward_scope,
+)
 from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
@@ -64,6 +75,9 @@ from .containers import adapter_names_pre_forward_hook
 from .layer import PiCaPeftLinear
 
 __all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaPeftModel"]
+
+#: tuner -> {adapter: Snapshot of the model before that adapter was injected}, until its weights are loaded.
+_UNDO_LOAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _LOW_PRECISION = {torch.float16, torch.bfloat16}
 FINGERPRINT_KEY = "pica_fingerprint"
@@ -113,6 +127,104 @@ class PiCaPeftModel(BaseTuner):
     target_module_mapping: dict = {}
     uses_shared_state: bool = True
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        # The caller's model as it was, so that a refused construction (here) or a refused load of the first
+        # adapter (PeftModel.from_pretrained: _remap_adapter_state_dict_for_load) leaves it exactly as it was:
+        # no PiCa layer injected, its state_dict keys and requires_grad unchanged.
+        snapshot = Snapshot.take(None, [model], data=False)
+        try:
+            super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                             state_dict=state_dict)
+        except BaseException:
+            snapshot.restore()
+            raise
+        _UNDO_LOAD[self] = {adapter_name: snapshot}
+
+    # ------------------------------------------------------------ adapter state
+    def _cell(self) -> StateCell:
+        return self._m_store().cell
+
+    @property
+    def adapter_state(self) -> AdapterState:
+        """The model's adapter state (one immutable value; PEFT's per-layer bookkeeping reads it)."""
+        return self._cell().value
+
+    def _restack(self, txn, after: AdapterState, safe_merge: bool = False) -> None:
+        txn.publish(after)
+        for module in self.model.modules():
+            if isinstance(module, PiCaPeftLinear):
+                module._set_stack(txn.before, after, txn, safe_merge=safe_merge)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name`` (one or several), in one transaction; merged adapters are unmerged first
+        (with PEFT's warning)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        with transaction(self._cell(), [self]) as txn:
+            state = txn.before
+            unknown = [n for n in names if n not in state.adapters]
+            if unknown:
+                raise ValueError(f"Adapter(s) {unknown} not found; the model has {list(state.adapters)}")
+            if state.merged and list(state.active) != names:  # a switch; re-setting the same ones keeps merges
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
+                              stacklevel=2)
+                self._restack(txn, state.evolve(merged=()))
+            txn.publish(self._cell().value.evolve(active=names))
+            self._activate(adapter_name, inference_mode)
+            self.active_adapter = adapter_name
+
+    def _activate(self, adapter_name, inference_mode: bool = False) -> None:
+        """requires_grad of the active adapters (PEFT's per-layer set_adapter; the state is published already)."""
+        _peft_set_aux_adapter(self.model, adapter_name, inference_mode=inference_mode)
+        for module in self.model.modules():
+            if isinstance(module, PiCaPeftLinear):
+                module.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """Enable / disable every layer at once (the model's state); merged weights stay merged: a disabled layer
+        computes its base output from the original weight."""
+        with transaction(self._cell(), [self]) as txn:
+            txn.publish(txn.before.evolve(disabled=not enabled))
+            super()._enable_adapter_layers(enabled)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge the active (or named) adapters into the base weights, stacking: ``round(W0 + Σ ΔW)`` in fp32 from
+        ``W0`` (see core.merge). One transaction: a failure (a NaN with ``safe_merge``) merges nothing."""
+        self._check_merge_allowed()
+        with transaction(self._cell(), [self]) as txn:
+            state = txn.before
+            names = list(state.active) if adapter_names is None else list(adapter_names)
+            unknown = [n for n in names if n not in state.adapters]
+            if unknown:
+                raise ValueError(f"Adapter(s) {unknown} not found; the model has {list(state.adapters)}")
+            new = [n for n in dict.fromkeys(names) if n not in state.merged]
+            if not new:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+                return
+            self._restack(txn, state.evolve(merged=(*state.merged, *new)), safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Restore every base weight bit for bit."""
+        with transaction(self._cell(), [self]) as txn:
+            if not txn.before.merged:
+                warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+                return
+            self._restack(txn, txn.before.evolve(merged=()))
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None):
+        with transaction(self._cell(), [self]) as txn:
+            if merge:
+                state = txn.before
+                names = list(state.active) if adapter_names is None else list(adapter_names)
+                new = [n for n in dict.fromkeys(names) if n not in state.merged]
+                if new:
+                    self._check_merge_allowed()
+                    self._restack(txn, state.evolve(merged=(*state.merged, *new)), safe_merge)
+            model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+            uninstall_forward_scope(self.model)
+        return model
+
     # ------------------------------------------------------------ shared M
     def _m_store(self) -> PiCaBank:
         store = self._modules.get("pica_M")
@@ -132,7 +244,7 @@ class PiCaPeftModel(BaseTuner):
         return store.create(adapter_name, group, shape, dtype, device, init=init)
 
     def _pre_injection_hook(self, model: nn.Module, config: PiCaPeftConfig, adapter_name: str) -> None:
-        self._m_store()
+        install_forward_scope(model, self._m_store().cell)
 
     # ------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: PiCaPeftConfig, model_config: dict) -> PiCaPeftConfig:
@@ -199,11 +311,27 @@ class PiCaPeftModel(BaseTuner):
             warn_left_out(model, fused_expert_parameters(model))
         _maybe_include_all_linear_layers(config, model)
         self._pending_bases = self._compute_bases(model, config)
+        cell = self._m_store().cell
+        # Kept until the adapter's weights are loaded (PeftModel.load_adapter), so a refused file undoes this.
+        _UNDO_LOAD.setdefault(self, {})[adapter_name] = Snapshot.take(cell, [self], data=False)
         try:
-            super().inject_adapter(
-                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
-            )
+            with transaction(cell, [self]) as txn:
+                before = txn.before
+                if adapter_name in before.adapters:
+                    raise ValueError(f"adapter {adapter_name!r} already exists")
+                # PEFT semantics: the first adapter is active, an added one starts inactive.
+                txn.publish(before.evolve(adapters=(*before.adapters, adapter_name),
+                                          active=before.active or (adapter_name,)))
+                install_forward_scope(model, cell)
+                super().inject_adapter(
+                    model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+                )
+        except BaseException:
+            # PeftModel.add_adapter put the config in before injecting and drops it on Exception only.
+            if self.peft_config.get(adapter_name) is not None and len(self.peft_config) > 1:
+                self.peft_config.pop(adapter_name, None)
+            raise
         finally:
             self._pending_bases = {}
 
@@ -279,10 +407,30 @@ class PiCaPeftModel(BaseTuner):
                     m.data = m.data.to(target)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        store = self._modules.get("pica_M")
-        if store is not None and adapter_name in store:
-            del store[adapter_name]
+        """Delete an adapter in one transaction; an active one is replaced as PEFT does (the remaining active
+        ones, else the first remaining adapter by name)."""
+        with transaction(self._cell(), [self]) as txn:
+            state = txn.before
+            if adapter_name not in state.adapters or adapter_name not in self.peft_config:
+                raise ValueError(f"Adapter {adapter_name} does not exist")
+            if adapter_name in state.merged:
+                raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
+                                 f"them first.")
+            remaining = [a for a in state.adapters if a != adapter_name]
+            active = [a for a in state.active if a != adapter_name]
+            if not active and adapter_name in state.active and remaining:
+                active = sorted(remaining)[:1]
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{active[0]}.", stacklevel=2)
+            txn.publish(state.evolve(adapters=remaining, active=active))
+            super().delete_adapter(adapter_name)
+            if active != list(state.active) and active:
+                self._activate(active)  # requires_grad of the new active adapters
+            self.active_adapter = active[0] if len(active) == 1 else active
+            _UNDO_LOAD.get(self, {}).pop(adapter_name, None)
+            store = self._modules.get("pica_M")
+            if store is not None and adapter_name in store:
+                del store[adapter_name]
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -300,20 +448,23 @@ class PiCaPeftModel(BaseTuner):
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             names = [n for n in names for _ in range(num_beams)]
+        # PiCa layers read the selection from a context variable (this call only, never the shared layers);
+        # PEFT's own wrappers (modules_to_save) still take it from a hook.
         handles = []
         for module in self.model.modules():
-            if isinstance(module, (PiCaPeftLinear, AuxiliaryTrainingWrapper)):
+            if isinstance(module, AuxiliaryTrainingWrapper):
                 hook = partial(adapter_names_pre_forward_hook, adapter_names=names)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
-            yield
+            with request([self._cell()], names=names):
+                yield
         finally:
             for h in handles:
                 h.remove()
 
     @property
     def merged(self) -> bool:
-        return any(m.merged for m in self.model.modules() if isinstance(m, PiCaPeftLinear))
+        return bool(self._cell().value.merged)
 
     # ------------------------------------------------------------ save/load
     @classmethod
@@ -333,6 +484,21 @@ class PiCaPeftModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        tuner = model.base_model if isinstance(getattr(model, "base_model", None), PiCaPeftModel) else model
+        undo = _UNDO_LOAD.get(tuner, {}).pop(adapter_name, None)
+        try:
+            return cls._checked_remap(model, config, adapter_name, state_dict)
+        except BaseException:
+            # A refused file: undo the injection of this adapter (PeftModel.from_pretrained / load_adapter injected
+            # it before the weights were read), so the model is exactly as before the call.
+            if undo is not None:
+                undo.restore()
+                if isinstance(tuner, PiCaPeftModel):
+                    tuner.peft_config.pop(adapter_name, None)
+            raise
+
+    @classmethod
+    def _checked_remap(cls, model, config, adapter_name, state_dict):
         suffix = "." + FINGERPRINT_KEY
         fingerprints = {k[: -len(suffix)]: v for k, v in state_dict.items() if k.endswith(suffix)}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
