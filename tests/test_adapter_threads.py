@@ -96,10 +96,11 @@ def test_asyncio_tasks_keep_their_own_selection():
     y_a, y_b, y_0 = _outputs(model)
 
     async def serve(selection, entered, go, finished):
-        with torch.no_grad(), selection():
+        with selection():  # (no_grad only around the forward: grad mode is per thread, not per task)
             entered.set()
             await go.wait()  # the other task runs while this one is inside its selection
-            y = model(X)
+            with torch.no_grad():
+                y = model(X)
             finished.set()
             return y
 
