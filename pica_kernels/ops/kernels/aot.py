@@ -517,8 +517,9 @@ KNOWN_FAILURES = {
                     "keeps 64 registers and spills KBs per thread; the kernels cannot be fast on a T4 whatever "
                     "the config, so sm_75 runs the reference (cuBLAS) path by default and the kernels only when "
                     "asked for (backend='triton' or PICA_KERNELS_BACKEND=triton; ops/backend.py)",
-    "sm_86 spills narrow-prefill": "s = dy @ M with 16-bit dy and an fp32 M at r = 32 (128x32x64, 3 stages) "
-                                   "spills 8 B at 80 registers (triton 3.9); the likely fix, halving the "
+    "sm_86 spills narrow-prefill": "a 16-bit left operand times an fp32 M into fp32 (s = dy @ M on the input "
+                                   "side, t = x @ M.T's split-K partials on the output side) at r = 24..32 "
+                                   "(128x32x64, 3 stages) spills 8-16 B at 80 registers (triton 3.9); the likely fix, halving the "
                                    "narrow depth step for an fp32 right operand on every architecture (what "
                                    "configs does on sm_100 / sm_120, where it removed the same spills), needs "
                                    "a `make aot` rerun the session that found it had no time for",
