@@ -177,6 +177,13 @@ def test_identities_recorded_without_data_are_not_trusted(fe, tmp_path):
         api.load(tiny_model("llama"), path, check_base_model="warn")
 
 
+def _deferred_checks(model):
+    """The forward pre-hooks that :func:`files.check_when_data` left on any module of ``model`` (other hooks,
+    such as the adapter state's forward scope, stay for the model's life)."""
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values()
+            if "check_when_data" in getattr(h, "__qualname__", "")]
+
+
 def _norm_on_meta(model):
     """The final norm's weight without data (as a model built on the meta device and filled in later)."""
     norm = model.model.norm
@@ -194,10 +201,11 @@ def test_model_tensor_without_data_is_checked_once_it_has_data(fe, same, tmp_pat
     model = tiny_model("llama")
     norm, values = _norm_on_meta(model)
     loaded = api.load(model, path)  # nothing to compare yet
+    assert len(_deferred_checks(loaded)) == 1
     norm.weight = torch.nn.Parameter(values if same else values + 1.0, requires_grad=False)
     if same:
         torch.testing.assert_close(api.logits(loaded), api.logits(trained), rtol=0, atol=0)
-        assert not loaded._forward_pre_hooks  # checked once, then the hook is gone
+        assert not _deferred_checks(loaded)  # checked once, then the hook is gone
     else:
         with pytest.raises(pk.AdapterMismatchError, match=r"model.norm.weight': values differ"):
             api.logits(loaded)
