@@ -524,6 +524,11 @@ KNOWN_FAILURES = {
                                    "configs does on sm_100 / sm_120, where it removed the same spills), needs "
                                    "a `make aot` rerun the session that found it had no time for",
     "sm_89 spills narrow-prefill": "as sm_86 (same config: 99 KB parts)",
+    "sm_100 spills narrow-prefill": "t = x @ M.T on the output side (16-bit x, fp32 M, fp32 split-K partials) at "
+                                    "r = 64 (128x64x32, 4 stages, 8 warps) spills 8 B at 64 registers (triton "
+                                    "3.9; found once the output side was swept). The depth step is already "
+                                    "halved for an fp32 M on sm_100; 4 warps or a 32-column tile are the "
+                                    "untested candidates (each needs a `make aot` rerun)",
 }
 
 
