@@ -57,6 +57,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
+def triton_library_compiled() -> bool:
+    """True when ``triton.language``'s own jitted functions were decorated in compiler mode.
+
+    ``triton.jit`` picks interpreter or compiler mode when it decorates; triton's library functions are
+    decorated once, at ``import triton``. If ``TRITON_INTERPRET=1`` was set only after that, the kernels
+    (decorated later, interpreted) call a compiled ``tl.cdiv``, which fails inside every program with Triton's
+    "Cannot call @triton.jit'd outside of the scope of a kernel".
+    """
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(tl.cdiv, JITFunction)
+
+
 def triton_can_run(device: torch.device) -> bool:
     if not triton_available():
         return False
@@ -89,6 +104,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
             else f"tensors are on {device}; Triton runs on CUDA, or on CPU only with TRITON_INTERPRET=1"
         )
         raise RuntimeError(f"backend 'triton' was requested but cannot run: {why}")
+    if backend == "triton" and device.type == "cpu" and triton_library_compiled():
+        raise RuntimeError(
+            "triton was imported before TRITON_INTERPRET=1 was set: its own jitted functions (tl.cdiv ...) "
+            "were decorated in compiler mode and the interpreted kernels cannot call them; set "
+            "TRITON_INTERPRET=1 before anything imports triton (torch._dynamo, hence transformers, does)"
+        )
     if backend == "triton" and dtype == torch.bfloat16 and device.type == "cuda":
         props = device_props(device)
         if not bf16_tensor_cores(props):

@@ -294,7 +294,7 @@ def test_triton_was_imported_in_the_mode_the_kernels_run_in():
     """tests/conftest.py sets TRITON_INTERPRET=1 (no GPU) before any test module imports triton: triton's
     own jitted functions (tl.cdiv) are decorated at its import, and an interpreted kernel cannot call a
     compiled one. Checked here in whatever order the suite runs, after every module was collected."""
-    assert launchers._triton_library_compiled() == (not backend_mod.interpreter_enabled())
+    assert backend_mod.triton_library_compiled() == (not backend_mod.interpreter_enabled())
 
 
 @needs_triton

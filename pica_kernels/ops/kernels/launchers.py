@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib
 import os
 import warnings
@@ -73,20 +72,6 @@ def recording_launches(props, sink: list):
 def kernel_module():
     """:mod:`.lowrank_gemm`, imported (and its kernels decorated) on first use."""
     return importlib.import_module(f"{__package__}.lowrank_gemm")
-
-
-@functools.cache
-def _triton_library_compiled() -> bool:
-    """True when ``triton.language``'s own jitted functions were decorated in compiler mode.
-
-    ``triton.jit`` picks interpreter or compiler mode when it decorates; triton's library functions are
-    decorated once, at ``import triton``. If ``TRITON_INTERPRET=1`` was set only after that, the kernels
-    here (decorated later, interpreted) call a compiled ``tl.cdiv``, which fails inside every program.
-    """
-    import triton.language as tl
-    from triton.runtime.jit import JITFunction
-
-    return isinstance(tl.cdiv, JITFunction)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -272,12 +257,6 @@ def launch_lowrank_gemm(
             "the Triton kernels were decorated in compiler mode (TRITON_INTERPRET was not set when "
             "pica_kernels first launched one), so they cannot run on CPU tensors in this process; "
             "set TRITON_INTERPRET=1 before the first launch"
-        )
-    if kernels.INTERPRETED and _triton_library_compiled():
-        raise RuntimeError(
-            "triton was imported before TRITON_INTERPRET=1 was set: its own jitted functions (tl.cdiv ...) "
-            "were decorated in compiler mode and the interpreted kernels cannot call them; set "
-            "TRITON_INTERPRET=1 before anything imports triton (torch._dynamo, hence transformers, does)"
         )
     # The factors' dtype for the config: the wider of the two (DECODE loads factor_down in the depth loop
     # and factor_up after it; on the output side one is an fp32 M, the other the x-dtype basis).
