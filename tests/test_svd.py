@@ -442,8 +442,12 @@ def test_v1_presets_reproduce_old_bases(case, backend):
         w, kw = make_matrix(256, 384, "power").float(), {"method": case, "exact_ratio": 1e9}
     basis, _ = truncated_svd(w, 6, "input", backend=backend, **kw)
     fp = svd_mod.basis_fingerprint(basis, "input")[:3]
-    # 1e-6: far inside the adapter files' float32 fingerprint tolerance (1e-4); the v1/v2 difference is ~1e-5..1e-4.
-    torch.testing.assert_close(fp, torch.tensor(_V1_FINGERPRINTS[case], dtype=torch.float64), atol=1e-6, rtol=0)
+    # 2e-6: far inside the adapter files' float32 fingerprint tolerance (1e-4). The same fp32 SVD differs between
+    # ATen dispatch levels: up to 1.04e-6 from the record under ATEN_CPU_CAPABILITY=default, 4.0e-7 under avx2 and
+    # avx512 (measured; 1e-6 failed on the default level). At this size v2 lands as close (3e-7..1.4e-6), so this
+    # checks that v1 still gives the old bases, not that it differs from v2 (that needs a matrix where the
+    # presets' bases differ by >> 1e-6).
+    torch.testing.assert_close(fp, torch.tensor(_V1_FINGERPRINTS[case], dtype=torch.float64), atol=2e-6, rtol=0)
 
 
 def test_config_default_is_accurate():
