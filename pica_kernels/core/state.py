@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -234,6 +234,17 @@ def current_selection(cell: StateCell) -> Selection | None:
         return None
     selections = _SELECTION.get()
     return None if selections is None else selections.get(id(cell))
+
+
+def forward_view(cell: StateCell, names: Sequence[str] | None) -> tuple[AdapterState, list[str] | None, bool]:
+    """What one layer forward serves, read once: the model's state, the adapter name per sequence (the call's own
+    ``names``, else this context's selection, else None) and whether the adapters are off for it (the model's
+    state or this context's request)."""
+    state = cell.value
+    sel = current_selection(cell)
+    if names is None and sel is not None and sel.names is not None:
+        names = sel.names
+    return state, None if names is None else list(names), state.disabled or (sel is not None and sel.disabled)
 
 
 @contextlib.contextmanager

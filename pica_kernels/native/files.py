@@ -62,7 +62,7 @@ from ..svd import basis_fingerprint, method_from_file, versioned_method
 from .apply import BANK_NAME, apply_pica, get_bank, pica_layers
 from .config import PiCaConfig
 from .layer import PiCaLinear
-from .model import active_adapter, set_adapter
+from .model import adapter_config, adapter_layers, set_adapter
 
 __all__ = ["CONFIG_FILE", "TENSORS_FILE", "AdapterMismatchError", "load_adapter", "read_adapter", "save_adapter"]
 
@@ -99,18 +99,12 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
-    bank = get_bank(model)
-    name = adapter_name or active_adapter(model)
-    if name not in bank.configs:
-        raise KeyError(f"unknown adapter {name!r}; the model has {sorted(bank.configs)}")
-    config: PiCaConfig = bank.configs[name]
+    name, config = adapter_config(model, adapter_name)
     store = config.store_bases if store_bases is None else store_bases
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, dict] = {}
     layers: dict[str, dict] = {}
-    for lname, layer in pica_layers(model):
-        if name not in layer.adapters:
-            continue
+    for lname, layer in adapter_layers(model, name):
         spec = layer.adapters[name]
         m = layer.m(name)
         if m.device.type == "meta":
@@ -362,7 +356,7 @@ def load_adapter(
                     f"{key}: the adapter file has {getattr(config, key)!r}, the model's adapter {name!r} has "
                     f"{getattr(have, key)!r}; load under another adapter_name or apply a matching config"
                 )
-        model_layers = {n for n, layer in pica_layers(model) if name in layer.adapters}
+        model_layers = {n for n, _ in adapter_layers(model, name)}
         if model_layers != set(saved_layers):
             missing = sorted(set(saved_layers) - model_layers)[:3]
             extra = sorted(model_layers - set(saved_layers))[:3]

@@ -284,18 +284,8 @@ class PiCaLinear(nn.Module):
             txn.publish(before.evolve(adapters=(*before.adapters, adapter_name),
                                       active=before.active or (adapter_name,)))
 
-    def _add_structure(
-        self,
-        adapter_name: str,
-        rank: int,
-        side: str = "input",
-        *,
-        group: str = "m",
-        basis: torch.Tensor | None = None,
-        m_dtype: torch.dtype | None = None,
-        svd_method: str = DEFAULT_SVD_METHOD,
-        svd_seed: int = 0,
-    ) -> None:
+    def _add_structure(self, adapter_name: str, rank: int, side: str, *, group: str, basis: torch.Tensor | None,
+                       m_dtype: torch.dtype | None, svd_method: str, svd_seed: int) -> None:
         """This layer's part of a new adapter: its basis (shared by adapters of equal side and rank), its ``M`` in
         the bank, its spec. Called inside a transaction that also adds the adapter to the model's state, with checked
         values (:func:`_check_adapter_args`, or apply_pica's config and plan); a given basis is checked by
@@ -344,10 +334,7 @@ class PiCaLinear(nn.Module):
         cell = self._bank.cell
         token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
         try:
-            state = cell.value
-            sel = core_state.current_selection(cell)
-            names = adapter_names if adapter_names is not None else (sel.names if sel is not None else None)
-            disabled = state.disabled or (sel is not None and sel.disabled)
+            state, names, disabled = core_state.forward_view(cell, adapter_names)
             if names is not None and not disabled:
                 known = set(state.adapters) | {BASE_ADAPTER}
                 unknown = sorted({n for n in names if n not in known})

@@ -7,6 +7,7 @@ PiCaLinear on its own.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -14,9 +15,10 @@ from torch import nn
 from ..core.state import AdapterState, request, transaction, uninstall_forward_scope
 from . import transitions
 from .apply import BANK_NAME, get_bank, pica_layers, set_submodule
+from .config import PiCaConfig
 from .layer import PiCaLinear, state_cells
 
-__all__ = ["active_adapter", "adapter_state", "delete_adapter", "disable_adapter", "merge", "merge_and_unload",
+__all__ = ["active_adapter", "adapter_config", "adapter_layers", "adapter_state", "delete_adapter", "disable_adapter", "merge", "merge_and_unload",
            "set_adapter", "set_disabled", "unmerge"]
 
 
@@ -32,6 +34,21 @@ def adapter_state(model: nn.Module) -> AdapterState:
 def active_adapter(model: nn.Module) -> str | None:
     active = adapter_state(model).active
     return active[0] if active else None
+
+
+def adapter_config(model: nn.Module, adapter_name: str | None = None) -> tuple[str, PiCaConfig]:
+    """``(name, config)`` of adapter ``adapter_name`` (default: the active one); KeyError naming the model's adapters
+    when it has no such adapter."""
+    bank = get_bank(model)
+    name = adapter_name or active_adapter(model)
+    if name not in bank.configs:
+        raise KeyError(f"unknown adapter {name!r}; the model has {sorted(bank.configs)}")
+    return name, bank.configs[name]
+
+
+def adapter_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, PiCaLinear]]:
+    """The (name, layer) pairs of the PiCaLinear layers ``adapter_name`` covers."""
+    return ((n, layer) for n, layer in pica_layers(model) if adapter_name in layer.adapters)
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core.targets import fused_expert_parameters, role_of
-from .apply import BANK_NAME, get_bank, pica_layers
-from .model import active_adapter
+from .apply import BANK_NAME
+from .model import adapter_config, adapter_layers
 
 
 @dataclass
@@ -72,16 +72,10 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module, adapter_name: str | None = None) -> ParameterReport:
     """Trainable M and frozen basis counts per group (works on the meta device)."""
-    bank = get_bank(model)
-    adapter_name = adapter_name or active_adapter(model)
-    if adapter_name not in bank.configs:
-        raise KeyError(f"unknown adapter {adapter_name!r}; the model has {sorted(bank.configs)}")
-    config = bank.configs[adapter_name]
+    adapter_name, config = adapter_config(model, adapter_name)
     groups: dict[str, GroupReport] = {}
     base_params = 0
-    for name, layer in pica_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
+    for name, layer in adapter_layers(model, adapter_name):
         spec = layer.adapters[adapter_name]
         m = layer.m(adapter_name)
         g = groups.get(spec.group)

@@ -120,11 +120,7 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         cell = self._pica_store.cell
         token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
         try:
-            state = cell.value
-            sel = core_state.current_selection(cell)
-            if names is None and sel is not None:
-                names = None if sel.names is None else list(sel.names)
-            disabled = state.disabled or (sel is not None and sel.disabled)
+            state, names, disabled = core_state.forward_view(cell, names)
             return core_forward.layer_forward(self, x, *args, active=list(state.active), names=names,
                                               on_layer=self.pica_r, disabled=disabled,
                                               merged=bool(state.merged_on(self.pica_r)), **kwargs)
