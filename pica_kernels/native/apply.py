@@ -140,8 +140,13 @@ def apply_pica(
 
     ``bases`` maps layer names to precomputed bases (load_adapter passes stored ones).
     """
-    config = config or PiCaConfig()
     check_adapter_name(adapter_name)
+    return apply_checked(model, config or PiCaConfig(), adapter_name, progress=progress, bases=bases)
+
+
+def apply_checked(model: nn.Module, config: PiCaConfig, adapter_name: str, *, progress: bool,
+                  bases: dict[str, torch.Tensor] | None) -> nn.Module:
+    """:func:`apply_pica` for a caller that checked ``adapter_name`` already (``load_adapter``)."""
     existing = getattr(model, BANK_NAME, None)
     bank = existing if isinstance(existing, PiCaBank) else None
     if bank is not None and adapter_name in bank.configs:

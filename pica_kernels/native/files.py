@@ -59,7 +59,7 @@ from ..core.plan import layer_group
 from ..core.state import transaction
 from ..core.targets import role_of
 from ..svd import basis_fingerprint, method_from_file, versioned_method
-from .apply import BANK_NAME, apply_pica, get_bank, pica_layers
+from .apply import BANK_NAME, apply_checked, get_bank, pica_layers
 from .config import PiCaConfig
 from .layer import PiCaLinear
 from .model import adapter_config, adapter_layers, set_adapter
@@ -384,7 +384,7 @@ def load_adapter(
             exact = PiCaConfig(**{**config.to_dict(), "target_modules": tuple(saved_layers), "exclude": None,
                                   "rank_pattern": {n: info["rank"] for n, info in saved_layers.items()
                                                    if info["rank"] != config.rank}})
-            apply_pica(model, exact, adapter_name=name, progress=progress, bases=stored)
+            apply_checked(model, exact, name, progress=progress, bases=stored)
             get_bank(model).configs[name] = config
         layers = dict(pica_layers(model))
         # 3. Fingerprints: the basis each M will multiply must be the one it was trained with.
