@@ -64,10 +64,12 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 
 def check_float_weight(weight: torch.Tensor, where: str = "base_layer.weight") -> None:
+    """Where a front end takes a layer (its targets, a ``PiCaLinear`` built by hand): the (dequantized) weight, which
+    the SVD reads and ``M`` takes its device from, is floating point."""
     if not weight.is_floating_point():
         raise TypeError(
-            f"{where} has dtype {weight.dtype}; PiCa needs a floating-point weight (a quantized layer must be "
-            f"dequantized, or wrapped as a supported quantized base)"
+            f"{where} has dtype {weight.dtype}; PiCa needs a floating-point weight (dequantize the layer, wrap it as "
+            f"a supported quantized base, or exclude it)"
         )
 
 

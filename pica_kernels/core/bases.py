@@ -28,7 +28,8 @@ def batched_bases(
 ) -> dict[str, torch.Tensor]:
     """Bases of named (out, in) weights: one batched truncated SVD per group of equal shape, dtype and device.
 
-    ``rank``: one rank, or ``{name: rank}`` per layer. Returns ``{name: basis}`` (views into the batched
+    ``rank``: one rank, or ``{name: rank}`` per layer; the weights are floating point (the front ends check their
+    targets, :func:`pica_kernels.core.base.check_float_weight`). Returns ``{name: basis}`` (views into the batched
     result). Shared by apply_pica and the PEFT tuner. Each batch comes from the basis cache when it holds it
     (keyed by the weights' content and every SVD setting; see :mod:`pica_kernels.core.cache`), else from the
     SVD, and is then stored there.
@@ -36,11 +37,6 @@ def batched_bases(
     ranks = rank if isinstance(rank, dict) else {name: rank for name, _ in layers}
     by_shape: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for name, w in layers:
-        if not w.is_floating_point():
-            raise TypeError(
-                f"layer {name!r}: weight has dtype {w.dtype}; PiCa computes bases of floating-point weights "
-                f"(dequantize the layer, or exclude it)"
-            )
         by_shape.setdefault((tuple(w.shape), w.dtype, w.device, ranks[name]), []).append((name, w))
     bases: dict[str, torch.Tensor] = {}
     use_cache = cache.directory() is not None

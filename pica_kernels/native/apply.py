@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.bank import PiCaBank
-from ..core.base import is_supported_base, weight_out_in
+from ..core.base import check_float_weight, is_supported_base, weight_out_in
 from ..core.bases import batched_bases
 from ..core.defaults import DTYPES, check_adapter_name
 from ..core.plan import LayerPlan, plan_layers
@@ -115,7 +115,11 @@ def _weight_oi(module: nn.Module) -> torch.Tensor:
 def layer_plan(model: nn.Module, config: PiCaConfig) -> list[tuple[nn.Module, LayerPlan]]:
     """``(module, plan)`` of every target (:func:`pica_kernels.core.plan.plan_layers`: rank, checked, group key)."""
     targets = find_targets(model, config)
-    shapes = [(name, *_weight_oi(module).shape) for name, module in targets]
+    shapes = []
+    for name, module in targets:
+        weight = _weight_oi(module)
+        check_float_weight(weight, f"layer {name!r}: weight")
+        shapes.append((name, *weight.shape))
     plans = plan_layers(shapes, rank=config.rank, rank_pattern=config.rank_pattern, share=config.share)
     return [(module, plans[name]) for name, module in targets]
 

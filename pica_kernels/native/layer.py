@@ -145,7 +145,9 @@ class PiCaLinear(nn.Module):
             raise TypeError(
                 f"base_layer must be nn.Linear or transformers Conv1D, got {type(base_layer).__name__}"
             )
-        _check_adapter_args(adapter_name, rank, side, m_dtype, *weight_out_in(base_layer).shape)
+        weight = weight_out_in(base_layer)
+        check_float_weight(weight)
+        _check_adapter_args(adapter_name, rank, side, m_dtype, *weight.shape)
         self._build(base_layer, rank, side, adapter_name=adapter_name, bank=bank, group=group, basis=basis,
                     m_dtype=m_dtype, svd_method=svd_method, svd_seed=svd_seed)
 
@@ -293,7 +295,6 @@ class PiCaLinear(nn.Module):
         if adapter_name in self.adapters:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         weight = self.base_weight
-        check_float_weight(weight)
         name = basis_buffer_name(side, rank)
         if basis is not None or not hasattr(self, name):
             if basis is None:

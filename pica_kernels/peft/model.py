@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import reference
 from ..core.bank import PiCaBank, random_m_init
-from ..core.base import is_fan_in_fan_out, is_supported_base, weight_out_in
+from ..core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..core.bases import batched_bases
 from ..core.defaults import (
     BASE_ADAPTER,
@@ -58,7 +58,6 @@ from ..core.files import (
     tensor_identity,
 )
 from ..core.plan import LayerPlan, plan_layers
-from ..core.quant import dequantized_weight, is_quantized_base
 from ..core.state import (
     AdapterState,
     Snapshot,
@@ -266,7 +265,9 @@ class PiCaPeftModel(BaseTuner):
         for key, module in self._target_items(model, config):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if is_supported_base(base):  # other modules: _create_and_replace raises the clear error
-                targets.append((key, module, weight_out_in(base)))
+                weight = weight_out_in(base)
+                check_float_weight(weight, f"layer {key!r}: weight")
+                targets.append((key, module, weight))
         plans = plan_layers([(key, *w.shape) for key, _, w in targets], rank=config.r,
                             rank_pattern=config.rank_pattern, share=config.share_m, rank_field="r")
         bases: dict[str, torch.Tensor] = {}
@@ -342,10 +343,14 @@ class PiCaPeftModel(BaseTuner):
                 f"Target module {current_key!r} is a {type(base).__name__}; PiCa supports torch.nn.Linear and "
                 "transformers Conv1D only (check target_modules)"
             )
-        out_f, in_f = weight_out_in(base).shape
+        # (out, in); quantized-base hook: the dequantized weight, which gives M's dtype and device (the storage is
+        # uint8 / int8)
+        weight = weight_out_in(base)
+        out_f, in_f = weight.shape
         side = peft_config.side
         plan = (getattr(self, "_pending_plan", None) or {}).get(current_key)
-        if plan is None:  # a target inject_adapter's plan did not list
+        if plan is None:  # a target inject_adapter's plan did not list: planned and checked here
+            check_float_weight(weight, f"layer {current_key!r}: weight")
             plan = plan_layers([(current_key, out_f, in_f)], rank=peft_config.r, rank_pattern=peft_config.rank_pattern,
                                share=peft_config.share_m, rank_field="r")[current_key]
         r = plan.rank
@@ -353,15 +358,8 @@ class PiCaPeftModel(BaseTuner):
             peft_config.fan_in_fan_out = True
         basis = (getattr(self, "_pending_bases", None) or {}).get(current_key)
         if basis is None:
-            basis, _ = truncated_svd(
-                weight_out_in(base), r, side, method=peft_config.svd_method, seed=peft_config.svd_seed
-            )
+            basis, _ = truncated_svd(weight, r, side, method=peft_config.svd_method, seed=peft_config.svd_seed)
         group = plan.group
-        # quantized-base hook: the dequantized weight gives M's dtype and device (the storage is uint8 / int8)
-        weight = dequantized_weight(base) if is_quantized_base(base) else base.weight
-        if not weight.is_floating_point():
-            raise TypeError(f"layer {current_key!r}: weight has dtype {weight.dtype}; PiCa needs a floating-point "
-                            f"weight (dequantize the layer, or exclude it)")
         m_dtype = default_m_dtype(weight.dtype)
         m = self._get_or_create_m(
             adapter_name, group, reference.m_shape(out_f, in_f, r, side), m_dtype, weight.device,
