@@ -115,7 +115,7 @@ def test_v1_presets_reproduce_old_bases(case, backend):
 
 
 def test_config_default_is_accurate():
-    from pica_kernels.model import PiCaConfig
+    from pica_kernels import PiCaConfig
 
     assert PiCaConfig().svd_method == "accurate"
     assert PiCaConfig(svd_method="fast").svd_method == "fast"
