@@ -321,7 +321,7 @@ def test_apply_pica_and_save_load_use_the_batched_accurate_svd(tmp_path):
     from torch import nn
 
     from pica_kernels import PiCaConfig, PiCaLinear, apply_pica, load_adapter, save_adapter
-    from pica_kernels.model import pica_layers
+    from pica_kernels.native.model import pica_layers
 
     class Block(nn.Module):
         def __init__(self):

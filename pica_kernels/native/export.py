@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .core.export import PEFT_KEY_PREFIX, LoraFactors, lora_factors, write_lora_adapter
+from ..core.export import PEFT_KEY_PREFIX, LoraFactors, lora_factors, write_lora_adapter
 from .layer import PiCaLinear, is_supported_base
 
 __all__ = ["export_lora"]
@@ -22,7 +22,7 @@ __all__ = ["export_lora"]
 
 def _peft_layer_class():
     try:
-        from .peft.layer import PiCaPeftLinear
+        from ..peft.layer import PiCaPeftLinear
     except ImportError:  # peft not installed: no PEFT front end models can exist
         return None
     return PiCaPeftLinear

@@ -8,8 +8,8 @@ from conftest import randomize_m, tiny_model
 from safetensors.torch import load_file
 
 import pica_kernels as pk
-from pica_kernels.adapters import CONFIG_FILE, TENSORS_FILE, AdapterMismatchError
-from pica_kernels.model import pica_layers
+from pica_kernels.native.files import CONFIG_FILE, TENSORS_FILE, AdapterMismatchError
+from pica_kernels.native.model import pica_layers
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -55,7 +55,7 @@ def test_load_as_second_adapter(tmp_path):
     model, path = _trained(tmp_path)
     other = pk.apply_pica(tiny_model("llama"), pk.PiCaConfig(rank=4), progress=False)
     pk.load_adapter(other, path, adapter_name="loaded", progress=False)
-    assert pk.model.active_adapter(other) == "loaded"
+    assert pk.native.model.active_adapter(other) == "loaded"
     assert torch.equal(other(TOKENS).logits, model(TOKENS).logits)
     pk.set_adapter(other, "default")
     assert torch.equal(other(TOKENS).logits, tiny_model("llama")(TOKENS).logits)

@@ -1,7 +1,7 @@
 """The native front end's model-level API: switch, disable, delete and merge adapters.
 
-``apply_pica`` lives in :mod:`pica_kernels.apply`, ``PiCaConfig`` in
-:mod:`pica_kernels.config`, ``parameter_report`` in :mod:`pica_kernels.report`;
+``apply_pica`` lives in :mod:`pica_kernels.native.apply`, ``PiCaConfig`` in
+:mod:`pica_kernels.native.config`, ``parameter_report`` in :mod:`pica_kernels.native.report`;
 they are re-exported here for existing imports.
 """
 
@@ -12,18 +12,18 @@ import contextlib
 import torch
 from torch import nn
 
-from .apply import BANK_NAME, apply_pica, find_targets, get_bank, pica_layers, set_submodule
-from .config import PiCaConfig
-from .core.bases import batched_bases
-from .core.defaults import DEFAULT_TARGETS
-from .core.state import (
+from ..core.bases import batched_bases
+from ..core.defaults import DEFAULT_TARGETS
+from ..core.state import (
     AdapterState,
     AdapterStateError,
     request,
     transaction,
     uninstall_forward_scope,
 )
-from .core.targets import group_key, role_of
+from ..core.targets import group_key, role_of
+from .apply import BANK_NAME, apply_pica, find_targets, get_bank, pica_layers, set_submodule
+from .config import PiCaConfig
 from .layer import PiCaLinear, state_cells
 
 __all__ = [
@@ -153,7 +153,7 @@ def merge_and_unload(
         name = adapter_name or (state.active[0] if state.active else None)
         stack = [*state.merged, *([name] if name in state.adapters and name not in state.merged else [])]
         if dequantize:
-            from .core.quant import dequantize_model, unload_dequantized
+            from ..core.quant import dequantize_model, unload_dequantized
 
             for lname, layer in list(pica_layers(model)):
                 if layer.quantization:
@@ -171,7 +171,7 @@ def merge_and_unload(
 
 
 def parameter_report(model: nn.Module, adapter_name: str | None = None):
-    """Trainable M and frozen basis counts per group (works on the meta device); see :mod:`pica_kernels.report`."""
+    """Trainable M and frozen basis counts per group (works on the meta device); see :mod:`pica_kernels.native.report`."""
     from .report import parameter_report as _report
 
     return _report(model, adapter_name)

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import reference
-from .core import forward as core_forward
-from .core import merge as core_merge
-from .core import quant as core_quant
-from .core import state as core_state
-from .core.bank import PiCaBank
-from .core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, prepare_basis, weight_out_in
-from .core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
-from .svd import truncated_svd
+from .. import reference
+from ..core import forward as core_forward
+from ..core import merge as core_merge
+from ..core import quant as core_quant
+from ..core import state as core_state
+from ..core.bank import PiCaBank
+from ..core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, prepare_basis, weight_out_in
+from ..core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
+from ..svd import truncated_svd
 
 __all__ = ["BASE_ADAPTER", "PiCaBank", "PiCaLinear", "grouped_forward", "is_fan_in_fan_out", "is_supported_base",
            "mixed_batch", "weight_out_in"]
@@ -375,7 +375,7 @@ def grouped_forward(x: torch.Tensor, layers: list[PiCaLinear], *, backend: str =
     disabled, without an active adapter, or have a trainable base weight run
     on their own. x: (..., in); returns one (..., out_i) per layer.
     """
-    from .ops import grouped_lowrank_linear
+    from ..ops import grouped_lowrank_linear
 
     fused = [
         i for i, layer in enumerate(layers)

@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .apply import BANK_NAME, apply_pica, get_bank, pica_layers
-from .config import PiCaConfig
-from .core import quant as core_quant
-from .core.defaults import check_adapter_name
-from .core.errors import AdapterMismatchError
-from .core.files import (
+from .._version import __version__
+from ..core import quant as core_quant
+from ..core.defaults import check_adapter_name
+from ..core.errors import AdapterMismatchError
+from ..core.files import (
     NO_DATA,
     check_base_tensors,
     check_basis_fingerprint,
@@ -55,12 +53,14 @@ from .core.files import (
     tensor_identity,
     unverified,
 )
-from .core.files import base_tensors as files_base_tensors
-from .core.state import transaction
-from .core.targets import group_key, role_of
+from ..core.files import base_tensors as files_base_tensors
+from ..core.state import transaction
+from ..core.targets import group_key, role_of
+from ..svd import basis_fingerprint, method_from_file, versioned_method
+from .apply import BANK_NAME, apply_pica, get_bank, pica_layers
+from .config import PiCaConfig
 from .layer import PiCaLinear
 from .model import active_adapter, set_adapter
-from .svd import basis_fingerprint, method_from_file, versioned_method
 
 __all__ = ["CONFIG_FILE", "TENSORS_FILE", "AdapterMismatchError", "load_adapter", "read_adapter", "save_adapter"]
 

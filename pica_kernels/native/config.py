@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, field, fields
 
-from . import reference
-from .core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS, DTYPES
-from .core.errors import PiCaConfigError
-from .core.targets import check_module_spec, check_rank, check_rank_pattern, check_seed
-from .svd import SVD_METHODS
+from .. import reference
+from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS, DTYPES
+from ..core.errors import PiCaConfigError
+from ..core.targets import check_module_spec, check_rank, check_rank_pattern, check_seed
+from ..svd import SVD_METHODS
 
 #: Field spellings of the PEFT front end accepted here: ``PiCaConfig(r=8, share_m=False, exclude_modules=[...])``.
 ALIASES = {"r": "rank", "share_m": "share", "exclude_modules": "exclude"}

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import PiCaConfig
-from .core.bank import PiCaBank
-from .core.bases import batched_bases
-from .core.defaults import DTYPES, check_adapter_name
-from .core.state import install_forward_scope, transaction
-from .core.targets import (
+from ..core.bank import PiCaBank
+from ..core.bases import batched_bases
+from ..core.defaults import DTYPES, check_adapter_name
+from ..core.state import install_forward_scope, transaction
+from ..core.targets import (
     check_layer_rank,
     fused_expert_parameters,
     group_key,
@@ -28,6 +27,7 @@ from .core.targets import (
     suffix_match,
     warn_left_out,
 )
+from .config import PiCaConfig
 from .layer import PiCaLinear, basis_buffer_name, is_supported_base, weight_out_in
 
 BANK_NAME = "pica_bank"
