@@ -126,7 +126,7 @@ def truncated_svd(
     rank: int,
     side: str = "input",
     *,
-    method: str = "accurate",
+    method: str | Preset = "accurate",
     seed: int = 0,
     oversample: int | None = None,
     steps: int | None = None,
@@ -142,8 +142,9 @@ def truncated_svd(
         side: "input" returns ``Vh[:r]`` of shape (r, in) (batch: (L, r, in));
             "output" returns ``U[:, :r]`` of shape (out, r) (batch: (L, out, r)).
         method: "accurate" (default), "fast" (randomised block Krylov presets,
-            see :data:`SVD_PRESETS`), a versioned preset ("accurate-v1") or
-            "exact" (full float64 SVD).
+            see :data:`SVD_PRESETS`), a versioned preset ("accurate-v1"),
+            "exact" (full float64 SVD), or a :class:`Preset` already resolved
+            by :func:`preset`.
         seed: seed of the random sketch (CPU ``torch.Generator``).
         oversample: block size minus rank (default: the preset's).
         steps: Krylov steps, i.e. applications of AᵀA (default: the preset's).

@@ -146,6 +146,9 @@ def test_a_method_name_resolves_once_to_a_frozen_preset():
     assert p is svd_mod.SVD_PRESETS["accurate-v2"] and (p.name, p.version) == ("accurate-v2", 2)
     assert svd_mod.preset("exact").name == "exact" and svd_mod.preset("fast-v1").version == 1
     assert resolve_knobs(p, 16, 4096, 4096) == resolve_knobs("accurate", 16, 4096, 4096)
+    w = make_matrix(256, 384, "power").float()
+    assert torch.equal(truncated_svd(w, 6, method=p, exact_ratio=1e9)[0],
+                       truncated_svd(w, 6, method="accurate", exact_ratio=1e9)[0])
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.steps = 3
     # Configs check their svd_method with the same function, naming their own argument.
