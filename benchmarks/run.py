@@ -455,7 +455,8 @@ def main() -> int:
     if (out / "raw.json").exists():
         command = "make bench" if args.profile == "cpu" else "bash benchmarks/gpu_bench.sh"
         if args.suites != ap.get_default("suites"):
-            envs = [f"{k}={os.environ[k]}" for k in ("BENCH_READY_ROUNDS", "BENCH_THREADS") if k in os.environ]
+            envs = [f"{k}={os.environ[k]}" for k in ("BENCH_READY_ROUNDS", "BENCH_MODEL_ROUNDS", "BENCH_THREADS")
+                    if k in os.environ]
             command = " ".join([*envs, "python benchmarks/run.py", *(a for a in sys.argv[1:] if a != "--report-only")])
         report(out, command)
     return rc
