@@ -18,7 +18,7 @@ export PICA_REQUIRE_CPP=1   # fail loudly instead of falling back to the torch b
 $PY -c "from pica_kernels import svd; print('backend', svd.backend())"
 
 # 2. Correctness on the GPU: CPU/GPU agreement, the fused sign kernel vs ATen.
-$PY -m pytest -q tests/test_svd.py -k "cuda or cpp or gapped or bad_inputs" -p no:cacheprovider
+$PY -m pytest -q tests/svd -k "cuda or cpp or gapped or bad_inputs" -p no:cacheprovider
 $PY - <<'EOF'
 import os, subprocess, sys, torch
 from pica_kernels.svd import truncated_svd

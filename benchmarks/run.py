@@ -402,16 +402,20 @@ def plots(rows: list[dict], out: Path) -> list[str]:
 def report(out: Path, command: str) -> None:
     rows, machine = load(out)
     only_ready = all(r["suite"] == "ready" for r in rows)  # its own folder: no claims, tables or plots of the rest
-    checks = [] if only_ready else claim_checks(rows)
+    # The claims are about the per-layer suite: a run without it (--suites model) has no evidence for them.
+    with_layers = any(r["suite"] in ("layer", "svft-scaling", "step-overhead") for r in rows)
+    checks = claim_checks(rows) if with_layers else []
     made = [] if only_ready else plots(rows, out)
     lines = ["# Benchmark results", "", f"Command: `{command}`", ""] + env_lines(rows, machine)
-    if not only_ready:
+    if with_layers:
         lines += ["## Claims", "", "| claim | held | evidence |", "|---|---|---|"]
         lines += [f"| {c['claim']} | {'yes' if c['held'] else 'NO'} | {c['evidence']} |" for c in checks]
         lines += [""]
     lines += model_table(rows) + ready_table(rows) + overhead_table(rows)
-    if not only_ready:
-        lines += layer_tables(rows) + scaling_table(rows) + ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
+    if with_layers:
+        lines += layer_tables(rows) + scaling_table(rows)
+    if made:
+        lines += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
     (out / "results.md").write_text("\n".join(lines))
     slim = []
     for r in rows:
@@ -451,7 +455,8 @@ def main() -> int:
     if (out / "raw.json").exists():
         command = "make bench" if args.profile == "cpu" else "bash benchmarks/gpu_bench.sh"
         if args.suites != ap.get_default("suites"):
-            envs = [f"{k}={os.environ[k]}" for k in ("BENCH_READY_ROUNDS", "BENCH_THREADS") if k in os.environ]
+            envs = [f"{k}={os.environ[k]}" for k in ("BENCH_READY_ROUNDS", "BENCH_MODEL_ROUNDS", "BENCH_THREADS")
+                    if k in os.environ]
             command = " ".join([*envs, "python benchmarks/run.py", *(a for a in sys.argv[1:] if a != "--report-only")])
         report(out, command)
     return rc

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from svd_common import llm_like_matrix, smollm2_projections  # noqa: E402
 
 from pica_kernels import svd as svd_mod  # noqa: E402
-from pica_kernels.svd import accuracy_report, resolve_knobs, truncated_svd  # noqa: E402
+from pica_kernels.svd import resolve_knobs, truncated_svd  # noqa: E402
+from tools.svd_accuracy import accuracy_report  # noqa: E402
 
 ENERGY_BAR = 0.9999
 BASELINE = "torch.linalg.svd float32 (baseline)"
@@ -71,10 +72,8 @@ def interleaved(tasks: dict[str, callable], rounds: int, device: str) -> tuple[d
 
 
 def path_of(method: str, rank: int, m: int, n: int) -> str:
-    k = resolve_knobs(method, rank, m, n)
-    if k["path"] != "krylov":
-        return k["path"]
-    return f"krylov v{k['algorithm']}, block {k['block']}, {k['steps']} steps"
+    """The path a call takes, for the tables: "gram", "full" or "krylov v2, block 80, 8 steps"."""
+    return resolve_knobs(method, rank, m, n).describe()
 
 
 def finish_rows(rows: list[dict]) -> None:

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pica_kernels
 from svd_common import llm_like_matrix  # noqa: E402
 
-from pica_kernels.svd import accuracy_report, truncated_svd  # noqa: E402
+from pica_kernels.svd import truncated_svd  # noqa: E402
+from tools.svd_accuracy import accuracy_report  # noqa: E402
 
 DEVICE = os.environ.get("PICA_BENCH_DEVICE", "cpu")
 SIZES = [int(s) for s in os.environ.get("PICA_BENCH_SIZES", "1024,2048").split(",")]

@@ -1,9 +1,9 @@
 // Randomised block-Krylov truncated SVD, batched over layers, in ATen.
 //
-// Line-by-line twin of pica_kernels/svd.py (_cholqr, _eigh_orth, _orth_block,
-// _krylov, _orth_block2, _krylov2, _gram, _full, _core_torch): the same ATen calls in the same order,
+// Line-by-line twin of pica_kernels/svd/torch_core.py (_cholqr, _eigh_orth, _orth_block,
+// _krylov, _krylov2, _gram, _full, core): the same ATen calls in the same order,
 // so on the CPU the C++ and pure-torch backends give the same bits
-// (tests/test_svd.py::test_cpp_matches_torch). Keep the two in step.
+// (tests/svd/test_svd_torch_core.py). Keep the two in step.
 //
 // Every op here is device-generic ATen, so the same code serves the CPU and
 // CUDA dispatch keys (svd_cuda.cpp registers it for CUDA).
@@ -59,12 +59,14 @@ Tensor project_out(const Tensor& z, const c10::optional<Tensor>& q) {
   return z - at::matmul(*q, at::matmul(mT(*q), z));
 }
 
-// Orthonormalise z (L, n, b) against the orthonormal q (L, n, k) and itself (BCGS2 + CholeskyQR2).
-Tensor orth_block(Tensor z, const c10::optional<Tensor>& q) {
+// Orthonormalise z (L, n, b) against the orthonormal q (L, n, k) and itself (BCGS2 + CholeskyQR2):
+// first_projections times z -= q qᵀ z, CholeskyQR, once more, CholeskyQR. The v1 Krylov projects
+// twice before the first CholeskyQR, the v2 Krylov once (see torch_core.py::_orth_block).
+Tensor orth_block(Tensor z, const c10::optional<Tensor>& q, int first_projections) {
   const double eps = z.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                    : std::numeric_limits<float>::epsilon();
   Tensor scale = at::linalg_matrix_norm(z, "fro");
-  z = project_out(project_out(z, q), q);
+  for (int i = 0; i < first_projections; ++i) z = project_out(z, q);
   auto [z1, ok] = cholqr(z);
   if (ok) {
     z1 = project_out(z1, q);
@@ -78,7 +80,7 @@ Tensor orth_block(Tensor z, const c10::optional<Tensor>& q) {
   return eigh_orth(z, at::ones_like(scale), tol);
 }
 
-// Final Rayleigh-Ritz in float64 on the r-dimensional subspace (see svd.py::_finish).
+// Final Rayleigh-Ritz in float64 on the r-dimensional subspace (see torch_core.py::_finish).
 std::tuple<Tensor, Tensor> finish(Tensor v, Tensor b, int64_t rank, bool want_short, at::ScalarType dtype) {
   auto [r, info] = at::linalg_cholesky_ex(at::matmul(mT(v), v), /*upper=*/true, /*check_errors=*/false);
   v = at::linalg_solve_triangular(r, v, /*upper=*/true, /*left=*/false);
@@ -93,14 +95,14 @@ std::tuple<Tensor, Tensor> finish(Tensor v, Tensor b, int64_t rank, bool want_sh
 
 std::tuple<Tensor, Tensor> krylov(const Tensor& a, const Tensor& sketch, int64_t rank, int64_t steps,
                                   bool want_short) {
-  Tensor q0 = orth_block(sketch.to(a.scalar_type()).unsqueeze(0), c10::nullopt);
+  Tensor q0 = orth_block(sketch.to(a.scalar_type()).unsqueeze(0), c10::nullopt, 2);
   std::vector<Tensor> qs{q0.expand({a.size(0), -1, -1})};
   std::vector<Tensor> ys;
   for (int64_t j = 0; j < steps; ++j) {
     Tensor y = at::matmul(a, qs.back());
     ys.push_back(y);
     Tensor z = at::matmul(mT(a), y);
-    qs.push_back(orth_block(z, at::cat(qs, -1)));
+    qs.push_back(orth_block(z, at::cat(qs, -1), 2));
   }
   ys.push_back(at::matmul(a, qs.back()));
   Tensor q = at::cat(qs, -1);
@@ -112,35 +114,17 @@ std::tuple<Tensor, Tensor> krylov(const Tensor& a, const Tensor& sketch, int64_t
   return finish(at::matmul(q.to(at::kDouble), e), at::matmul(c64, e), rank, want_short, a.scalar_type());
 }
 
-// v2 orthonormalisation: BCGS2 with one projection per pass (see svd.py::_orth_block2).
-Tensor orth_block2(Tensor z, const c10::optional<Tensor>& q) {
-  const double eps = z.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                   : std::numeric_limits<float>::epsilon();
-  Tensor scale = at::linalg_matrix_norm(z, "fro");
-  z = project_out(z, q);
-  auto [z1, ok] = cholqr(z);
-  if (ok) {
-    z1 = project_out(z1, q);
-    auto [z2, ok2] = cholqr(z1);
-    if (ok2) return z2;
-  }
-  const double tol = 1e3 * eps;
-  z = eigh_orth(z, scale, tol);
-  z = project_out(z, q);
-  return eigh_orth(z, at::ones_like(scale), tol);
-}
-
-// v2 block Krylov: preallocated Q and Z = AᵀA Q, Ritz matrix QᵀZ (see svd.py::_krylov2).
+// v2 block Krylov: preallocated Q and Z = AᵀA Q, Ritz matrix QᵀZ (see torch_core.py::_krylov2).
 std::tuple<Tensor, Tensor> krylov2(const Tensor& a, const Tensor& sketch, int64_t rank, int64_t steps,
                                    bool want_short) {
   const int64_t nb = a.size(0), d = a.size(-1), b = sketch.size(-1), k = (steps + 1) * b;
   Tensor q = at::empty({nb, d, k}, a.options());
   Tensor z = at::empty({nb, d, k}, a.options());
-  q.narrow(-1, 0, b).copy_(orth_block2(sketch.to(a.scalar_type()).unsqueeze(0), c10::nullopt));
+  q.narrow(-1, 0, b).copy_(orth_block(sketch.to(a.scalar_type()).unsqueeze(0), c10::nullopt, 1));
   for (int64_t j = 0; j <= steps; ++j) {
     Tensor zj = at::matmul(mT(a), at::matmul(a, q.narrow(-1, j * b, b)));
     z.narrow(-1, j * b, b).copy_(zj);
-    if (j < steps) q.narrow(-1, (j + 1) * b, b).copy_(orth_block2(zj, q.narrow(-1, 0, (j + 1) * b)));
+    if (j < steps) q.narrow(-1, (j + 1) * b, b).copy_(orth_block(zj, q.narrow(-1, 0, (j + 1) * b), 1));
   }
   Tensor t = at::matmul(mT(q), z);
   t = (t + mT(t)) * 0.5;
@@ -151,7 +135,7 @@ std::tuple<Tensor, Tensor> krylov2(const Tensor& a, const Tensor& sketch, int64_
 
 std::tuple<Tensor, Tensor> gram(const Tensor& a, int64_t rank, bool want_short) {
   Tensor a64 = a.to(at::kDouble);
-  // Gram in float64, eigh in the working precision (see svd.py::_gram for why).
+  // Gram in float64, eigh in the working precision (see torch_core.py::_gram for why).
   auto [lam, e] = at::linalg_eigh(at::matmul(mT(a64), a64).to(a.scalar_type()), "L");
   Tensor v = e.narrow(-1, e.size(-1) - rank, rank).flip({-1}).to(at::kDouble);
   return finish(v, at::matmul(a64, v), rank, want_short, a.scalar_type());
@@ -209,7 +193,7 @@ std::tuple<Tensor, Tensor> truncated_svd_core(const Tensor& weight, const Tensor
     vecs = mT(cols);
     Tensor g = at::matmul(vecs.to(at::kDouble), mT(vecs).to(at::kDouble));
     Tensor err = (g - at::eye(rank, g.options())).abs().amax();
-    const double tol = work == at::kDouble ? 1e-8 : 1e-3;  // _ORTHO_TOL in svd.py
+    const double tol = work == at::kDouble ? 1e-8 : 1e-3;  // _ORTHO_TOL in torch_core.py
     if (!(err <= tol).item<bool>()) std::tie(vecs, sigma) = full(w, rank, side_input);
   }
   return {canonicalize_signs(vecs.to(work).contiguous()).contiguous(), sigma.contiguous()};

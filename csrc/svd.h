@@ -9,7 +9,8 @@
 namespace pica {
 
 // The numeric core behind pica_kernels.truncated_svd (see svd.cpp; its
-// pure-torch twin is pica_kernels/svd.py::_core_torch).
+// pure-torch twin is pica_kernels/svd/torch_core.py::core; the path codes are
+// pica_kernels/svd/presets.py's KRYLOV_V1, GRAM, FULL, KRYLOV_V2).
 //   weight (L, m, n) float; sketch (d, b) float32, d = min(m, n);
 //   path 0 = block Krylov (v1 presets), 1 = exact Gram + eigh, 2 = full float64 SVD,
 //   3 = block Krylov v2 (v2 presets: leaner orthonormalisation, Ritz matrix QᵀAᵀAQ).

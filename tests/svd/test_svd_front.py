@@ -1,4 +1,4 @@
-"""truncated_svd: accuracy against float64 SVD, determinism, backends, bad inputs.
+"""truncated_svd (pica_kernels/svd/__init__.py): accuracy against float64 SVD, determinism, bad inputs, callers.
 
 Shapes are small (d <= 512) because CI machines have 2 cores; the real-weight
 test (SmolLM2-135M) checks the presets on the spectra that matter.
@@ -6,59 +6,12 @@ test (SmolLM2-135M) checks the presets on the spectra that matter.
 
 from __future__ import annotations
 
-import math
-import os
-
 import pytest
 import torch
+from svd_helpers import ORTHO_TOL, SIGMA_TOL, _orthonormal, check, make_matrix, plan_dict
 
-from pica_kernels import svd as svd_mod
-from pica_kernels.svd import accuracy_report, resolve_knobs, truncated_svd
-
-# Per-dtype tolerances (one table, FlagGems style): orthonormality of the basis
-# and singular-value error relative to sigma_1.
-ORTHO_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-SIGMA_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
-    return q
-
-
-def make_matrix(m: int, n: int, spectrum: str, seed: int = 0) -> torch.Tensor:
-    """(m, n) float64 with known singular vectors and an LLM-like spectrum (or an MP bulk)."""
-    gen = torch.Generator().manual_seed(seed)
-    d = min(m, n)
-    i = torch.arange(1, d + 1, dtype=torch.float64)
-    if spectrum == "mp":
-        # Marchenko-Pastur bulk (Gaussian noise, edge 1 + sqrt(d/max)) plus a
-        # decaying tail of 24 spikes above it: trained weights look like this.
-        noise = torch.randn(m, n, generator=gen, dtype=torch.float64) / math.sqrt(max(m, n))
-        spikes = 2.0 + 6.0 * torch.linspace(1, 0, 24, dtype=torch.float64) ** 2
-        return noise + (_orthonormal(m, 24, gen) * spikes) @ _orthonormal(n, 24, gen).T
-    if spectrum == "power":  # sigma_i = i^-0.5: flat, like real projections
-        s = i**-0.5
-    elif spectrum == "steep":
-        s = i**-1.0
-    elif spectrum.startswith("gap"):  # "gap<r>": a 10x drop after index r
-        r = int(spectrum[3:])
-        s = torch.where(i <= r, 1.0 + 1.0 / i, 0.1 / i)
-    elif spectrum.startswith("lowrank"):  # "lowrank<k>": exactly rank k
-        k = int(spectrum[7:])
-        s = torch.where(i <= k, 1.0 / i, torch.zeros_like(i))
-    else:
-        raise ValueError(spectrum)
-    return (_orthonormal(m, d, gen) * s) @ _orthonormal(n, d, gen).T
-
-
-def check(weight, basis, sigma, side, *, energy, cos2, dtype=torch.float32):
-    rep = accuracy_report(weight, basis, side, sigma)
-    assert rep["ortho"] <= ORTHO_TOL[dtype], rep
-    assert rep["energy"] >= energy, rep
-    assert rep["cos2"] >= cos2, rep
-    return rep
-
+from pica_kernels.svd import resolve_knobs, truncated_svd
+from tools.svd_accuracy import accuracy_report
 
 # --------------------------------------------------------------------------- accuracy
 
@@ -81,7 +34,7 @@ def test_gapped_spectrum_recovers_exact_subspace(shape, rank, path, side):
     w = torch.stack(mats).float() if len(shape) == 3 else mats[0].float()
     # Small matrices take the Gram path by default; force Krylov where tested.
     kw = {"exact_ratio": 1e9} if path == "krylov" else {}
-    assert resolve_knobs("accurate", rank, *shape[-2:], **kw)["path"] == path
+    assert resolve_knobs("accurate", rank, *shape[-2:], **kw).path == path
     basis, sigma = truncated_svd(w, rank, side, **kw)
     out_f, in_f = shape[-2:]
     lead = shape[:-2]
@@ -100,21 +53,11 @@ def test_llm_like_spectra_accurate(spectrum, shape):
     w = make_matrix(*shape, spectrum).float()
     for rank in (8, 16):
         # (steps+1)·block = 216 / 288 < d: forced onto the Krylov path (default would be Gram at this size).
-        assert resolve_knobs("accurate", rank, *shape, exact_ratio=1e9)["path"] == "krylov"
+        assert resolve_knobs("accurate", rank, *shape, exact_ratio=1e9).path == "krylov"
         basis, sigma = truncated_svd(w, rank, "input", seed=1, exact_ratio=1e9)
         rep = check(w, basis, sigma, "input", energy=0.9999, cos2=0.99)
         assert rep["sigma_rel_err"] <= 1e-3
 
-
-def test_fast_preset_is_cheaper_and_less_accurate_than_accurate():
-    w = make_matrix(512, 512, "power").float()
-    fast = accuracy_report(w, truncated_svd(w, 24, method="fast")[0])
-    acc = accuracy_report(w, truncated_svd(w, 24, method="accurate")[0])
-    assert fast["energy"] >= 0.99 and fast["ortho"] <= ORTHO_TOL[torch.float32]
-    assert acc["energy"] > fast["energy"] and acc["cos2"] > fast["cos2"]
-    k = resolve_knobs("fast", 24, 512, 512)
-    a = resolve_knobs("accurate", 24, 512, 512)
-    assert (k["steps"] + 1) * k["block"] < (a["steps"] + 1) * a["block"]
 
 
 def test_beats_svd_lowrank():
@@ -171,7 +114,7 @@ def test_rank_below_requested_rank_still_orthonormal(side, ratio, method):
     """GQA-like 192 x 576 of rank 10 asked for r = 32: the extra vectors are an orthonormal completion."""
     w = make_matrix(192, 576, "lowrank10").float()
     # 2 steps keep the Krylov space (3 x 48 = 144) below d = 192, so ratio 1e9 takes the Krylov path.
-    assert resolve_knobs(method, 32, 192, 576, steps=2, exact_ratio=ratio)["path"] == ("gram" if ratio < 1 else "krylov")
+    assert resolve_knobs(method, 32, 192, 576, steps=2, exact_ratio=ratio).path == ("gram" if ratio < 1 else "krylov")
     basis, sigma = truncated_svd(w, 32, side, method=method, steps=2, exact_ratio=ratio)
     rep = accuracy_report(w, basis, side, sigma)
     assert rep["ortho"] <= ORTHO_TOL[torch.float32] and rep["energy"] >= 1 - 1e-6
@@ -186,13 +129,6 @@ def test_zero_weight():
     assert (basis @ basis.T - torch.eye(4)).abs().max() <= 1e-6
 
 
-def test_accuracy_report_detects_a_wrong_basis():
-    w = make_matrix(128, 128, "gap8")
-    good = truncated_svd(w, 8, method="exact")[0]
-    bad = torch.linalg.qr(good.T + 0.3 * torch.randn(128, 8, dtype=torch.float64))[0].T
-    rep_good, rep_bad = accuracy_report(w, good), accuracy_report(w, bad)
-    assert rep_good["cos2"] > 1 - 1e-12 and rep_bad["cos2"] < 0.99 and rep_bad["energy"] < 0.99
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("path", ["krylov", "krylov-v1", "gram", "full"])
@@ -206,7 +142,7 @@ def test_extreme_scale_weights_give_the_same_basis(path, dtype):
     w = make_matrix(256, 384, "gap8").to(dtype)
     kw = {"krylov": {"exact_ratio": 1e9}, "krylov-v1": {"exact_ratio": 1e9, "method": "accurate-v1"},
           "gram": {}, "full": {"method": "exact"}}[path]
-    assert resolve_knobs(kw.get("method", "accurate"), 8, 256, 384, exact_ratio=kw.get("exact_ratio"))["path"] == (
+    assert resolve_knobs(kw.get("method", "accurate"), 8, 256, 384, exact_ratio=kw.get("exact_ratio")).path == (
         path.split("-")[0])
     base, sigma = truncated_svd(w, 8, "input", **kw)
     tiny, huge = (1e-25, 1e18) if dtype == torch.float32 else (1e-200, 1e160)
@@ -238,7 +174,7 @@ def test_oversampling_is_needed_on_a_cluster_below_r():
     basis, sigma = truncated_svd(w, 32)
     rep = accuracy_report(w, basis, "input", sigma, reference=ref)
     assert rep["energy"] >= 0.9999 and rep["cos2"] >= 0.999 and rep["sigma_rel_err"] <= 1.5e-4, rep
-    assert resolve_knobs("accurate", 32, 1024, 1024) == {
+    assert plan_dict(resolve_knobs("accurate", 32, 1024, 1024)) == {
         "method": "accurate-v2", "path": "krylov", "algorithm": 2, "block": 48, "steps": 8}
     # The bar is not loose: the same 8 steps without oversampling miss it.
     basis0, sigma0 = truncated_svd(w, 32, oversample=0)
@@ -270,36 +206,6 @@ def test_layer_basis_independent_of_batch_position():
         alone, _ = truncated_svd(ws[i], 12, exact_ratio=1e9)
         torch.testing.assert_close(batch[i], alone, atol=1e-5, rtol=0)
 
-
-def test_cpp_backend_matches_torch_fallback_bit_for_bit():
-    if not svd_mod.HAS_CPP:
-        pytest.skip(f"C++ extension not built: {svd_mod.backend_error()}")
-    for shape, rank, side, kw in [
-        ((2, 256, 384), 12, "input", {}),  # Krylov v2
-        ((2, 256, 384), 12, "input", {"method": "accurate-v1"}),  # Krylov v1
-        ((384, 256), 12, "output", {"method": "fast"}),  # Krylov v2, tall
-        ((384, 256), 12, "output", {}),  # Krylov, tall
-        ((192, 576), 64, "output", {}),  # Gram
-        ((384, 384), 16, "input", {"steps": 4, "exact_ratio": 1e9}),  # eigh orthonormalisation (v2)
-        ((384, 384), 16, "input", {"steps": 4, "exact_ratio": 1e9, "method": "accurate-v1"}),  # (v1)
-        ((128, 96), 8, "input", {"method": "exact"}),
-    ]:
-        spectrum = "lowrank40" if "exact_ratio" in kw else "power"
-        w = make_matrix(*shape[-2:], spectrum).float()
-        if len(shape) == 3:
-            w = torch.stack([w, w.flip(0)])
-        a = truncated_svd(w, rank, side, backend="cpp", **kw)
-        b = truncated_svd(w, rank, side, backend="torch", **kw)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (shape, rank, side, kw)
-
-
-def test_backend_reported(monkeypatch):
-    assert svd_mod.backend() == ("cpp" if svd_mod.HAS_CPP else "torch")
-    assert (svd_mod.backend_error() is None) == svd_mod.HAS_CPP
-    monkeypatch.setenv("PICA_SVD_BACKEND", "torch")
-    assert svd_mod.backend() == "torch"
-    if os.environ.get("PICA_REQUIRE_CPP"):
-        assert svd_mod.HAS_CPP
 
 
 @pytest.mark.gpu
@@ -358,105 +264,6 @@ def test_mismatched_shapes_in_a_batch_are_an_error():
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         truncated_svd(torch.stack([torch.randn(8, 6), torch.randn(8, 5)]), 2)
 
-
-def test_knobs_and_path_selection():
-    def knobs(*args, **kw):
-        k = resolve_knobs(*args, **kw)
-        return k["path"], k["block"], k["steps"]
-
-    assert resolve_knobs("accurate", 16, 4096, 4096) == {
-        "method": "accurate-v2", "path": "krylov", "algorithm": 2, "block": 32, "steps": 8}
-    assert knobs("accurate", 128, 4096, 4096) == ("krylov", 160, 8)  # oversample r/4 above 64
-    assert knobs("accurate", 64, 576, 1536)[0] == "gram"  # 9 x 80 >= 0.5 x 576
-    assert resolve_knobs("fast", 16, 576, 1536) == {
-        "method": "fast-v2", "path": "krylov", "algorithm": 2, "block": 24, "steps": 3}
-    assert knobs("accurate", 8, 6, 6)[1] == 6  # block capped at d
-    assert resolve_knobs("exact", 8, 64, 64)["path"] == "full"
-    assert knobs("accurate", 16, 4096, 4096, exact_ratio=0.0)[0] == "gram"
-    # r = 256 on a large weight: 9 x 320 >= 0.5 x 4096, so v2 narrows the block and takes
-    # the most steps (>= 6) below the switch instead of the 4096 x 4096 eigh that v1 runs.
-    for shape in ((4096, 4096), (14336, 4096), (4096, 14336)):
-        assert knobs("accurate", 256, *shape) == ("krylov", 272, 6)
-        assert knobs("accurate-v1", 256, *shape)[0] == "gram"
-    # Where the rule matters: r = 200 (block r + r/4 = 266, 9 x 266 >= 2048) narrows to 216 and keeps all 8
-    # steps (9 x 216 = 1944 < 2048) -- "the most steps below the switch", not the minimum: a rule taking 6
-    # steps (or the first count from below) gives the same 6 at r = 256 but a less accurate basis here.
-    # r = 224: 240 wide, 8 steps would be 2160, 7 steps 1920 < 2048.
-    assert knobs("accurate", 200, 4096, 4096) == ("krylov", 216, 8)
-    assert knobs("accurate", 224, 4096, 4096) == ("krylov", 240, 7)
-    assert knobs("accurate-v1", 200, 4096, 4096)[0] == "gram"
-    # Explicit knobs are used as given (no narrowing): the Gram path.
-    assert knobs("accurate", 200, 4096, 4096, steps=8)[0] == "gram"
-    assert knobs("accurate", 512, 4096, 4096)[0] == "gram"  # not even 6 steps fit
-    assert knobs("accurate", 24, 576, 1536)[0] == "gram"  # small d: the Gram path stays (cheap, exact)
-    assert knobs("accurate", 256, 4096, 4096, steps=8)[0] == "gram"  # explicit knobs are taken as given
-    # A Krylov space as large as d is never run, whatever exact_ratio says (it would be rounding noise).
-    assert knobs("accurate", 32, 384, 512, exact_ratio=1e9)[0] == "gram"  # 9 x 48 >= 384
-    assert knobs("accurate", 32, 384, 512, steps=6, exact_ratio=1e9)[0] == "krylov"  # 7 x 48 < 384
-    for name in ("accurate-v1", "fast-v1"):
-        assert resolve_knobs(name, 16, 4096, 4096)["algorithm"] == 1
-
-
-def test_presets_are_versioned():
-    """Plain names follow the newest presets; versioned names, and legacy files' plain names, stay reproducible."""
-    assert svd_mod.versioned_method("accurate") == "accurate-v2"
-    assert svd_mod.versioned_method("fast") == "fast-v2"
-    assert svd_mod.versioned_method("exact") == "exact"
-    assert svd_mod.versioned_method("accurate-v1") == "accurate-v1"
-    assert svd_mod.LEGACY_SVD_METHODS == {"accurate": "accurate-v1", "fast": "fast-v1"}
-    assert set(svd_mod.SVD_METHOD_ALIASES.values()) <= set(svd_mod.SVD_METHODS)
-    with pytest.raises(ValueError, match="method must be one of"):
-        svd_mod.versioned_method("accurate-v9")
-    w = make_matrix(256, 384, "power").float()
-    v1, _ = truncated_svd(w, 6, method="accurate-v1", exact_ratio=1e9)
-    v2, _ = truncated_svd(w, 6, method="accurate", exact_ratio=1e9)
-    assert torch.equal(v2, truncated_svd(w, 6, method="accurate-v2", exact_ratio=1e9)[0])
-    assert not torch.equal(v1, v2)  # another algorithm: other rounding...
-    torch.testing.assert_close(v1, v2, atol=1e-4, rtol=0)  # ...same vectors
-
-
-# Fingerprints (first 3 vectors) of bases computed by pica_kernels before presets were versioned (the commit
-# before "truncated_svd: versioned presets"): a file recording "accurate"/"fast" from then must still verify.
-_V1_FINGERPRINTS = {
-    "accurate-v1": [[-1.3568863227817356, -0.05917444179182157, 0.15669976193482343, 1.487195466007549],
-                    [-0.40651615656624357, -1.0872082753929364, 0.14302841591184973, 0.20097772026383373],
-                    [1.224435737692715, 1.4151084374998342, -0.6330134958224795, 1.431251287298635]],
-    "fast-v1": [[-1.3568834708129451, -0.0591701332310343, 0.1567010332265679, 1.4871951924034044],
-                [-0.40649023066910944, -1.0871631941261042, 0.14302600909664095, 0.20099707360268323],
-                [1.224501313769692, 1.415235169523608, -0.6332139252035364, 1.4312386772854302]],
-    "gram": [[1.920334995005641, -0.3498845746864243, -1.7138377768696267, -0.5556861431985424],
-             [-0.23582735298311638, -0.30087509783993166, -0.27233537309067224, -0.21459978139419417],
-             [-0.7040740328123171, -0.08878178500129907, -1.0270317521672299, 0.03177449326143611]],
-}
-
-
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-@pytest.mark.parametrize("case", sorted(_V1_FINGERPRINTS))
-def test_v1_presets_reproduce_old_bases(case, backend):
-    """The v1 presets (and the Gram path, unchanged) give the bases pica_kernels computed before v2."""
-    if backend == "cpp" and not svd_mod.HAS_CPP:
-        pytest.skip(f"C++ extension not built: {svd_mod.backend_error()}")
-    if case == "gram":
-        w, kw = make_matrix(192, 576, "power").float(), {"method": "accurate"}
-    else:
-        w, kw = make_matrix(256, 384, "power").float(), {"method": case, "exact_ratio": 1e9}
-    basis, _ = truncated_svd(w, 6, "input", backend=backend, **kw)
-    fp = svd_mod.basis_fingerprint(basis, "input")[:3]
-    # 2e-6: far inside the adapter files' float32 fingerprint tolerance (1e-4). The same fp32 SVD differs between
-    # ATen dispatch levels: up to 1.04e-6 from the record under ATEN_CPU_CAPABILITY=default, 4.0e-7 under avx2 and
-    # avx512 (measured; 1e-6 failed on the default level). At this size v2 lands as close (3e-7..1.4e-6), so this
-    # checks that v1 still gives the old bases, not that it differs from v2 (that needs a matrix where the
-    # presets' bases differ by >> 1e-6).
-    torch.testing.assert_close(fp, torch.tensor(_V1_FINGERPRINTS[case], dtype=torch.float64), atol=2e-6, rtol=0)
-
-
-def test_config_default_is_accurate():
-    from pica_kernels.native.model import PiCaConfig
-
-    assert PiCaConfig().svd_method == "accurate"
-    assert PiCaConfig(svd_method="fast").svd_method == "fast"
-    with pytest.raises(ValueError, match="svd_method must be one of"):
-        PiCaConfig(svd_method="lowrank")
 
 
 # --------------------------------------------------------------------------- real weights
