@@ -102,6 +102,6 @@ def test_fp16_dm_over_4096_tokens_accumulates_in_fp32():
     w = torch.randn(out_f, in_f, generator=g).half().to(DEVICE)
     m = torch.randn(out_f, rank, generator=g).to(DEVICE)
     basis = torch.randn(rank, in_f, generator=g).half().to(DEVICE)
-    _, dm, _ = torch.ops.pica_kernels.lowrank_linear_backward(dy, None, t, w, m, basis, False, True, False, "triton")
+    _, dm, _ = torch.ops.pica.lowrank_linear_backward(dy, None, t, w, m, basis, False, True, False, "triton")
     err = rel_err(dm, dy.double().T @ t.double())
     assert err <= 1e-5, f"dM relative error {err:.2e} over 4096 tokens: accumulator not fp32?"
