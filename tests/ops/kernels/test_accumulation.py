@@ -18,14 +18,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import (
+
+from pica_kernels.ops import pica_linear
+from pica_kernels.ops.kernels import launchers
+from tests.ops.kernel_helpers import (
     DEVICE,
     needs_triton,
     poison_kernel_outputs,  # noqa: F401  (autouse)
 )
-
-from pica_kernels.ops import pica_linear
-from pica_kernels.ops.kernels import launchers
 
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 # One rounding of an fp16 result is at most 2**-11 of its magnitude; allow two.

@@ -11,12 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import (
-    DEVICE,
-    assert_close_to_reference,
-    needs_triton,
-    poison_kernel_outputs,  # noqa: F401  (autouse)
-)
 
 from pica_kernels import reference
 from pica_kernels.ops import backend as backend_mod
@@ -25,6 +19,12 @@ from pica_kernels.ops.kernels import configs, launchers
 from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, config_override, estimate_shared_memory
 from pica_kernels.ops.kernels.launchers import select_config
 from pica_kernels.ops.kernels.padding import padded_rank
+from tests.ops.kernel_helpers import (
+    DEVICE,
+    assert_close_to_reference,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import (
-    DEVICE,
-    assert_close_to_reference,
-    needs_triton,
-    poison_kernel_outputs,  # noqa: F401  (autouse)
-)
 
 from pica_kernels import reference
 from pica_kernels.ops import grouped_lowrank_linear, multitask_pica_linear, pica_linear
 from pica_kernels.ops.kernels import launchers, padding
 from pica_kernels.ops.kernels.padding import PAD_CACHE, RANK_ALIGN, padded_rank
+from tests.ops.kernel_helpers import (
+    DEVICE,
+    assert_close_to_reference,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 
 pytestmark = needs_triton
 

@@ -11,13 +11,6 @@ import warnings
 
 import pytest
 import torch
-from kernel_helpers import (
-    DEVICE,
-    TOLERANCES,
-    max_rel_err,
-    needs_triton,
-    poison_kernel_outputs,  # noqa: F401  (autouse)
-)
 
 from pica_kernels import reference
 from pica_kernels.ops import pica_linear
@@ -32,6 +25,13 @@ from pica_kernels.ops.kernels.configs import (
     heuristic_config,
 )
 from pica_kernels.ops.kernels.launchers import select_config
+from tests.ops.kernel_helpers import (
+    DEVICE,
+    TOLERANCES,
+    max_rel_err,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 
 H100, A10 = GPU_TABLE["sm_90"], GPU_TABLE["sm_86"]
 BF16_M32 = (torch.bfloat16, torch.bfloat16, torch.float32)
