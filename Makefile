@@ -64,14 +64,14 @@ paper: $(STAMP) test-real-data
 	$(PY) examples/glue_report.py docs/results/glue/runs.json
 	$(PY) examples/gsm8k.py --data-dir $(DATA)/gsm8k --out docs/results/gsm8k/results.json
 
-# Ahead-of-time compile gate (no GPU): every kernel class the launchers produce over the issue-12 sweep,
+# Ahead-of-time compile gate (no GPU): every kernel class the launchers produce over the sweep in tools/aot.py,
 # compiled by Triton for sm_75 ... sm_120 with the JIT's own argument specialisation, checked (compiles,
 # shared memory <= the architecture's limit, no spills in 16-bit prefill/backward GEMMs, wgmma on sm_90),
 # and written to docs/kernels.md with the hash of the kernel + configs sources (make test checks it).
-# sm_75 compiles (FMA dots, ~15 s each) only its largest tile per regime. See pica_kernels/ops/kernels/aot.py.
+# sm_75 compiles (FMA dots, ~15 s each) only its largest tile per regime. See tools/aot.py.
 AOT_JOBS ?= 2
 aot: $(STAMP)
-	env -u TRITON_INTERPRET nice -n 5 $(PY) -m pica_kernels.ops.kernels.aot --jobs $(AOT_JOBS) \
+	env -u TRITON_INTERPRET nice -n 5 $(PY) -m tools.aot --jobs $(AOT_JOBS) \
 		--largest-archs sm_75 --markdown docs/kernels.md --json docs/results/kernels_aot.json
 
 # Smoke compiles with the oldest Triton pyproject.toml admits (what CUDA torch 2.11 wheels pin), in a
@@ -82,7 +82,7 @@ aot-oldest-triton:
 	@test -x $(OLD_TRITON_VENV)/bin/python || python3 -m venv $(OLD_TRITON_VENV)
 	@$(OLD_TRITON_VENV)/bin/python -c "import triton; assert triton.__version__ == '$(OLDEST_TRITON)'" 2>/dev/null || \
 		$(OLD_TRITON_VENV)/bin/pip install -q "$(TORCH_SPEC)" triton==$(OLDEST_TRITON) safetensors tqdm numpy
-	env -u TRITON_INTERPRET PYTHONPATH=. nice -n 5 $(OLD_TRITON_VENV)/bin/python -m pica_kernels.ops.kernels.aot \
+	env -u TRITON_INTERPRET PYTHONPATH=. nice -n 5 $(OLD_TRITON_VENV)/bin/python -m tools.aot \
 		--largest --archs sm_80,sm_86,sm_90 --sizes 4096 --ranks 64,256 --tokens 1,16,64,4096 \
 		--ops forward/input,backward/input --jobs $(AOT_JOBS)
 
@@ -92,7 +92,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py $(if $(QUANTIZE),--quantize $(QUANTIZE))
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pica_kernels tests examples benchmarks
+	$(VENV)/bin/ruff check pica_kernels tests examples benchmarks tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info pica_kernels/_C*.so

@@ -5,7 +5,7 @@
 
 Per layer (SmolLM2 shapes, r = 32, fp32, forward + backward with dx, as inside a network): the frozen
 nn.Linear, PiCaLinear (eager CPU: the reference's own autograd, called directly), PiCa through the
-custom op (``torch.ops.pica_kernels.lowrank_linear``, the route eager CPU took before; what
+custom op (``torch.ops.pica.lowrank_linear``, the route eager CPU took before; what
 ``torch.compile`` still takes) and PEFT LoRA at the same rank. Methods are interleaved in shuffled
 rounds (harness.Interleaved); a cell's ratio is the median over rounds of the per-round ratio to the
 frozen layer, on the clock named in the output (process CPU time with one thread; wall time with
@@ -15,7 +15,7 @@ The FLOP floor of PiCa (factored form, input side): the frozen layer does 2*T*in
 (y and dx); PiCa adds t = x@P.T (T*in*r), the M term of y (T*r*out), s = dy@M (T*out*r), the P term
 of dx (T*r*in) and dM = dy.T@t (out*T*r): floor = 1 + r*(2*in + 3*out) / (2*in*out). Goal at the
 largest T: PiCa within 1.5x of the floor's overhead. At large fp32 T the direct path computes y and
-dx through W + M@P instead (reference.merged_pays), which needs fewer multiply-adds than that floor.
+dx through W + M@P instead (ops.eager.merged_pays), which needs fewer multiply-adds than that floor.
 
 Whole step: SmolLM2-135M-Instruct, forward with labels + backward + AdamW step (benchmarks/
 test_model_bench.py's step and batch), frozen / PiCa r = 32 / LoRA r = 32, interleaved rounds.
@@ -46,7 +46,7 @@ TOKENS = (1, 8, 64, 4096)
 
 
 class PiCaCustomOp(nn.Module):
-    """PiCa through the custom op (``pica_kernels::lowrank_linear``, reference backend), as eager CPU ran it before."""
+    """PiCa through the custom op (``pica::lowrank_linear``, reference backend), as eager CPU ran it before."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -54,7 +54,7 @@ class PiCaCustomOp(nn.Module):
 
     def forward(self, x):
         layer = self.layer
-        y, _ = torch.ops.pica_kernels.lowrank_linear(x, layer.base_weight, layer.base_layer.bias, layer.m(),
+        y, _ = torch.ops.pica.lowrank_linear(x, layer.base_weight, layer.base_layer.bias, layer.m(),
                                                      layer.basis(), "reference")
         return y
 

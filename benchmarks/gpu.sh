@@ -96,7 +96,7 @@ echo "results: $RESULTS; table: $TABLE"
 # (a) kernel tests. Real sizes first (-m gpu), then the rest of tests/ops with the time left.
 if [[ $DRY == 1 ]]; then
   run_phase tests "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu \
-    tests/ops/test_lowrank_linear.py tests/ops/test_tuned_configs.py
+    tests/ops/test_lowrank_linear.py tests/ops/kernels/test_tuned_configs.py
 else
   run_phase tests-real-sizes "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=5 -m gpu tests/ops
   LEFT=$((TESTS_S - LAST_S))

@@ -16,8 +16,9 @@ from collections.abc import Callable
 import torch
 
 from pica_kernels.ops.kernels import launchers
+from pica_kernels.ops.kernels.autotune import median_ms
 from pica_kernels.ops.kernels.configs import GPU_TABLE, DeviceProps, Mode, device_props, estimate_shared_memory
-from pica_kernels.ops.kernels.tuned import dtypes_name, median_ms
+from pica_kernels.ops.kernels.tuned import dtypes_name
 
 #: The launches of one input-side PiCa layer: the forward (two-launch form, or one DECODE launch at
 #: T <= 16 with r <= 64) and the backward of a step where only M trains (s = dy @ M, dx, dM).

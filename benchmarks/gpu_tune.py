@@ -3,7 +3,7 @@
 For every (architecture, regime, shape bucket, dtypes, mode) that the launches of the requested
 layers fall into (pica_kernels.ops.kernels.tuned explains the key), the sweep
 
-1. lists candidate configs (``tuned.candidate_configs``: the heuristic's first, then its neighbours),
+1. lists candidate configs (``autotune.candidate_configs``: the heuristic's first, then its neighbours),
    pruned by the shared-memory model (``configs.estimate_shared_memory``) and the accumulator's register
    budget before anything is compiled, capped at ``--max-candidates``;
 2. runs each once and checks the result against the float64 reference (a candidate over the dtype's
@@ -57,7 +57,7 @@ from benchmarks.gpu_common import (  # noqa: E402
     make_launch,
     props_for,
 )
-from pica_kernels.ops.kernels import tuned  # noqa: E402
+from pica_kernels.ops.kernels import autotune, tuned  # noqa: E402
 from pica_kernels.ops.kernels.configs import config_override, regime  # noqa: E402
 from pica_kernels.ops.kernels.launchers import DECODE_MAX_T  # noqa: E402
 
@@ -135,7 +135,7 @@ def sweep_bucket(fields, spec, props, args, timer, deadline) -> dict:
     kind, rows, out_f, in_f, rank, dtype, m_dtype = spec
     launch = make_launch(kind, rows, out_f, in_f, rank, dtype, m_dtype, args.device)
     sel = launch.select_args()
-    candidates = tuned.candidate_configs(*sel, props, limit=args.max_candidates)
+    candidates = autotune.candidate_configs(*sel, props, limit=args.max_candidates)
     record = {**fields, "launch": launch.name, "sizes": dict(zip(("rows", "cols", "depth", "rank"), sel[:4])),
               "candidates": [], "partial": False}
     for i, cand in enumerate(candidates):
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         buckets = plan(args, props)
         compiles = set()
         for fields, _, spec in buckets:
-            cands = tuned.candidate_configs(*launch_args(*spec), props, limit=args.max_candidates)
+            cands = autotune.candidate_configs(*launch_args(*spec), props, limit=args.max_candidates)
             compiles.update((fields["mode"], fields["dtypes"], tuple(sorted(c.items()))) for c in cands)
             print(f"{fields['mode']} {fields['regime']} {fields['dtypes']} {fields['bucket']}: {len(cands)} candidates")
             for c in cands:

@@ -125,7 +125,8 @@ def pica_layer(base: nn.Linear, factors: dict, rank: int = RANK) -> nn.Module:
 
 
 class PiCaReference(nn.Module):
-    """PiCa through ``pica_kernels.reference`` directly: the reference path, whatever ops dispatches to."""
+    """PiCa on the reference backend (``backend="reference"``: the PyTorch path -- the eager path on CPU, the
+    custom op's reference branch on a GPU), whatever ops dispatches to by default."""
 
     def __init__(self, base: nn.Linear, basis: torch.Tensor) -> None:
         super().__init__()
@@ -134,9 +135,9 @@ class PiCaReference(nn.Module):
         self.m = nn.Parameter(torch.zeros(base.out_features, basis.shape[0], device=basis.device))
 
     def forward(self, x):
-        from pica_kernels import reference
+        from pica_kernels import ops
 
-        return reference.pica_linear(x, self.base.weight, self.base.bias, self.basis, self.m)
+        return ops.pica_linear(x, self.base.weight, self.base.bias, self.basis, self.m, backend="reference")
 
 
 def pica_kernel_available(dev: torch.device, dtype: torch.dtype = torch.float32) -> bool:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..ops import checks
+from ..ops import checks, eager
+from ..ops.dispatch import compute_dtype
 from .base import weight_out_in
 from .defaults import BASE_ADAPTER
 from .merge import original_base
@@ -123,8 +124,8 @@ def adapter_forward(
     from ..ops import lowrank_linear
 
     # The op runs when x and W meet in one dtype in the GEMM: equal dtypes, or both cast by an autocast region
-    # (the op follows autocast as nn.Linear does; reference.py, "autocast").
-    fused = weight is not None and reference.compute_dtype(x) == reference.compute_dtype(weight)
+    # (the op follows autocast as nn.Linear does; ops/dispatch.py, "autocast").
+    fused = weight is not None and compute_dtype(x) == compute_dtype(weight)
     if not adapters or not fused:
         check_input(x, in_features)  # no op checks x on these paths
     if not adapters:
@@ -144,7 +145,7 @@ def adapter_forward(
     # A quantized base (or x in another dtype than W): the base layer decides the output dtype, the term follows
     # it (in the autocast dtype inside an autocast region: lowrank_term follows autocast like the op).
     y = base_layer(x)
-    return y + reference.lowrank_term(x.to(y.dtype), a, b)
+    return y + eager.lowrank_term(x.to(y.dtype), a, b)
 
 
 def mixed_forward(
@@ -166,7 +167,7 @@ def mixed_forward(
     # One basis for all (the same storage, as adapters of equal side and rank share it): one multi-task launch.
     bases = {(t[0].data_ptr(), tuple(t[0].shape), t[0].stride(), t[0].dtype) for t in tensors.values()}
     if used and x.dim() == 3 and len(bases) == 1 and all(t[2] == "input" for t in tensors.values()) \
-            and weight is not None and reference.compute_dtype(x) == reference.compute_dtype(weight):
+            and weight is not None and compute_dtype(x) == compute_dtype(weight):
         ms = [tensors[n][1] for n in used]
         if BASE_ADAPTER in names:
             ms.append(torch.zeros_like(ms[0]))

@@ -1,27 +1,22 @@
-"""Ops of pica_kernels.
+"""Ops of pica_kernels: one module per op, each holding its entry point(s), ``torch.library`` custom op
+(namespace ``pica``, ``torch.ops.pica.*``) and autograd.
 
-Public entry points (argument checks, then dispatch), one module each, none
-named like the function it holds:
+* :func:`lowrank_linear` and :func:`pica_linear` (:mod:`.lowrank`) -- ``y = x@W.T + (x@B.T)@A.T + b``, any
+  factor trainable; PiCa's basis and ``M`` mapped onto it;
+* :func:`grouped_lowrank_linear` (:mod:`.grouped`) -- projections sharing one input (q/k/v) with one shrink
+  launch;
+* :func:`multitask_pica_linear` (:mod:`.multitask`) -- one adapter per sequence, the basis shared.
 
-* :func:`lowrank_linear` (:mod:`.lowrank`) -- the backend entry point,
-  ``y = x@W.T + (x@B.T)@A.T + b``, any factor trainable;
-* :func:`pica_linear` (:mod:`.pica`) -- PiCa's basis and ``M`` mapped onto it;
-* :func:`grouped_lowrank_linear` (:mod:`.grouped`) -- projections sharing one
-  input (q/k/v) with one shrink launch;
-* :func:`multitask_pica_linear` (:mod:`.multitask`) -- one adapter per
-  sequence, the basis shared.
-
-:mod:`.custom_ops` holds the ``torch.library`` ops and autograd of
-``lowrank_linear``; :mod:`.kernels` the Triton kernel (:mod:`.kernels.lowrank_gemm`),
-its configs (:mod:`.kernels.configs`) and launchers (:mod:`.kernels.launchers`).
-Which implementation runs (Triton or the reference) is decided per call by
-:func:`pica_kernels.ops.backend.resolve_backend`.
+Shared by all of them: :mod:`.checks` (each argument checked once, at the entry point), :mod:`.dispatch`
+(autocast at the entry; the eager path or the custom op; inside the op the Triton launches, a kernel
+fallback or the reference), :mod:`.backend` (which implementation a call runs), :mod:`.eager` (the CPU
+eager path) and :mod:`.kernels` (the Triton kernel, its launchers, configs, rank padding and tuned table).
+The math they implement is :mod:`pica_kernels.reference`.
 """
 
 from .backend import resolve_backend
 from .grouped import grouped_lowrank_linear
-from .lowrank import lowrank_linear
+from .lowrank import lowrank_linear, pica_linear
 from .multitask import multitask_pica_linear
-from .pica import pica_linear
 
 __all__ = ["grouped_lowrank_linear", "lowrank_linear", "multitask_pica_linear", "pica_linear", "resolve_backend"]

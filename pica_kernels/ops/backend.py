@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+from .env import env_flag
 from .kernels.configs import bf16_tensor_cores, device_props
 from .kernels.launchers import STRICT_ENV_VAR, strict_mode
 
@@ -54,7 +55,7 @@ def triton_available() -> bool:
 
 def interpreter_enabled() -> bool:
     """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    return env_flag("TRITON_INTERPRET")
 
 
 @functools.cache
@@ -141,19 +142,3 @@ _WARNED_NO_BF16: set[str] = set()
 _WARNED_SLOW: set[str] = set()
 #: The oldest architecture the kernels run on by default (Ampere: tensor-core MMA from Triton).
 FAST_CAPABILITY = (8, 0)
-
-
-def eager_reference(backend: str, x: torch.Tensor) -> bool:
-    """True when an op's public entry function should call :mod:`pica_kernels.reference` directly.
-
-    That is: CPU tensors, not being traced by ``torch.compile``/``torch.export``, and the rule above
-    resolving to the reference. The reference's own autograd (closed-form backward, same saved
-    tensors) then replaces the custom-op round trip, which cost more than the math at small T on
-    CPU. Under compilation, and wherever the kernels may run, the custom op stays (its fake kernel
-    and schema are what ``torch.compile`` and ``opcheck`` need).
-    """
-    return (
-        x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and resolve_backend(backend, x.device, x.dtype) == "reference"
-    )

@@ -6,13 +6,15 @@ checks each of its arguments exactly once, before it picks a backend, so the ref
 path and the eager CPU shortcut refuse the same arguments with the same message: a ``ValueError`` (shape,
 device) or ``TypeError`` (dtype) naming the argument. Nothing below the entry points checks again, but for the
 factors' shared rank (:func:`pica_kernels.reference.check_ranks`, an int comparison): the custom ops can be
-called directly (``torch.ops.pica_kernels``), and a Triton launch with mismatched ranks would read past the
+called directly (``torch.ops.pica``), and a Triton launch with mismatched ranks would read past the
 narrower factor.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .. import reference
 
 
 def check_x(x: torch.Tensor, in_features: int) -> None:
@@ -72,3 +74,20 @@ def check_lowrank_args(x, weight, bias, a, b, names: tuple[str, str] = ("a", "b"
     check_matrix(a, names[0])
     check_factor(a, (out_f, a.shape[1]), x, names[0], f" (out={out_f}, r)")
     check_factor(b, (a.shape[1], in_f), x, names[1], f" (r={a.shape[1]}, in={in_f})")
+
+
+def check_pica_args(x, weight, bias, basis, m, side) -> None:
+    """Every argument of :func:`pica_linear`, once; errors name the argument (``basis``, ``m``, not a factor)."""
+    reference.check_side(side)
+    check_matrix(weight, "weight")
+    out_f, in_f = weight.shape
+    check_x(x, in_f)
+    check_weight(weight, x)
+    check_bias(bias, out_f, x)
+    if basis.dim() != 2 or m.dim() != 2:
+        raise ValueError(f"basis and m must be 2-D, got {tuple(basis.shape)} and {tuple(m.shape)}")
+    rank = basis.shape[0] if side == "input" else basis.shape[1]
+    check_factor(basis, reference.basis_shape(out_f, in_f, rank, side), x, "basis",
+                        f" for side={side!r} and weight {tuple(weight.shape)}")
+    check_factor(m, reference.m_shape(out_f, in_f, rank, side), x, "m",
+                        f" for side={side!r}, rank {rank}, weight {tuple(weight.shape)}")

@@ -23,32 +23,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import checks
-from .backend import resolve_backend
+from . import checks, eager
+from .dispatch import follows_autocast, run_op
 from .kernels import launchers, padding
 
 
-def _grouped_triton(x, weights, biases, a, b_cat, ranks, align):
-    # Ranks that are not multiples of 16 run padded (kernels/padding.py): B_cat with one zero-padded slot
-    # per projection (cached: once per basis), t laid out in the same slots.
-    b_pad = padding.pad_rank_slots(b_cat, ranks, 0, align)
-    offs = padding.slot_offsets(ranks, align)
-    t = launchers.alloc((x.shape[0], b_pad.shape[0]), x.dtype, x.device)
-    launchers.launch_lowrank_gemm(t, x, b_pad.T)  # the one shrink launch for every projection
-    ys = []
-    for lo, w, bias, ai in zip(offs, weights, biases, a):
-        ai = padding.pad_rank_dim(ai, 1, align)
-        y = launchers.alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
-        ys.append(launchers.launch_lowrank_gemm(y, x, w.T, t=t[:, lo:lo + ai.shape[1]], factor_up=ai.T, bias=bias))
-    return [*ys, t]
-
-
-def _t_slices(ranks, align):
-    """(lo, hi) of each projection's r_i columns in the saved t (padded slots, :func:`padding.slot_offsets`)."""
-    return [(lo, lo + r) for lo, r in zip(padding.slot_offsets(ranks, align), ranks)]
-
-
-@torch.library.custom_op("pica_kernels::grouped_lowrank_linear", mutates_args=())
+@torch.library.custom_op("pica::grouped_lowrank_linear", mutates_args=())
 def _grouped_op(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -61,16 +41,11 @@ def _grouped_op(
 ) -> list[torch.Tensor]:
     """x (T, in) -> [y_i (T, out_i)] + [t] (t last, saved for backward): t is (T, sum padded_rank(r_i,
     rank_align)), each projection's r_i columns at the start of its slot (the kernels' layout, whichever
-    branch ran; ``rank_align`` as in ``pica_kernels::lowrank_linear``)."""
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
-        try:
-            return _grouped_triton(x, weights, biases, a, b_cat, ranks, rank_align)
-        except launchers.KernelFallback:
-            pass  # a shape class that failed to compile or launch (warned once): the reference runs it
-    with reference.autocast_off(x):  # the op computes in its inputs' dtypes (the entry point cast them)
-        ys, t = reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks)
-    # t in the kernels' slot layout whichever branch ran (one layout for the fake kernel to promise).
-    return [*ys, padding.pad_slots_like_kernel(t, ranks, rank_align)]
+    branch ran; ``rank_align`` as in ``pica::lowrank_linear``)."""
+    return run_op(backend, x,
+                  lambda: launchers.triton_grouped_forward(x, weights, biases, a, b_cat, ranks, rank_align),
+                  lambda: reference.grouped_lowrank_forward(x, weights, biases, a, b_cat, ranks, eager.cast_factor),
+                  lambda out: [*out[0], padding.pad_slots_like_kernel(out[1], ranks, rank_align)])
 
 
 @_grouped_op.register_fake
@@ -103,9 +78,9 @@ def _backward(ctx, grads):
     weights, a = rest[: ctx.n], rest[ctx.n :]
     dx = None
     da, db = [], []
-    t_cols = _t_slices(ctx.ranks, ctx.rank_align)
+    t_cols = padding.slot_slices(ctx.ranks, ctx.rank_align)
     for i, ((lo, hi), (b_lo, b_hi), dy) in enumerate(zip(t_cols, reference.rank_slices(ctx.ranks), grads[:-1])):
-        gx, ga, gb = torch.ops.pica_kernels.lowrank_linear_backward(
+        gx, ga, gb = torch.ops.pica.lowrank_linear_backward(
             dy, x, t[:, lo:hi], weights[i], a[i], b_cat[b_lo:b_hi], ctx.need_x, ctx.need_a, ctx.need_b, ctx.backend
         )
         if ctx.need_x:
@@ -140,6 +115,7 @@ def check_grouped_args(x, weights, biases, a, b_cat, ranks) -> None:
             raise ValueError("grouped_lowrank_linear expects a frozen weight and bias; use lowrank_linear otherwise")
 
 
+@follows_autocast("x", "weights", "biases")
 def grouped_lowrank_linear(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -156,14 +132,9 @@ def grouped_lowrank_linear(
     any floating dtype (cast on the fly, as in :func:`lowrank_linear`). Inside ``torch.autocast``: x, the
     weights and biases in the region's dtype, ``a`` and ``b_cat`` in their own (as :func:`lowrank_linear`).
     """
-    amp = reference.autocast_dtype(x)
-    if amp is not None:
-        x, weights, biases = reference.autocast_operand((x, list(weights), list(biases)), amp)
-        with torch.autocast(x.device.type, enabled=False):
-            return grouped_lowrank_linear(x, weights, biases, a, b_cat, ranks, backend=backend)
     check_grouped_args(x, weights, biases, a, b_cat, ranks)
     lead = x.shape[:-1]
-    outs = torch.ops.pica_kernels.grouped_lowrank_linear(
+    outs = torch.ops.pica.grouped_lowrank_linear(
         x.reshape(-1, x.shape[-1]), list(weights), list(biases), list(a), b_cat, list(ranks), backend,
         padding.RANK_ALIGN,  # explicit (not the default): a compiled graph records the layout of t
     )

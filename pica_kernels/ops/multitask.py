@@ -17,7 +17,7 @@ Backward (training several tasks in one batch) is plain PyTorch, batched per
 sequence; ``dM`` of each adapter sums its sequences through a one-hot matmul
 (deterministic, no atomics).
 
-Eager CPU inference (no gradient asked for; serving) takes :func:`grouped_inference` instead of the
+Eager CPU inference (no gradient asked for; serving) takes :func:`.eager.grouped_inference` instead of the
 custom op: ``t`` once, then GEMMs of ``t``'s rows against each adapter's ``M`` added into ``y`` in
 place. The reference's gather of ``m_stack[ids]`` (a (B, out, r) copy) and its batched GEMM of S-row
 matrices cost 3x the low-rank term's FLOPs on CPU (SmolLM2 up_proj, 64 x 16 tokens, r = 32, one
@@ -32,31 +32,12 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from . import checks
-from .backend import eager_reference, resolve_backend
+from . import checks, eager
+from .dispatch import autocast_off, follows_autocast, run_op, use_eager
 from .kernels import launchers, padding
 
 
-def _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids, align):
-    nseq, seq_len, in_f = x.shape
-    rank = basis.shape[0]
-    x2 = x.reshape(nseq * seq_len, in_f)
-    # A rank that is not a multiple of 16 runs padded (kernels/padding.py): the shared basis and the M's are
-    # zero-padded copies, cached per tensor and version; t is the (.., r) view of the padded buffer.
-    basis_p, m_p = padding.pad_rank_dim(basis, 0, align), padding.pad_rank_dim(m_stack, 2, align)
-    t_p, t = padding.padded_view((x2.shape[0],), rank, lambda shape: launchers.alloc(shape, x.dtype, x.device),
-                                 align)
-    launchers.launch_lowrank_gemm(t_p, x2, basis_p.T)  # shared basis: one shrink for every adapter
-    y = launchers.alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
-    if seq_len > 0:
-        launchers.launch_lowrank_gemm(
-            y, x2, weight.T, t=t_p, factor_up=m_p.transpose(1, 2), bias=bias,
-            tasks=adapter_ids.to(torch.int32), seg_len=seq_len,
-        )
-    return y.view(nseq, seq_len, weight.shape[0]), t.unflatten(0, (nseq, seq_len))
-
-
-@torch.library.custom_op("pica_kernels::multitask_lowrank_linear", mutates_args=())
+@torch.library.custom_op("pica::multitask_lowrank_linear", mutates_args=())
 def _multitask_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -68,16 +49,11 @@ def _multitask_op(
     rank_align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, S, in) -> (y (B, S, out), t (B, S, r)); t is saved for backward (the view of a buffer padded to a
-    rank multiple of ``rank_align``, whichever branch ran; as in ``pica_kernels::lowrank_linear``)."""
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
-        try:
-            return _multitask_triton(x, weight, bias, m_stack, basis, adapter_ids, rank_align)
-        except launchers.KernelFallback:
-            pass  # a shape class that failed to compile or launch (warned once): the reference runs it
-    with reference.autocast_off(x):  # the op computes in its inputs' dtypes (the entry point cast them)
-        y, t = reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids)
-    # t laid out as the kernels lay it out, whichever branch ran (one layout for the fake kernel to promise).
-    return y, padding.pad_cols_like_kernel(t, rank_align)
+    rank multiple of ``rank_align``, whichever branch ran; as in ``pica::lowrank_linear``)."""
+    return run_op(backend, x,
+                  lambda: launchers.triton_multitask_forward(x, weight, bias, m_stack, basis, adapter_ids, rank_align),
+                  lambda: reference.multitask_forward(x, weight, bias, m_stack, basis, adapter_ids),
+                  lambda out: (out[0], padding.pad_cols_like_kernel(out[1], rank_align)))
 
 
 @_multitask_op.register_fake
@@ -99,7 +75,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dt):
     t, weight, m_stack, basis, ids = ctx.saved_tensors
     need_x, _need_w, need_bias, need_m = ctx.need
-    with reference.autocast_off(dy):  # a backward inside an autocast region: dM stays an fp32 reduction
+    with autocast_off(dy):  # a backward inside an autocast region: dM stays an fp32 reduction
         dx, dbias, dm = reference.multitask_backward(dy, t, weight, m_stack, basis, ids, need_x, need_bias, need_m)
     return (dx, None, dbias, dm, None, None, None) + (None,) * (ctx.num_inputs - 7)  # (rank_align, when given)
 
@@ -107,6 +83,7 @@ def _backward(ctx, dy, _dt):
 _multitask_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@follows_autocast("x", "weight", "bias")
 def multitask_pica_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -124,71 +101,19 @@ def multitask_pica_linear(
     Differentiable in x, m_stack and bias (W and the basis frozen). Inside ``torch.autocast``: x, weight and bias
     in the region's dtype, ``basis`` and ``m_stack`` in their own (dM accumulated in fp32, in m_stack's dtype).
     """
-    amp = reference.autocast_dtype(x)
-    if amp is not None:
-        x, weight, bias = reference.autocast_operand((x, weight, bias), amp)
-        with torch.autocast(x.device.type, enabled=False):
-            return multitask_pica_linear(x, weight, bias, basis, m_stack, adapter_ids, backend=backend)
     check_multitask_args(x, weight, bias, basis, m_stack, adapter_ids)
     ms = [m_stack] if isinstance(m_stack, torch.Tensor) else list(m_stack)
-    if eager_reference(backend, x) and not (torch.is_grad_enabled() and any(
+    if use_eager(backend, x) and not (torch.is_grad_enabled() and any(
             v is not None and v.requires_grad for v in (x, bias, *ms))):
-        return grouped_inference(x, weight, bias, basis, m_stack if isinstance(m_stack, torch.Tensor) else ms,
-                                 adapter_ids)
+        return eager.grouped_inference(x, weight, bias, basis, m_stack if isinstance(m_stack, torch.Tensor) else ms,
+                                       adapter_ids)
     if not isinstance(m_stack, torch.Tensor):
         dtype = functools.reduce(torch.promote_types, (m.dtype for m in ms))
         m_stack = torch.stack([m.to(dtype) for m in ms])  # (n, out, r)
-    y, _ = torch.ops.pica_kernels.multitask_lowrank_linear(
+    y, _ = torch.ops.pica.multitask_lowrank_linear(
         x, weight, bias, m_stack, basis, adapter_ids, backend,
         padding.RANK_ALIGN,  # explicit (not the default): a compiled graph records the layout of t
     )
-    return y
-
-
-#: Fewest rows (tokens) per GEMM for which :func:`grouped_inference` adds each run of consecutive sequences of
-#: one adapter with its own GEMM; below, one GEMM per adapter over its gathered rows. SmolLM2 up_proj (576 ->
-#: 1536, r = 32), 64 sequences x 16 tokens, 64 adapters, one thread: 64 per-sequence ``addmm_`` added 2.0 ms,
-#: per-adapter gather + ``index_add_`` 3.1 ms, the reference's gather + batched GEMM 3.4 ms.
-MIN_ROWS_PER_RUN = 16
-
-
-def grouped_inference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    basis: torch.Tensor,
-    m_stack: torch.Tensor | Sequence[torch.Tensor],
-    adapter_ids: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`reference.multitask_forward`'s ``y`` without a graph (shapes in the module docstring; arguments
-    checked by the caller): ``y = x @ W.T + b`` and ``t = x @ P.T`` once for all sequences, then
-    ``y[rows] += t[rows] @ M_a.T`` per adapter ``a`` in place, with no copy of ``m_stack[ids]``.
-
-    ``rows``: each run of consecutive sequences with one adapter (an ``addmm_`` into a view of ``y``; one
-    adapter for the whole batch is one GEMM over every token) where runs have at least
-    :data:`MIN_ROWS_PER_RUN` tokens on average or each adapter's sequences are one run; otherwise (short
-    sequences, adapters interleaved: decoding) all sequences of the adapter, gathered from ``t`` and added
-    with ``index_add_`` -- one GEMM per adapter."""
-    y = torch.nn.functional.linear(x, weight, bias)  # (B, S, out), contiguous
-    nseq, seq_len, out_f = y.shape
-    if nseq == 0 or seq_len == 0:
-        return y
-    rank = basis.shape[0]
-    t = x @ reference.cast_factor(basis, x.dtype).T  # (B, S, r): the shrink, once for every adapter
-    ids = adapter_ids.tolist()
-    runs, start = [], 0  # (adapter, first sequence, end)
-    for i in range(1, nseq + 1):
-        if i == nseq or ids[i] != ids[start]:
-            runs.append((ids[start], start, i))
-            start = i
-    used = dict.fromkeys(ids)
-    if len(runs) == len(used) or len(runs) * MIN_ROWS_PER_RUN <= nseq * seq_len:
-        for a, lo, hi in runs:
-            y[lo:hi].view(-1, out_f).addmm_(t[lo:hi].reshape(-1, rank), m_stack[a].to(x.dtype).T)
-        return y
-    for a in used:
-        rows = torch.tensor([i for i, k in enumerate(ids) if k == a], device=x.device)
-        y.index_add_(0, rows, t[rows] @ m_stack[a].to(x.dtype).T)
     return y
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pica_kernels.ops.kernels import tuned
-from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, estimate_shared_memory, select_config
+from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, estimate_shared_memory
+from pica_kernels.ops.kernels.launchers import select_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

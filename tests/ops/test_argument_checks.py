@@ -161,9 +161,9 @@ def test_factors_of_different_ranks_are_refused_on_every_path(path, ranks):
     a, b = torch.randn(OUT, ranks[0], generator=g).to(DEVICE), torch.randn(ranks[1], IN, generator=g).to(DEVICE)
     calls = {
         "reference.lowrank_linear": lambda: reference.lowrank_linear(x, w, None, a, b),
-        "op/reference": lambda: torch.ops.pica_kernels.lowrank_linear(x, w, None, a, b, "reference", 16),
-        "op/triton": lambda: torch.ops.pica_kernels.lowrank_linear(x, w, None, a, b, "triton", 16),
-        "backward-op/triton": lambda: torch.ops.pica_kernels.lowrank_linear_backward(
+        "op/reference": lambda: torch.ops.pica.lowrank_linear(x, w, None, a, b, "reference", 16),
+        "op/triton": lambda: torch.ops.pica.lowrank_linear(x, w, None, a, b, "triton", 16),
+        "backward-op/triton": lambda: torch.ops.pica.lowrank_linear_backward(
             torch.ones(3, OUT, device=DEVICE), x, x @ b.T, w, a, b, True, True, False, "triton"),
     }
     call = calls.get(path, lambda: lowrank_linear(x, w, None, a, b, backend=path))

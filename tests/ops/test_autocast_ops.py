@@ -83,8 +83,8 @@ def test_custom_ops_compute_in_their_inputs_dtypes_under_autocast(backend):
     outs = []
     for region in (False, True):
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=region):
-            y, t = torch.ops.pica_kernels.lowrank_linear(x, w, b, m, basis, backend, 16)
-            grads = torch.ops.pica_kernels.lowrank_linear_backward(dy, None, t, w, m, basis, True, True, False,
+            y, t = torch.ops.pica.lowrank_linear(x, w, b, m, basis, backend, 16)
+            grads = torch.ops.pica.lowrank_linear_backward(dy, None, t, w, m, basis, True, True, False,
                                                                    backend)
         outs.append((y, t, *grads[:2]))
     for inside, outside in zip(outs[1], outs[0]):

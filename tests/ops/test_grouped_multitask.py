@@ -145,12 +145,12 @@ def test_multitask_rejects_bad_ids():
 def test_opcheck_grouped_and_multitask(backend):
     x, ws, bs, ms, b_cat, ranks = qkv(torch.float32, rows=7)
     torch.library.opcheck(
-        torch.ops.pica_kernels.grouped_lowrank_linear.default,
+        torch.ops.pica.grouped_lowrank_linear.default,
         (x.requires_grad_(), ws, bs, [m.requires_grad_() for m in ms], b_cat, ranks, backend),
     )
     x, w, b, p, ms = mt_inputs(torch.float32, nseq=2, seq=5)
     torch.library.opcheck(
-        torch.ops.pica_kernels.multitask_lowrank_linear.default,
+        torch.ops.pica.multitask_lowrank_linear.default,
         (x.requires_grad_(), w, b, ms.requires_grad_(), p, torch.tensor([1, 0], device=DEVICE), backend),
     )
 

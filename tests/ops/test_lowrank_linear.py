@@ -263,12 +263,12 @@ def test_opcheck(backend):
     x, w, b, basis, m = make_inputs(9, 24, 20, 4, "input", torch.float32)
     m.requires_grad_()
     x.requires_grad_()
-    torch.library.opcheck(torch.ops.pica_kernels.lowrank_linear.default, (x, w, b, m, basis, backend))
-    torch.library.opcheck(torch.ops.pica_kernels.lowrank_linear.default, (x, w, None, m, basis, backend))
+    torch.library.opcheck(torch.ops.pica.lowrank_linear.default, (x, w, b, m, basis, backend))
+    torch.library.opcheck(torch.ops.pica.lowrank_linear.default, (x, w, None, m, basis, backend))
     dy = torch.randn(9, 20, device=DEVICE)
     t = x.detach() @ basis.T
     torch.library.opcheck(
-        torch.ops.pica_kernels.lowrank_linear_backward.default,
+        torch.ops.pica.lowrank_linear_backward.default,
         (dy, x.detach(), t, w, m.detach(), basis, True, True, True, backend),
     )
 

@@ -1,4 +1,4 @@
-"""The eager CPU inference path of multitask_pica_linear (ops.multitask.grouped_inference) against the float64
+"""The eager CPU inference path of multitask_pica_linear (ops.eager.grouped_inference) against the float64
 reference, in each of its branches: one adapter, each adapter one run of sequences, interleaved runs of long
 sequences (a GEMM per run), interleaved short sequences (a GEMM per adapter, index_add_)."""
 
@@ -9,8 +9,7 @@ import torch
 from kernel_helpers import assert_close_to_reference
 
 from pica_kernels import reference
-from pica_kernels.ops import multitask as mt
-from pica_kernels.ops import multitask_pica_linear
+from pica_kernels.ops import eager, multitask_pica_linear
 
 # (name, adapter ids, tokens per sequence); 5 adapters in m_stack, not all used.
 CASES = [
@@ -37,8 +36,8 @@ def inputs(nseq, seq, dtype, bias=True, seed=0, in_f=24, out_f=20, rank=6, n=5):
 def calls(monkeypatch):
     """Counts the calls of grouped_inference (the path under test must actually run)."""
     seen = []
-    real = mt.grouped_inference
-    monkeypatch.setattr(mt, "grouped_inference", lambda *a: seen.append(a[-1].tolist()) or real(*a))
+    real = eager.grouped_inference
+    monkeypatch.setattr(eager, "grouped_inference", lambda *a: seen.append(a[-1].tolist()) or real(*a))
     return seen
 
 
@@ -73,7 +72,7 @@ def test_the_branches_are_the_ones_named(monkeypatch):
         used.clear()
         _, (x, w, b, p, ms) = inputs(len(ids), seq, torch.float32)
         with torch.no_grad():
-            mt.grouped_inference(x, w, b, p, ms, torch.tensor(ids))
+            eager.grouped_inference(x, w, b, p, ms, torch.tensor(ids))
         assert used == expected[case], case
 
 
@@ -96,7 +95,7 @@ def test_with_a_gradient_the_custom_op_runs_and_agrees(calls):
 def test_empty_sequences():
     _, (x, w, b, p, ms) = inputs(3, 0, torch.float32)
     with torch.no_grad():
-        y = mt.grouped_inference(x, w, b, p, ms, torch.tensor([0, 1, 0]))
+        y = eager.grouped_inference(x, w, b, p, ms, torch.tensor([0, 1, 0]))
     assert y.shape == (3, 0, 20)
 
 

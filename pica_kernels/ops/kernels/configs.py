@@ -1,17 +1,15 @@
-"""Block sizes, stages and warps of :func:`~.lowrank_gemm.lowrank_gemm_kernel`, per regime and device.
+"""The per-regime heuristic: block sizes, stages and warps of :func:`~.lowrank_gemm.lowrank_gemm_kernel`.
 
-Importable without triton (``triton.Config`` is built inside the functions).
+Importable without triton. Pure functions of the launch shape, the operand dtypes and a
+:class:`DeviceProps` -- at run time from :func:`device_props` (``torch.cuda.get_device_properties``),
+ahead of time from :data:`GPU_TABLE` (one entry per architecture) -- so the ahead-of-time compile gate
+(``tools/aot.py``) gets exactly the configs a user's GPU would launch. Every GPU config fits the device's
+shared memory by construction (:func:`estimate_shared_memory` <= ``DeviceProps.smem_per_block``).
 
-The entry point is :func:`select_config`, a pure function of the launch shape,
-the operand dtypes and a :class:`DeviceProps` -- at run time from
-:func:`device_props` (``torch.cuda.get_device_properties``), ahead of time
-from :data:`GPU_TABLE` (one entry per architecture) -- so an ahead-of-time
-compile gate gets exactly the configs a user's GPU would launch. Every GPU
-config fits the device's shared memory by construction
-(:func:`estimate_shared_memory` <= ``DeviceProps.smem_per_block``).
-
-Tests force block sizes with :func:`config_override` instead of patching
-launcher internals.
+:func:`heuristic_config` is the heuristic alone; the table of tuned configs (:mod:`.tuned`) may replace
+its choice, and :func:`~.launchers.select_config` combines the two with :func:`config_override`, which
+tests and tuning sweeps use to force block sizes. The measurements behind the constants below are in
+docs/kernels.md ("Why the configs are what they are").
 """
 
 from __future__ import annotations
@@ -118,30 +116,19 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-#: Added to every estimate: mbarriers and scratch beyond the tile buffers (sm_100 CONCAT_K 128x128x64,
-#: 4 stages, fp16, measured 131,088 B = 4 x 32,768 + 16).
+#: Added to every estimate: mbarriers and scratch beyond the tile buffers (docs/kernels.md, "Shared memory").
 SMEM_RESERVE = 1024
 
 
 def estimate_shared_memory(blocks: dict, num_stages: int, mode: Mode, x_bytes: int, weight_bytes: int,
                            factor_bytes: int, capability: tuple[int, int] = (8, 0)) -> int:
     """Shared memory (bytes) of one program: the tiles one iteration of a pipelined loop loads, times the
-    buffers Triton keeps of them, for the larger of the two loops (depth; CONCAT_K's rank loop).
+    buffers Triton keeps of them (:func:`pipeline_buffers`), for the larger of the two loops (depth; CONCAT_K's
+    rank loop), plus :data:`SMEM_RESERVE`.
 
-    Buffers (:func:`pipeline_buffers`): ``num_stages`` for the wgmma (sm_90) / tcgen05 (sm_100) pipeline,
-    which those architectures use for tiles of >= 64 rows; ``num_stages - 1`` for the cp.async pipeline
-    of ``mma.sync`` -- sm_80..sm_89, sm_120 (RTX 5090: no wgmma), and sm_90 / sm_100 tiles of < 64 rows;
-    sm_75 (no MMA from triton 3.9: FMA dots) is counted like sm_80, above what it uses. Checked class by
-    class against ``metadata.shared`` of the AOT gate's compiles (triton 3.9, docs/kernels.md): equal to
-    it up to :data:`SMEM_RESERVE` for 16-bit operands, e.g. sm_86 DECODE 16x64x128, r=64, 4 stages, fp16:
-    3 x 36,864 = 110,592 B; sm_86 CONCAT_K 128x128x64, fp32 factor, 3 stages: 2 x (16,384 + 32,768) =
-    98,304 B (the rank loop dominates); sm_90 PLAIN 128x16x128, 4 stages: 4 x 36,864 = 147,456 B; sm_90
-    CONCAT_K 16x64x128, 4 stages: 3 x 20,480 = 61,440 B; sm_120 PLAIN 128x128x64, 3 stages: 2 x 32,768 =
-    65,536 B. Above it (a safe side) where the factor counted (the wider of factor_up / factor_down) is
-    not the one the loop stages -- DECODE's depth loop stages factor_down, so an fp32 factor_up (input-side
-    M) is counted at 4 bytes where 2 are staged -- and where the two loops' buffers partly coexist (sm_90
-    CONCAT_K 128x128x64, bf16 x, fp32 factor, 4 stages: 180,224 B; the larger loop's count is 196,608 B).
-    Plus :data:`SMEM_RESERVE`.
+    Equal to the compiled kernels' ``metadata.shared`` up to the reserve for 16-bit operands, above it (a
+    safe side) where the factor counted is not the one the loop stages or the two loops' buffers partly
+    coexist: the checked cases are in docs/kernels.md ("Shared memory").
     """
     bm, bn, bk, br = blocks["BLOCK_ROWS"], blocks["BLOCK_COLS"], blocks["BLOCK_DEPTH"], blocks["BLOCK_RANK"]
     depth_stage = bm * bk * x_bytes + bk * bn * weight_bytes
@@ -152,17 +139,19 @@ def estimate_shared_memory(blocks: dict, num_stages: int, mode: Mode, x_bytes: i
 
 
 def pipeline_buffers(num_stages: int, block_rows: int, capability: tuple[int, int]) -> int:
-    """Shared-memory buffers Triton keeps per pipelined operand (see :func:`estimate_shared_memory`)."""
+    """Shared-memory buffers Triton keeps per pipelined operand: ``num_stages`` for the wgmma (sm_90) /
+    tcgen05 (sm_100) pipeline, which those architectures use for tiles of >= 64 rows; ``num_stages - 1`` for
+    the cp.async pipeline of ``mma.sync`` -- sm_80..sm_89, sm_120 (no wgmma), sm_90 / sm_100 tiles of < 64
+    rows, and sm_75 (FMA dots), counted like sm_80 (above what it uses)."""
     wgmma = (9, 0) <= tuple(capability) < (11, 0) and block_rows >= 64  # sm_90 wgmma, sm_100 tcgen05
     return num_stages if wgmma else max(1, num_stages - 1)
 
 
-def _block_rank(mode: Mode, rank: int, block_depth: int, block_rows: int = 64) -> int:
-    """BLOCK_RANK: DECODE holds all of t in one tile (>= rank); CONCAT_K steps over the rank with it -- r = 16
-    does not pay for a 64-wide masked tile, and steps stay <= 64 (128-wide rank steps at T <= 16 spilled
-    registers in the compile survey that motivated this), <= 32 for 16-row tiles (the AOT gate, triton 3.9:
-    16x64x128 with a 64-wide rank step spilled 8-24 B at 64 registers on sm_90 / sm_100, fp16; 32-wide: 72
-    registers, no spill)."""
+def block_rank(mode: Mode, rank: int, block_depth: int, block_rows: int = 64) -> int:
+    """BLOCK_RANK: DECODE holds all of t in one tile (>= rank); CONCAT_K steps over the rank with it, a step
+    no wider than the rank's tile (r = 16 does not pay for a 64-wide masked tile), than 64 (wider steps
+    spilled registers at T <= 16), and than 32 for 16-row tiles (64-wide steps spilled there; docs/kernels.md,
+    "Rank step")."""
     if mode == Mode.DECODE:
         return max(16, next_pow2(rank))
     return min(block_depth, 64 if block_rows > 16 else 32, max(16, next_pow2(rank)))
@@ -193,8 +182,7 @@ def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps, weight_by
         warps, stages = 4, 4
     elif base == "mid":
         blocks = {"BLOCK_ROWS": 64, "BLOCK_COLS": 128, "BLOCK_DEPTH": 32 if wide else 64, "GROUP_ROWS": 8}
-        # Three stages on 99 KB parts, as for prefill (the AOT gate, triton 3.9, sm_120 fp16: 4 stages 255
-        # registers + 32 B of spills, 3 stages 255 registers, none).
+        # Three stages on 99 KB parts, as for prefill: a fourth spilled registers there (docs/kernels.md).
         warps, stages = 4, 4 if props.smem_per_block >= 160 * 1024 else 3
     else:
         blocks = {"BLOCK_ROWS": 128, "BLOCK_COLS": 128, "BLOCK_DEPTH": 32 if wide else 64, "GROUP_ROWS": 8}
@@ -205,12 +193,11 @@ def _gpu_blocks(reg: str, cols: int, x_bytes: int, props: DeviceProps, weight_by
         # Narrow outputs (cols = r) get narrow tiles instead of masked-off columns; the depth (in, or
         # T for dA) is long, so take deeper steps with the bytes the narrow tile frees.
         blocks["BLOCK_COLS"] = max(16, next_pow2(cols))
-        if weight_bytes <= x_bytes:  # not with an fp32 right operand (M) cast in registers: the AOT gate
-            # (triton 3.9, sm_100, fp16 x, fp32 M, 64x64x128: 96 registers + 16 B of spills; x64: 68, none)
+        # Not with an fp32 right operand (M) cast in registers, whose deeper steps spilled; on sm_100 /
+        # sm_120 that operand takes half the depth step (docs/kernels.md, "Narrow tiles").
+        if weight_bytes <= x_bytes:
             blocks["BLOCK_DEPTH"] = min(2 * blocks["BLOCK_DEPTH"], 128)
-        elif props.capability >= (10, 0):  # and half the depth on sm_100 / sm_120: s = dy @ M, fp16 dy, fp32 M
-            # (the AOT gate, triton 3.9): sm_100 128x64x64 64 registers + 16 B of spills (3 or 4 stages),
-            # x32 none; sm_120 128x32x64 64 + 20 B, x32 48, none; sm_120 64x64x64 80 + 12 B, x32 78, none.
+        elif props.capability >= (10, 0):
             blocks["BLOCK_DEPTH"] //= 2
     return blocks, warps, stages
 
@@ -220,7 +207,7 @@ def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tu
     """Shrink until :func:`estimate_shared_memory` <= the device's limit: stages down to 3, the depth step
     down to 64, stages down to 2, the depth step down to 32, then the column tile, then the row tile."""
     while True:
-        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
+        blocks["BLOCK_RANK"] = block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
         if estimate_shared_memory(blocks, stages, mode, *sizes, device.capability) <= device.smem_per_block:
             return blocks, warps, stages
         if stages > 3:
@@ -241,16 +228,27 @@ def _fit(blocks: dict, warps: int, stages: int, mode: Mode, rank: int, sizes: tu
                              f"memory on {device.arch}")
 
 
-def heuristic_blocks(rows: int, cols: int, rank: int, mode: Mode, dtypes: tuple[torch.dtype, ...],
-                     device: DeviceProps) -> tuple[dict, int, int]:
-    """(blocks, num_warps, num_stages) of the per-regime heuristic alone (no tuned table, no override),
-    fitted to ``device``'s shared memory: what :func:`select_config` returns without a table entry."""
-    token = _override.set(())
-    try:
-        cfg = select_config(rows, cols, 0, rank, mode, dtypes, device, use_table=False)
-    finally:
-        _override.reset(token)
-    return dict(cfg.kwargs), cfg.num_warps, cfg.num_stages
+def heuristic_config(rows: int, cols: int, rank: int, mode: Mode, dtypes: tuple[torch.dtype, ...],
+                     device: DeviceProps | None, *, interpreted: bool = False) -> tuple[dict, int, int]:
+    """(blocks, num_warps, num_stages) of the per-regime heuristic for a launch writing (rows, cols) with
+    ``rank`` (0 for PLAIN); blocks holds the five :data:`BLOCK_NAMES`.
+
+    dtypes: (x, weight, factor) element types; factor = the wider of factor_up / factor_down (an fp32 ``M``
+    with 16-bit x), the weight's for PLAIN launches. ``interpreted``: the CPU interpreter's large tiles
+    (``device`` is ignored); otherwise the launch's tile shape per :func:`regime`, shrunk to fit
+    ``device.smem_per_block`` (:func:`estimate_shared_memory`).
+    """
+    if interpreted:
+        blocks = dict(INTERPRETER_BLOCKS)
+        if mode == Mode.DECODE:
+            blocks["BLOCK_ROWS"] = 16
+        blocks["BLOCK_RANK"] = block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
+        return blocks, 4, 1
+    if device is None:
+        raise ValueError("the GPU heuristic needs the DeviceProps of the GPU (or interpreted=True)")
+    x_bytes, weight_bytes, factor_bytes = (dt.itemsize for dt in dtypes)
+    blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device, weight_bytes)
+    return _fit(blocks, warps, stages, mode, rank, (x_bytes, weight_bytes, factor_bytes), device)
 
 
 def override_active() -> bool:
@@ -258,63 +256,18 @@ def override_active() -> bool:
     return bool(_override.get())
 
 
-def select_config(
-    rows: int,
-    cols: int,
-    depth: int,
-    rank: int,
-    mode: Mode,
-    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
-    device: DeviceProps | None,
-    *,
-    interpreted: bool = False,
-    use_table: bool = True,
-):
-    """The ``triton.Config`` of one launch writing ``out`` (rows, cols), reducing over ``depth`` (+ ``rank``).
-
-    dtypes: (x, weight, factor) element types; factor = the wider of factor_up / factor_down (an fp32
-    ``M`` with 16-bit x), the weight's for PLAIN launches. mode: a :class:`Mode`; rank = 0 for PLAIN.
-    device: :class:`DeviceProps` -- at run time ``device_props(tensor.device)``, ahead of time
-    ``GPU_TABLE["sm_86"]`` and friends; ignored when ``interpreted`` (the CPU interpreter, where
-    large tiles keep the tests fast).
-
-    Returns ``triton.Config(kwargs={BLOCK_ROWS, BLOCK_COLS, BLOCK_DEPTH, BLOCK_RANK, GROUP_ROWS},
-    num_warps, num_stages)``: the entry of the tuned-config table (:mod:`.tuned`; not with
-    ``use_table=False`` or ``PICA_KERNELS_TUNED=0``) for this (architecture, regime, shape bucket,
-    dtypes, mode) when it has one that fits the device; else the launch's tile shape per :func:`regime`, shrunk to fit
-    ``device.smem_per_block`` (see :func:`estimate_shared_memory`). ``depth`` does not change the tile
-    (it decides split-K, :func:`choose_split_k`); it is an argument so that a table of tuned configs
-    can key on it. An active :func:`config_override` is applied last, unfitted.
-    """
-    import triton
-
-    x_bytes, weight_bytes, factor_bytes = (dt.itemsize for dt in dtypes)
-    if interpreted:
-        blocks = dict(INTERPRETER_BLOCKS)
-        if mode == Mode.DECODE:
-            blocks["BLOCK_ROWS"] = 16
-        warps, stages = 4, 1
-        blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
-    else:
-        if device is None:
-            raise ValueError("select_config needs the DeviceProps of the GPU (or interpreted=True)")
-        blocks, warps, stages = _gpu_blocks(regime(rows, cols, mode), cols, x_bytes, device, weight_bytes)
-        blocks, warps, stages = _fit(blocks, warps, stages, mode, rank, (x_bytes, weight_bytes, factor_bytes),
-                                     device)
-        if use_table:  # a tuned entry replaces the heuristic's choice (the table is read once, lazily)
-            from . import tuned
-
-            found = tuned.lookup(rows, cols, depth, rank, mode, dtypes, device)
-            if found is not None:
-                blocks, warps, stages = found
+def apply_override(blocks: dict, warps: int, stages: int, mode: Mode, rank: int) -> tuple[dict, int, int]:
+    """(blocks, num_warps, num_stages) with the active :func:`config_override` applied, unfitted; BLOCK_RANK
+    follows :func:`block_rank` for the overridden tiles unless the override sets it."""
     override = dict(_override.get())
-    if override:
-        warps = override.pop("num_warps", warps)
-        stages = override.pop("num_stages", stages)
-        blocks.update(override)
-        if "BLOCK_RANK" not in override:
-            blocks["BLOCK_RANK"] = _block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
-    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+    if not override:
+        return blocks, warps, stages
+    warps = override.pop("num_warps", warps)
+    stages = override.pop("num_stages", stages)
+    blocks = {**blocks, **override}
+    if "BLOCK_RANK" not in override:
+        blocks["BLOCK_RANK"] = block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
+    return blocks, warps, stages
 
 
 def choose_split_k(tiles: int, depth_blocks: int, device: DeviceProps | None) -> int:

@@ -13,14 +13,21 @@ Kernel sequences (DESIGN: one kernel, three modes, see :class:`~.configs.Mode`):
   PLAIN launches whose depth loop runs over tokens; when that leaves the GPU
   idle (few output tiles, long depth) the depth loop is split and the fp32
   partials summed in a fixed order: deterministic, never atomics.
+* grouped forward (projections sharing x): one shrink launch against the
+  concatenated bases, then one CONCAT_K launch per projection
+  (:func:`triton_grouped_forward`).
+* multi-task forward (one adapter per sequence): one shrink against the shared
+  basis, then one CONCAT_K launch whose row segments each take their own
+  ``M`` (:func:`triton_multitask_forward`).
 
 Every rank runs padded to a multiple of 16 (:mod:`.padding`: cached zero-padded
 factors, ``t`` a view of its padded buffer, gradients sliced back to the true shape),
 so the JIT's divisibility hints hold for every r.
 
-Configs come from :func:`~.configs.select_config` (device-aware, fitted to the
-GPU's shared memory). Safety net: a launch that fails to compile or runs out of
-resources (Triton's OutOfResources / PTXASError / CompilationError, or the CUDA driver's "too many
+Configs come from :func:`select_config`: a tuned-table entry (:mod:`.tuned`) where
+one fits, else the per-regime heuristic (:mod:`.configs`, fitted to the GPU's shared
+memory), then a test's :func:`~.configs.config_override`. Safety net: a launch that
+fails to compile or runs out of resources (Triton's OutOfResources / PTXASError / CompilationError, or the CUDA driver's "too many
 resources requested for launch") warns once for its shape class (device, shape, config) and raises
 :class:`KernelFallback`, which the ops catch to run their reference branch --
 for that shape class from then on, without retrying the kernel.
@@ -34,25 +41,70 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import os
 import warnings
 from typing import NamedTuple
 
 import torch
 
-from . import tuned
-from .configs import Mode, choose_split_k, device_props, select_config
-from .padding import pad_rank_dim, padded_view, widen_cols
+from ..env import env_flag
+from . import autotune, tuned
+from .configs import (
+    DeviceProps,
+    Mode,
+    apply_override,
+    choose_split_k,
+    config_override,
+    device_props,
+    heuristic_config,
+    override_active,
+)
+from .padding import pad_rank_dim, pad_rank_slots, padded_view, slot_offsets, widen_cols
 
 # Decode variant: one launch when T and r are this small. Each program then
 # recomputes its rows of t, reading r x in of B once per column tile; at
-# r <= 64 that is <= 1/2 of the W tile traffic for BLOCK_COLS = 128 (unmeasured
-# here: no GPU in the session that wrote this; benchmarks/gpu.sh times both).
+# r <= 64 that is <= 1/2 of the W tile traffic for BLOCK_COLS = 128, a bound
+# from the traffic model, not a timing: benchmarks/gpu.sh times both forms.
 DECODE_MAX_T = 16
 DECODE_MAX_R = 64
 
 
-#: Set by :func:`recording_launches` (the ahead-of-time gate, :mod:`.aot`): (DeviceProps, list sink).
+def select_config(
+    rows: int,
+    cols: int,
+    depth: int,
+    rank: int,
+    mode: Mode,
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    device: DeviceProps | None,
+    *,
+    interpreted: bool = False,
+    use_table: bool = True,
+):
+    """The ``triton.Config`` of one launch writing ``out`` (rows, cols), reducing over ``depth`` (+ ``rank``).
+
+    dtypes: (x, weight, factor) element types (:func:`~.configs.heuristic_config`). mode: a :class:`Mode`;
+    rank = 0 for PLAIN. device: :class:`DeviceProps` -- at run time ``device_props(tensor.device)``, ahead of
+    time ``GPU_TABLE["sm_86"]`` and friends; ignored when ``interpreted`` (the CPU interpreter).
+
+    Returns ``triton.Config(kwargs={BLOCK_ROWS, BLOCK_COLS, BLOCK_DEPTH, BLOCK_RANK, GROUP_ROWS},
+    num_warps, num_stages)``: the entry of the tuned-config table (:func:`.tuned.lookup`; not with
+    ``use_table=False`` or ``PICA_KERNELS_TUNED=0``) for this (architecture, regime, shape bucket, dtypes,
+    mode) when it has one that fits the device; else the heuristic's. ``depth`` does not change the
+    heuristic's tile (it decides split-K, :func:`~.configs.choose_split_k`); the table keys on it. An active
+    :func:`~.configs.config_override` is applied last, unfitted.
+    """
+    import triton
+
+    blocks, warps, stages = heuristic_config(rows, cols, rank, mode, dtypes, device, interpreted=interpreted)
+    if use_table and not interpreted:
+        found = tuned.lookup(rows, cols, depth, rank, mode, dtypes, device)
+        if found is not None:
+            blocks, warps, stages = found
+    blocks, warps, stages = apply_override(blocks, warps, stages, mode, rank)
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+#: Set by :func:`recording_launches` (the ahead-of-time gate, ``tools/aot.py``): (DeviceProps, list sink).
 _RECORDING: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("pica_kernels_recording", default=None)
 
 
@@ -60,8 +112,9 @@ _RECORDING: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("pica_
 def recording_launches(props, sink: list):
     """Inside the block, a launch on ``meta`` tensors is configured exactly as on the GPU ``props`` describes
     (a :class:`~.configs.DeviceProps`, e.g. ``GPU_TABLE["sm_86"]``: config, split-K, grid, arguments) and
-    appended to ``sink`` as ``(grid, args, kwargs)`` instead of run. This is how :mod:`.aot` compiles
-    every launch the ops make for a GPU it does not have; the kernel module must be in compiler mode."""
+    appended to ``sink`` as ``(grid, args, kwargs)`` instead of run. This is how the compile gate
+    (``tools/aot.py``) compiles every launch the ops make for a GPU it does not have; the kernel module
+    must be in compiler mode."""
     token = _RECORDING.set((props, sink))
     try:
         yield sink
@@ -94,7 +147,7 @@ STRICT_ENV_VAR = "PICA_KERNELS_STRICT"
 
 def strict_mode() -> bool:
     """``PICA_KERNELS_STRICT=1``: a kernel that fails to compile or launch raises instead of falling back."""
-    return os.environ.get(STRICT_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(STRICT_ENV_VAR)
 
 
 class KernelFallback(Exception):
@@ -269,12 +322,16 @@ def launch_lowrank_gemm(
         props = device_props(x.device) if x.device.type == "cuda" else None
     config = select_config(rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype), props,
                            interpreted=kernels.INTERPRETED)
-    if x.device.type == "cuda" and tuned.autotune_enabled():  # PICA_KERNELS_AUTOTUNE=1: see tuned.autotune
-        config = tuned.autotuned_config(
-            config, (rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype)), props,
-            (bias is not None, tasks is not None, _precision(x.dtype)),
+    if x.device.type == "cuda" and autotune.autotune_enabled() and not override_active():
+        # PICA_KERNELS_AUTOTUNE=1 (see autotune.py); inside an override (tests, sweeps, the candidates' own
+        # runs) the override stands.
+        select_args = (rows, cols, depth, rank, mode, (x.dtype, weight.dtype, factor_dtype))
+        best = autotune.best_config(
+            select_args, props, (bias is not None, tasks is not None, _precision(x.dtype)),
             lambda: launch_lowrank_gemm(out, x, weight, t=t, factor_up=factor_up, factor_down=factor_down,
                                         t_out=t_out, bias=bias, tasks=tasks, seg_len=seg_len, split_k=split_k))
+        with config_override(**best):
+            config = select_config(*select_args, props)
     blocks = config.kwargs
     operand_dtypes = {v.dtype for v in (x, weight, t, factor_up, factor_down) if v is not None}
     cast_f32 = kernels.INTERPRETED and torch.bfloat16 in operand_dtypes
@@ -388,3 +445,45 @@ def triton_backward(dy, x, t, weight, a, b, need_dx, need_da, need_db):
         launch_lowrank_gemm(db, s.T, x)
         db = db[:rank].to(b.dtype)
     return dx, da, db
+
+
+def triton_grouped_forward(x, weights, biases, a, b_cat, ranks, rank_align: int | None = None) -> list[torch.Tensor]:
+    """Projections sharing x: x (T, in), weights[i] (out_i, in), biases[i] (out_i,)|None, a[i] (out_i, r_i),
+    b_cat (sum r_i, in) -> [y_i (T, out_i)] + [t], t last: (T, sum padded_rank(r_i)), each projection's
+    r_i columns at the start of its slot (:func:`.padding.slot_offsets`).
+
+    One shrink launch for every projection against ``B_cat`` padded slot by slot (cached: once per basis),
+    then one CONCAT_K launch per projection reading its slot of t (a strided view, no copy).
+    """
+    b_pad = pad_rank_slots(b_cat, ranks, 0, rank_align)
+    offs = slot_offsets(ranks, rank_align)
+    t = alloc((x.shape[0], b_pad.shape[0]), x.dtype, x.device)
+    launch_lowrank_gemm(t, x, b_pad.T)
+    ys = []
+    for lo, w, bias, ai in zip(offs, weights, biases, a):
+        ai = pad_rank_dim(ai, 1, rank_align)
+        y = alloc((x.shape[0], w.shape[0]), x.dtype, x.device)
+        ys.append(launch_lowrank_gemm(y, x, w.T, t=t[:, lo:lo + ai.shape[1]], factor_up=ai.T, bias=bias))
+    return [*ys, t]
+
+
+def triton_multitask_forward(x, weight, bias, m_stack, basis, adapter_ids, rank_align: int | None = None):
+    """One adapter per sequence: x (B, S, in), weight (out, in), bias (out,)|None, m_stack (n, out, r),
+    basis (r, in), adapter_ids (B,) -> (y (B, S, out), t (B, S, r)), t the view of a buffer padded to
+    ``padded_rank(r)``.
+
+    One shrink against the shared basis for every adapter, then one CONCAT_K launch whose row segments
+    (one sequence each) take the ``M`` of their adapter. The basis and the M's run rank-padded (cached
+    zero-padded copies).
+    """
+    nseq, seq_len, in_f = x.shape
+    rank = basis.shape[0]
+    x2 = x.reshape(nseq * seq_len, in_f)
+    basis_p, m_p = pad_rank_dim(basis, 0, rank_align), pad_rank_dim(m_stack, 2, rank_align)
+    t_p, t = padded_view((x2.shape[0],), rank, lambda shape: alloc(shape, x.dtype, x.device), rank_align)
+    launch_lowrank_gemm(t_p, x2, basis_p.T)
+    y = alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
+    if seq_len > 0:
+        launch_lowrank_gemm(y, x2, weight.T, t=t_p, factor_up=m_p.transpose(1, 2), bias=bias,
+                            tasks=adapter_ids.to(torch.int32), seg_len=seq_len)
+    return y.view(nseq, seq_len, weight.shape[0]), t.unflatten(0, (nseq, seq_len))

@@ -1,16 +1,15 @@
 """Rank padding: every Triton launch sees a rank that is a multiple of 16.
 
 The JIT specialises an integer argument divisible by 16 (``tt.divisibility``), and
-the kernel compiled without that hint is a different, worse one: sm_90, the fused
-forward GEMM, 122 registers at r = 16, 176 at r = 8, 254 at r = 24 (issue 12). Zero
+the kernel compiled without that hint is a different, worse one (sm_90, the fused
+forward GEMM: 122 registers at r = 16, 176 at r = 8, 254 at r = 24). Zero
 rows / columns in the factors are exact (``t @ 0 = 0``, ``0 @ B = 0``), so the
 launchers run rank ``r`` as ``rp = padded_rank(r)``:
 
 * the factors ``A`` (out, r) and ``B`` (r, in) get ``rp - r`` zero columns / rows.
-  The copy is made ONCE per change of the factor, not per call (:data:`PAD_CACHE`,
-  keyed like :func:`pica_kernels.reference.cast_factor`: the tensor's identity -- the
-  root of a view, plus the view's geometry -- and its version counter, bumped by every
-  in-place write). A frozen basis is padded once, on its first launch; a trainable
+  The copy is made ONCE per change of the factor, not per call (:data:`PAD_CACHE`, a
+  :class:`~pica_kernels.ops.factor_cache.FactorCache`: keyed by the tensor's identity and
+  version counter). A frozen basis is padded once, on its first launch; a trainable
   ``M`` at most once per optimizer step, however many layers share it.
 * ``t = x @ B.T`` is computed into a (T, rp) buffer and handed on as its (T, r) view
   (no copy); the backward reads the view's row back at width rp where the storage has
@@ -21,20 +20,15 @@ launchers run rank ``r`` as ``rp = padded_rank(r)``:
 * gradients are sliced back to the true shape (``dM`` (out, r) or (r, in)): the zero
   rows / columns never leave the launchers.
 
-Two writers leave the version counter alone: torch's fused optimizers (``AdamW(fused=True)``,
-transformers.Trainer's default ``adamw_torch_fused``) -- every ``torch.optim`` step therefore
-drops the padded copies of the parameters it stepped (a global step hook, :func:`_forget_stepped`)
--- and a write through ``.data`` (it bypasses autograd's own checks too): call
-:func:`clear_pad_cache` after one. Inference tensors have no version
-counter; they are padded per call. The reference math (:mod:`pica_kernels.reference`, and
-the eager CPU path that calls it directly) is never padded.
+Inference tensors are padded per call. The reference math (:mod:`pica_kernels.reference`)
+and the eager CPU path (:mod:`pica_kernels.ops.eager`) are never padded.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
+
+from ..factor_cache import FactorCache
 
 #: Ranks are padded to a multiple of this: the JIT's divisibility hint.
 RANK_ALIGN = 16
@@ -46,72 +40,8 @@ def padded_rank(rank: int, align: int | None = None) -> int:
     return -(-rank // align) * align
 
 
-class PadCache:
-    """Zero-padded copies of factors, one per (source, geometry, padding), rebuilt when the source changes.
-
-    ``builds`` counts the copies made (tests read it: a second forward with an unchanged ``M`` builds
-    nothing; an optimizer step makes one build of ``M`` on the next forward).
-    """
-
-    def __init__(self) -> None:
-        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.builds = 0
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def forget(self, tensors) -> None:
-        """Drop the padded copies of ``tensors`` (each the root of the views that were padded)."""
-        if len(self._entries) == 0:
-            return
-        for v in tensors:
-            self._entries.pop(v, None)
-
-    def __len__(self) -> int:
-        return sum(len(specs) for specs in self._entries.values())
-
-    def get(self, v: torch.Tensor, spec: tuple, build) -> torch.Tensor:
-        """``build(v)``, cached for ``v`` under ``spec`` (how it is padded) until ``v`` is written in place."""
-        if v.is_inference() or torch.compiler.is_compiling():
-            self.builds += 1
-            return build(v)
-        root = v._base if v._base is not None else v
-        geometry = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype, v.device)
-        key = (v._version, geometry)
-        specs = self._entries.get(root)
-        if specs is None:
-            specs = self._entries[root] = {}
-        hit = specs.get((geometry, spec))
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad(), torch.inference_mode(False):  # a plain tensor, usable outside inference mode
-            padded = build(v.detach())
-        self.builds += 1
-        # Copies of an older version of this storage are stale (the version counter is shared by all views
-        # of it): drop them, so a trained M holds one padded copy, not one per step.
-        for k in [k for k, e in specs.items() if e[0][0] != v._version]:
-            del specs[k]
-        specs[(geometry, spec)] = (key, padded)
-        return padded
-
-
 #: The process-wide cache of padded factors.
-PAD_CACHE = PadCache()
-
-
-def clear_pad_cache() -> None:
-    """Forget every padded copy (only needed after writing a factor through ``.data``)."""
-    PAD_CACHE.clear()
-
-
-def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """After any ``torch.optim`` step: drop the padded copies of the parameters it stepped (a fused step
-    rewrites them without bumping their version counters)."""
-    for group in optimizer.param_groups:
-        PAD_CACHE.forget(group["params"])
-
-
-register_optimizer_step_post_hook(_forget_stepped)
+PAD_CACHE = FactorCache()
 
 
 def _pad_dim(v: torch.Tensor, dim: int, width: int) -> torch.Tensor:
@@ -170,6 +100,11 @@ def padded_view(shape: tuple[int, ...], rank: int, alloc, align: int | None = No
     width = padded_rank(rank, align)
     buf = alloc((*shape, width))
     return buf, (buf if width == rank else buf[..., :rank])
+
+
+def slot_slices(ranks, align: int | None = None) -> list[tuple[int, int]]:
+    """(lo, hi) of each rank's r_i columns in a slot-padded t (:func:`slot_offsets`)."""
+    return [(lo, lo + r) for lo, r in zip(slot_offsets(ranks, align), ranks)]
 
 
 def pad_cols_like_kernel(t: torch.Tensor, align: int | None = None) -> torch.Tensor:

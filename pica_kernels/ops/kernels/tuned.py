@@ -1,10 +1,10 @@
 """The tuned-config table: block sizes measured on real GPUs, consulted before the heuristic.
 
-:func:`~.configs.select_config` asks :func:`lookup` first; when the table has no entry for a launch
+:func:`~.launchers.select_config` asks :func:`lookup` first; when the table has no entry for a launch
 (or none that fits the device), the per-regime heuristic of :mod:`.configs` decides. The table is a
 JSON file shipped in the package (``tuned_configs.json``, next to this module) and written by
-``benchmarks/gpu_tune.py``, which sweeps candidate configs (:func:`candidate_configs`) on a GPU, checks
-each against the reference and keeps the fastest. The choice is deterministic: the same table, device
+``benchmarks/gpu_tune.py``, which sweeps candidate configs (:func:`.autotune.candidate_configs`) on a
+GPU, checks each against the reference and keeps the fastest. The choice is deterministic: the same table, device
 and launch always give the same config.
 
 Table format (``schema`` and ``version`` are checked; a table that fails them is ignored with a
@@ -31,12 +31,8 @@ warning and the next match, or the heuristic, is used.
 Environment:
   ``PICA_KERNELS_TUNED=0``            ignore the table (the heuristic alone).
   ``PICA_KERNELS_TUNED_CONFIGS=path`` read this table instead of the shipped one.
-  ``PICA_KERNELS_AUTOTUNE=1``         run-time autotuning (GPU only, off by default: it times
-                                      candidates on the first launch of every shape bucket, so
-                                      results then depend on timing noise): :func:`autotune`.
 
-Importable without triton (the candidates, and an entry without BLOCK_RANK, need it: they ask
-select_config).
+Run-time autotuning (``PICA_KERNELS_AUTOTUNE=1``) is :mod:`.autotune`. Importable without triton.
 """
 
 from __future__ import annotations
@@ -45,26 +41,14 @@ import dataclasses
 import json
 import os
 import re
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .configs import (
-    BLOCK_NAMES,
-    DeviceProps,
-    Mode,
-    config_override,
-    estimate_shared_memory,
-    heuristic_blocks,
-    next_pow2,
-    override_active,
-    regime,
-    select_config,
-)
+from ..env import env_flag
+from .configs import BLOCK_NAMES, DeviceProps, Mode, block_rank, estimate_shared_memory, next_pow2, regime
 
 SCHEMA = "pica_kernels.tuned_configs"
 VERSION = 1
@@ -72,7 +56,6 @@ VERSION = 1
 TABLE_PATH = Path(__file__).with_name("tuned_configs.json")
 ENV_TUNED = "PICA_KERNELS_TUNED"
 ENV_TABLE = "PICA_KERNELS_TUNED_CONFIGS"
-ENV_AUTOTUNE = "PICA_KERNELS_AUTOTUNE"
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 REGIMES = tuple(f"{p}{b}" for p in ("", "narrow-") for b in ("small", "mid", "prefill")) + ("decode",)
@@ -86,18 +69,9 @@ class TableError(ValueError):
     """A tuned-config table that cannot be used at all (not JSON, wrong schema or version)."""
 
 
-def _flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
-
-
 def table_enabled() -> bool:
     """False when ``PICA_KERNELS_TUNED=0``."""
-    return _flag(ENV_TUNED, "1")
-
-
-def autotune_enabled() -> bool:
-    """True when ``PICA_KERNELS_AUTOTUNE=1``."""
-    return _flag(ENV_AUTOTUNE, "0")
+    return env_flag(ENV_TUNED, default=True)
 
 
 def table_path() -> Path:
@@ -275,22 +249,15 @@ def load_table(path: Path | str | None = None) -> Table | None:
     return table
 
 
-def rank_tile(mode: Mode, rank: int, blocks: dict) -> int:
-    """The BLOCK_RANK :func:`~.configs.select_config` pairs with these row / column / depth tiles (its rule,
-    reached through an override, so the table follows any change to it)."""
-    with config_override(**{k: blocks[k] for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH")}):
-        cfg = select_config(0, 0, 0, rank, mode, (torch.float32,) * 3, None, interpreted=True)
-    return cfg.kwargs["BLOCK_RANK"]
-
-
 def fits(config: dict, mode: Mode, rank: int, dtypes: Sequence[torch.dtype], device: DeviceProps) -> tuple[dict, str]:
     """``(blocks, "")`` when ``config`` can run this launch on ``device``, else ``({}, why)``.
 
-    blocks: the five BLOCK_* / GROUP_ROWS values, BLOCK_RANK filled in by the heuristic's rule when absent.
+    blocks: the five BLOCK_* / GROUP_ROWS values, BLOCK_RANK filled in by the heuristic's rule
+    (:func:`~.configs.block_rank`) when absent.
     """
     blocks = {k: config[k] for k in BLOCK_NAMES if k in config}
     if "BLOCK_RANK" not in blocks:
-        blocks["BLOCK_RANK"] = rank_tile(mode, rank, blocks)
+        blocks["BLOCK_RANK"] = block_rank(mode, rank, blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"])
     if mode == Mode.DECODE and blocks["BLOCK_RANK"] < rank:
         return {}, f"BLOCK_RANK {blocks['BLOCK_RANK']} < r = {rank} (DECODE holds t whole)"
     smem = estimate_shared_memory(blocks, config["num_stages"], mode, *(dt.itemsize for dt in dtypes),
@@ -324,152 +291,3 @@ def lookup(rows: int, cols: int, depth: int, rank: int, mode: Mode, dtypes: Sequ
                    f"rows={rows} cols={cols} depth={depth} rank={rank}): {why}; using the next match or the "
                    "heuristic")
     return None
-
-
-# ----------------------------------------------------------------------------- candidates (sweep, autotune)
-
-#: Options per regime for the sweep (benchmarks/gpu_tune.py) and run-time autotuning. Narrow regimes fix
-#: BLOCK_COLS to the output width; DECODE fixes BLOCK_RANK to the rank's tile.
-_SPACE = {
-    "decode": dict(rows=(16, 32), cols=(32, 64, 128), depth=(64, 128, 256), warps=(4, 8), stages=(2, 3, 4, 5)),
-    "small": dict(rows=(16, 32), cols=(32, 64, 128), depth=(64, 128, 256), warps=(4, 8), stages=(2, 3, 4, 5)),
-    "mid": dict(rows=(32, 64), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
-    "prefill": dict(rows=(64, 128, 256), cols=(64, 128, 256), depth=(32, 64, 128), warps=(4, 8), stages=(3, 4, 5)),
-}
-#: fp32 accumulator elements per thread a candidate may hold (rows x cols / (32 x warps)): a rule of thumb,
-#: not measured here -- 128 of the 255 registers leave room for the operand fragments (the issue's compile
-#: survey found 254 registers at the heuristic's prefill tile); the AOT gate's register counts can refine it.
-MAX_ACC_PER_THREAD = 128
-
-
-def _distance(a: dict, b: dict) -> int:
-    def lg(v):
-        return max(0, int(v)).bit_length()
-
-    return sum(abs(lg(a[k]) - lg(b[k])) for k in ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_DEPTH", "num_warps")) + abs(
-        a["num_stages"] - b["num_stages"])
-
-
-def candidate_configs(rows: int, cols: int, depth: int, rank: int, mode: Mode, dtypes: Sequence[torch.dtype],
-                      device: DeviceProps, limit: int | None = None) -> list[dict]:
-    """Configs worth timing for this launch on ``device``, the heuristic's first, then the others nearest
-    to it; pruned by the shared-memory model (:func:`fits`) and :data:`MAX_ACC_PER_THREAD` before anything
-    is compiled. Each is a flat dict of :data:`CONFIG_KEYS` (``config_override(**c)`` applies it)."""
-    reg = regime(rows, cols, mode)
-    base = reg.removeprefix("narrow-")
-    space = _SPACE[base]
-    blocks, warps, stages = heuristic_blocks(rows, cols, rank, mode, dtypes, device)
-    first = {**blocks, "num_warps": warps, "num_stages": stages}
-    col_opts = (max(16, next_pow2(cols)),) if reg.startswith("narrow-") else space["cols"]
-    group = 1 if base in ("decode", "small") else 8
-    out = []
-    for bm in space["rows"]:
-        for bn in col_opts:
-            for bk in space["depth"]:
-                for w in space["warps"]:
-                    for s in space["stages"]:
-                        if bm * bn > MAX_ACC_PER_THREAD * 32 * w:
-                            continue
-                        c = {"BLOCK_ROWS": bm, "BLOCK_COLS": bn, "BLOCK_DEPTH": bk, "GROUP_ROWS": group,
-                             "num_warps": w, "num_stages": s}
-                        fitted, _ = fits(c, mode, rank, dtypes, device)
-                        if not fitted:
-                            continue
-                        c.update(fitted)
-                        if c != first:
-                            out.append(c)
-    out.sort(key=lambda c: (_distance(c, first), sorted(c.items())))
-    out.insert(0, first)
-    return out[:limit] if limit else out
-
-
-# ----------------------------------------------------------------------------- run-time autotuning
-
-#: Run-time choices of PICA_KERNELS_AUTOTUNE=1, per (launch key, bucket), for this process.
-AUTOTUNED: dict[tuple, dict] = {}
-AUTOTUNE_CANDIDATES = 12
-
-
-def median_ms(fn: Callable[[], object], reps: int = 10, warmup: int = 2, cuda: bool = False,
-              flush: torch.Tensor | None = None) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, ``perf_counter`` on the CPU. ``flush``: a
-    buffer larger than the L2 (e.g. 256 MiB), zeroed before each CUDA repetition so the weights come
-    from HBM as in a real step (the benchmarks pass one; run-time autotuning does not)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            if flush is not None:
-                flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def pick_fastest(candidates: Sequence[dict], run: Callable[[dict], object],
-                 bench: Callable[[Callable[[], object]], float]) -> tuple[dict, list[tuple[dict, float | str]]]:
-    """The candidate with the smallest ``bench(lambda: run(c))``; candidates whose run raises are skipped
-    (recorded with the error). Ties go to the earlier candidate (the heuristic's comes first)."""
-    timings: list[tuple[dict, float | str]] = []
-    best, best_ms = None, float("inf")
-    for c in candidates:
-        try:
-            run(c)  # compile (and fail) outside the timing
-            ms = bench(lambda c=c: run(c))
-        except Exception as err:  # a candidate that does not build or launch here
-            timings.append((c, f"{type(err).__name__}: {err}"))
-            continue
-        timings.append((c, ms))
-        if ms < best_ms:
-            best, best_ms = c, ms
-    if best is None:
-        raise RuntimeError("autotune: no candidate config ran: " + "; ".join(str(t) for _, t in timings))
-    return best, timings
-
-
-def autotune(key: tuple, candidates: Sequence[dict] | Callable[[], Sequence[dict]], run: Callable[[dict], object],
-             cuda: bool = True) -> dict:
-    """PICA_KERNELS_AUTOTUNE=1: on the first launch of ``key`` time ``candidates`` (a list, or a callable
-    making it, called only then) by running the launch itself (every launch overwrites its outputs) and
-    remember the fastest for the process.
-
-    Why not ``@triton.autotune``: the grid, the split-K partial buffers and the row-tile arguments of a
-    launch depend on the block sizes, which the decorator's fixed arguments cannot follow; this times
-    the complete launch per config instead (the decorator's method: median of CUDA-event timings)."""
-    if key not in AUTOTUNED:
-        if callable(candidates):
-            candidates = candidates()
-        best, _ = pick_fastest(candidates[:AUTOTUNE_CANDIDATES], run,
-                               lambda fn: median_ms(fn, reps=10, warmup=1, cuda=cuda))
-        AUTOTUNED[key] = best
-    return AUTOTUNED[key]
-
-
-def autotuned_config(config, select_args: tuple, props: DeviceProps, extra_key: tuple, launch: Callable[[], object]):
-    """The launcher's hook (PICA_KERNELS_AUTOTUNE=1, CUDA tensors): ``config`` (select_config's choice)
-    replaced by the fastest candidate for this launch's key and shape bucket (:func:`autotune`).
-
-    select_args: (rows, cols, depth, rank, mode, dtypes); extra_key: what else selects a compiled kernel
-    (bias, tasks, precision); launch(): the launch itself, run under each candidate's override. Inside a
-    :func:`~.configs.config_override` block (tests, sweeps, the candidates' own runs) ``config`` stands."""
-    if override_active():
-        return config
-    rows, cols, depth, rank, mode, dtypes = select_args
-    key = (props.arch, mode, *dtypes, *extra_key, *shape_bucket(rows, cols, depth, rank).values())
-
-    def run(candidate):
-        with config_override(**candidate):
-            launch()
-
-    best = autotune(key, lambda: candidate_configs(*select_args, props), run)
-    with config_override(**best):
-        return select_config(*select_args, props)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import (
+
+from pica_kernels.ops import pica_linear
+from pica_kernels.ops.kernels import launchers
+from tests.ops.kernel_helpers import (
     DEVICE,
     needs_triton,
     poison_kernel_outputs,  # noqa: F401  (autouse)
 )
-
-from pica_kernels.ops import pica_linear
-from pica_kernels.ops.kernels import launchers
 
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 # One rounding of an fp16 result is at most 2**-11 of its magnitude; allow two.
@@ -102,6 +102,6 @@ def test_fp16_dm_over_4096_tokens_accumulates_in_fp32():
     w = torch.randn(out_f, in_f, generator=g).half().to(DEVICE)
     m = torch.randn(out_f, rank, generator=g).to(DEVICE)
     basis = torch.randn(rank, in_f, generator=g).half().to(DEVICE)
-    _, dm, _ = torch.ops.pica_kernels.lowrank_linear_backward(dy, None, t, w, m, basis, False, True, False, "triton")
+    _, dm, _ = torch.ops.pica.lowrank_linear_backward(dy, None, t, w, m, basis, False, True, False, "triton")
     err = rel_err(dm, dy.double().T @ t.double())
     assert err <= 1e-5, f"dM relative error {err:.2e} over 4096 tokens: accumulator not fp32?"

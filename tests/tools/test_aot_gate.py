@@ -1,4 +1,4 @@
-"""The ahead-of-time compile gate (pica_kernels/ops/kernels/aot.py): no GPU needed.
+"""The ahead-of-time compile gate (tools/aot.py): no GPU needed.
 
 * The gate's argument specialisation is Triton's own: for real launches (run here under the CPU
   interpreter, their arguments intercepted), the binder's specialisation of the real tensors equals the
@@ -24,13 +24,15 @@ import types
 
 import pytest
 import torch
-from kernel_helpers import poison_kernel_outputs  # noqa: F401  (autouse: unwritten outputs are NaN)
+
+from tests.ops.kernel_helpers import poison_kernel_outputs  # noqa: F401  (autouse: unwritten outputs are NaN)
 
 pytest.importorskip("triton")
 
 from pica_kernels.ops import grouped  # noqa: E402
-from pica_kernels.ops.kernels import aot, launchers, padding  # noqa: E402
+from pica_kernels.ops.kernels import launchers, padding  # noqa: E402
 from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, estimate_shared_memory  # noqa: E402
+from tools import aot  # noqa: E402
 
 
 def test_docs_kernels_md_matches_current_kernel_source_and_configs():
@@ -100,8 +102,8 @@ def test_gate_specialisation_equals_the_jit_binder_on_real_launches(monkeypatch)
     sink = []
     meta = [torch.empty(T * n_in + 1, device="meta")[1:].view(T, n_in), b_cat.to("meta")]  # x's offset too
     with launchers.recording_launches(GPU_TABLE["sm_86"], sink):
-        grouped._grouped_triton(meta[0], [w.to("meta") for w in weights], [bb.to("meta") for bb in biases],
-                                [ai.to("meta") for ai in a], meta[1], ranks, padding.RANK_ALIGN)
+        launchers.triton_grouped_forward(meta[0], [w.to("meta") for w in weights], [bb.to("meta") for bb in biases],
+                                         [ai.to("meta") for ai in a], meta[1], ranks, padding.RANK_ALIGN)
     assert len(sink) == len(real) == 4  # one shrink + three concatenated-K GEMMs
     cc = aot.capability("sm_86")
     misaligned = ones = divisible = 0
@@ -153,7 +155,7 @@ def test_largest_tile_of_every_architecture_and_regime_compiles_and_fits(tmp_pat
 def test_source_hash_covers_every_file_that_decides_a_launch(tmp_path):
     """docs/kernels.md goes stale (the test above fails) when the kernel, the launchers, the configs, the
     rank padding or the tuned-config table changes, e.g. DECODE_MAX_R in launchers.py."""
-    src = aot.Path(aot.__file__).parent
+    src = aot.KERNELS_DIR
     assert {"lowrank_gemm.py", "launchers.py", "configs.py", "padding.py", "tuned_configs.json"} <= set(
         aot.HASHED_SOURCES)
     for name in aot.HASHED_SOURCES:

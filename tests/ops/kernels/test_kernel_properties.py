@@ -19,7 +19,12 @@ pytest.importorskip("hypothesis", reason="hypothesis is not installed (the GPU m
 
 from hypothesis import given, note, settings  # noqa: E402
 from hypothesis import strategies as st
-from kernel_helpers import (
+
+from pica_kernels import reference
+from pica_kernels.ops import grouped_lowrank_linear, lowrank_linear, multitask_pica_linear, pica_linear
+from pica_kernels.ops.kernels import launchers
+from pica_kernels.ops.kernels.configs import config_override
+from tests.ops.kernel_helpers import (
     DEVICE,
     KERNEL_PROFILE,
     TOLERANCES,
@@ -28,11 +33,6 @@ from kernel_helpers import (
     needs_triton,
     poison_kernel_outputs,  # noqa: F401  (autouse)
 )
-
-from pica_kernels import reference
-from pica_kernels.ops import grouped_lowrank_linear, lowrank_linear, multitask_pica_linear, pica_linear
-from pica_kernels.ops.kernels import launchers
-from pica_kernels.ops.kernels.configs import config_override
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")

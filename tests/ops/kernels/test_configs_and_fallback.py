@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import (
+
+from pica_kernels import reference
+from pica_kernels.ops import backend as backend_mod
+from pica_kernels.ops import grouped_lowrank_linear, lowrank, pica_linear
+from pica_kernels.ops.kernels import configs, launchers
+from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, config_override, estimate_shared_memory
+from pica_kernels.ops.kernels.launchers import select_config
+from pica_kernels.ops.kernels.padding import padded_rank
+from tests.ops.kernel_helpers import (
     DEVICE,
     assert_close_to_reference,
     needs_triton,
     poison_kernel_outputs,  # noqa: F401  (autouse)
 )
-
-from pica_kernels import reference
-from pica_kernels.ops import backend as backend_mod
-from pica_kernels.ops import custom_ops, grouped_lowrank_linear, pica_linear
-from pica_kernels.ops.kernels import configs, launchers
-from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, config_override, estimate_shared_memory, select_config
-from pica_kernels.ops.kernels.padding import padded_rank
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -250,8 +251,8 @@ def test_out_of_resources_warns_once_and_falls_back_to_the_reference(failing_ker
     # The fallback IS the custom op's reference branch: bit for bit. (Eager CPU's backend="reference"
     # skips the custom op and differentiates the reference forward with autograd: the same math, but
     # its dM sums in another order, ~1e-6 off in fp32 -- compared below at fp32 tolerance.)
-    y_ref, t_ref = custom_ops.reference_forward(x, w, b, m, basis)
-    dx_ref, dm_ref, _ = custom_ops.reference_backward(dy, None, t_ref, w, m, basis, True, True, False)
+    y_ref, t_ref = lowrank.reference_forward(x, w, b, m, basis)
+    dx_ref, dm_ref, _ = lowrank.reference_backward(dy, None, t_ref, w, m, basis, True, True, False)
     for name, g_, w_ in zip(("y", "dx", "dM"), got, (y_ref, dx_ref, dm_ref)):
         assert torch.equal(g_, w_), name
     want = forward_backward("reference", x, w, b, basis, m, dy)

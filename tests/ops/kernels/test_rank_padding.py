@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import (
-    DEVICE,
-    assert_close_to_reference,
-    needs_triton,
-    poison_kernel_outputs,  # noqa: F401  (autouse)
-)
 
 from pica_kernels import reference
 from pica_kernels.ops import grouped_lowrank_linear, multitask_pica_linear, pica_linear
 from pica_kernels.ops.kernels import launchers, padding
 from pica_kernels.ops.kernels.padding import PAD_CACHE, RANK_ALIGN, padded_rank
+from tests.ops.kernel_helpers import (
+    DEVICE,
+    assert_close_to_reference,
+    needs_triton,
+    poison_kernel_outputs,  # noqa: F401  (autouse)
+)
 
 pytestmark = needs_triton
 
@@ -93,7 +93,7 @@ def test_saved_t_is_a_view_of_the_padded_buffer(decode):
     packed = t.contiguous()
     assert padding.widen_cols(packed, 32) is packed
     dy = torch.randn(5, 36, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    _, dm, _ = torch.ops.pica_kernels.lowrank_linear_backward(dy, None, packed, w, m, basis, False, True, False,
+    _, dm, _ = torch.ops.pica.lowrank_linear_backward(dy, None, packed, w, m, basis, False, True, False,
                                                              "triton")
     assert dm.shape == m.shape
     assert_close_to_reference(dm.cpu(), f64(dy).T @ f64(t), torch.float32, "dM from a packed t")
@@ -150,15 +150,15 @@ def test_a_fused_optimizer_step_refreshes_the_padded_m():
 
 def test_reference_path_pads_no_factor_and_keeps_the_kernels_t_layout():
     x, w, bias, basis, m = pica_inputs(20, 40, 36, 8, "input", torch.float32)
-    y, t = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "reference", RANK_ALIGN)
+    y, t = torch.ops.pica.lowrank_linear(x, w, bias, m, basis, "reference", RANK_ALIGN)
     # The op's t has one layout whichever branch runs (its fake kernel promises it to torch.compile).
     assert t.shape == (20, 8) and t.stride() == (16, 1)
-    _, t_kernel = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, "triton", RANK_ALIGN)
+    _, t_kernel = torch.ops.pica.lowrank_linear(x, w, bias, m, basis, "triton", RANK_ALIGN)
     assert t_kernel.stride() == t.stride()
     # rank_align left at its default (1): nothing padded, t packed -- the op as it was before padding.
     before = PAD_CACHE.builds
     for backend in ("reference", "triton"):
-        _, t_packed = torch.ops.pica_kernels.lowrank_linear(x, w, bias, m, basis, backend)
+        _, t_packed = torch.ops.pica.lowrank_linear(x, w, bias, m, basis, backend)
         assert t_packed.is_contiguous() and t_packed.shape == (20, 8)
         assert_close_to_reference(t_packed.cpu(), f64(x) @ f64(basis).T, torch.float32, f"packed t ({backend})")
     assert PAD_CACHE.builds == before

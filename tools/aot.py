@@ -1,15 +1,16 @@
 """Ahead-of-time compile gate: every kernel the launchers produce, compiled for every NVIDIA architecture, no GPU.
 
 Triton compiles for any ``GPUTarget("cuda", cc, 32)`` on a CPU-only machine (ptxas ships in its wheel).
-The gate runs the real launch sequences of the ops (:func:`.launchers.triton_forward`,
-:func:`.launchers.triton_backward`, the grouped and multi-task forwards) on ``meta`` tensors under
-:func:`.launchers.recording_launches`, so config choice, split-K, strides and flags are exactly what a
-user's GPU of that architecture would launch (its :data:`.configs.GPU_TABLE` entry stands in for the
-device). Each recorded launch goes through Triton's own binder (the JIT's specialisation code path:
+The gate runs the real launch sequences of the ops (``triton_forward``, ``triton_backward``,
+``triton_grouped_forward`` and ``triton_multitask_forward`` of :mod:`pica_kernels.ops.kernels.launchers`)
+on ``meta`` tensors under ``launchers.recording_launches``, so config choice, split-K, strides and flags
+are exactly what a user's GPU of that architecture would launch (its ``configs.GPU_TABLE`` entry stands in
+for the device). Each recorded launch goes through Triton's own binder (the JIT's specialisation code path:
 ``tt.divisibility`` 16 hints on pointers and integers, integers equal to 1 made constants, constexprs);
 the specialisations are deduplicated on the JIT's cache key and compiled with ``triton.compile`` exactly
 as ``JITFunction.run`` would. A compile without those hints is a different, worse kernel (the sm_86
-decode kernel of issue 12 compiled to ~20 KB of shared memory unhinted, 110,592 B hinted).
+decode kernel compiled to ~20 KB of shared memory unhinted, 110,592 B hinted), so its resources would
+not be the ones a user's GPU sees.
 
 Checks per compile (:func:`check`): it compiles; ``metadata.shared`` <= the architecture's opt-in
 limit and <= the configs' estimate (what ``select_config`` fits to the limit); no register spills in
@@ -19,10 +20,12 @@ holds every pointer argument's dtype (an fp32 dM output is another kernel than a
 
 The kernel module is decorated once, at import, in interpreter or compiler mode; the gate needs compiler
 mode, so it runs in its own process (:func:`run_subprocess` clears ``TRITON_INTERPRET``), and compiles in
-parallel worker processes. Command line (``make aot`` runs the full sweep and writes docs/kernels.md)::
+parallel worker processes. A developer tool: nothing in the package imports it, and it writes into the
+repository (docs/kernels.md, docs/results/kernels_aot.json), which a wheel install does not have. Command
+line, from the repository root (``make aot`` runs the full sweep and writes docs/kernels.md)::
 
-    python -m pica_kernels.ops.kernels.aot [--largest] [--archs sm_86,sm_90] [--jobs 2]
-                                           [--json out.json] [--markdown docs/kernels.md]
+    python -m tools.aot [--largest] [--archs sm_86,sm_90] [--jobs 2]
+                        [--json out.json] [--markdown docs/kernels.md]
 """
 
 from __future__ import annotations
@@ -48,12 +51,16 @@ from pathlib import Path
 
 import torch
 
-from .configs import GPU_TABLE, Mode, bf16_tensor_cores, estimate_shared_memory, regime
-from .padding import RANK_ALIGN, padded_rank, slot_offsets
+import pica_kernels.ops.kernels
+from pica_kernels import reference
+from pica_kernels.ops.env import env_flag
+from pica_kernels.ops.kernels import launchers
+from pica_kernels.ops.kernels.configs import GPU_TABLE, Mode, bf16_tensor_cores, estimate_shared_memory, regime
+from pica_kernels.ops.kernels.padding import RANK_ALIGN, padded_rank, slot_offsets, slot_slices
 
 ARCHS = tuple(GPU_TABLE)
-#: The sweep (issue 12): in/out features (1001: no power-of-two factor, so no divisibility hints),
-#: ranks, tokens T.
+#: The sweep: in/out features of real models (1001: no power-of-two factor, so no divisibility hints),
+#: ranks, tokens T from decode (1) to prefill (4096).
 SIZES = (576, 1024, 4096, 14336, 1001)
 RANKS = (1, 8, 16, 24, 32, 64, 128, 256)
 TOKENS = (0, 1, 8, 16, 64, 4096)
@@ -84,15 +91,21 @@ HASHED_SOURCES = ("lowrank_gemm.py", "launchers.py", "configs.py", "padding.py",
 #: (architecture, regime) -- r >= 64 maxes BLOCK_RANK, T picks the regime, sizes only split-K.
 TEST_SWEEP_ARGS = ("--sizes", "4096", "--ranks", "64,256", "--tokens", "1,16,64,4096",
                    "--ops", "forward/input,forward/output,backward/input,backward/output,multitask/forward")
-DEFAULT_MARKDOWN = Path(__file__).resolve().parents[3] / "docs" / "kernels.md"
+#: The kernel sources (the package's ops/kernels folder) and the repository root this tool lives in.
+KERNELS_DIR = Path(pica_kernels.ops.kernels.__file__).parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MARKDOWN = REPO_ROOT / "docs" / "kernels.md"
 DEFAULT_JSON = DEFAULT_MARKDOWN.parent / "results" / "kernels_aot.json"
 HASH_MARKER = "aot-source-hash"
+#: docs/kernels.md below this line is written by hand (why the configs are what they are) and kept as it is
+#: when the gate rewrites the generated part above it.
+NOTES_MARKER = "<!-- Notes below are written by hand; make aot keeps them. -->"
 
 
 def source_hash(directory: Path | None = None) -> str:
     """sha256 over :data:`HASHED_SOURCES` (in ``directory``, default this package's): what the table
     depends on."""
-    directory = Path(__file__).parent if directory is None else Path(directory)
+    directory = KERNELS_DIR if directory is None else Path(directory)
     h = hashlib.sha256()
     for name in HASHED_SOURCES:
         h.update(name.encode())
@@ -151,8 +164,6 @@ def _grouped_outs(n_out: int) -> list[int]:
 
 def record(arch: str, p: Point) -> list[tuple]:
     """The launches ``p`` makes on an ``arch`` GPU: [(grid, args, constexprs)], args holding meta tensors."""
-    from . import launchers
-
     xdt, mdt, tf32 = VARIANTS[p.variant]
 
     def e(*shape, dtype=xdt):
@@ -176,30 +187,25 @@ def record(arch: str, p: Point) -> list[tuple]:
                 launchers.triton_backward(e(T, n_out), e(T, n_in) if need_db else None, t, e(n_out, n_in),
                                           e(n_out, r, dtype=a_dt), e(r, n_in, dtype=b_dt), True, need_da, need_db)
             elif kind == "grouped":
-                from ... import reference
-                from ..grouped import _grouped_triton, _t_slices
-
                 outs = _grouped_outs(n_out)
                 ranks = [r] * len(outs)
                 b_cat = e(sum(ranks), n_in)
                 if which == "forward":
                     biases = [e(o) if p.bias else None for o in outs]
-                    _grouped_triton(e(T, n_in), [e(o, n_in) for o in outs], biases,
+                    launchers.triton_grouped_forward(e(T, n_in), [e(o, n_in) for o in outs], biases,
                                     [e(o, r, dtype=mdt) for o in outs], b_cat, ranks, RANK_ALIGN)
                 else:  # what grouped's autograd backward launches: one backward per projection, t and B sliced
                     # t in the kernels' slot layout (each projection's r columns at the start of a slot
                     # padded to RANK_ALIGN), B_cat sliced packed: as grouped's autograd does.
                     t = e(T, slot_offsets(ranks, RANK_ALIGN)[-1])
-                    t_cols = _t_slices(ranks, RANK_ALIGN)
+                    t_cols = slot_slices(ranks, RANK_ALIGN)
                     for (lo, hi), (b_lo, b_hi), o in zip(t_cols, reference.rank_slices(ranks), outs):
                         launchers.triton_backward(e(T, o), None, t[:, lo:hi], e(o, n_in), e(o, r, dtype=mdt),
                                                   b_cat[b_lo:b_hi], True, True, False)
             elif kind == "multitask":
-                from ..multitask import _multitask_triton
-
                 nseq = min(4, T) if T > 0 else 1
                 ids = torch.arange(nseq, device="meta") % 3
-                _multitask_triton(e(nseq, T // nseq, n_in), e(n_out, n_in), bias, e(3, n_out, r, dtype=mdt),
+                launchers.triton_multitask_forward(e(nseq, T // nseq, n_in), e(n_out, n_in), bias, e(3, n_out, r, dtype=mdt),
                                   e(r, n_in), ids, RANK_ALIGN)
             else:
                 raise ValueError(f"unknown op {p.op!r}")
@@ -239,7 +245,7 @@ def jit_function(kernel=None):
     import triton
 
     if kernel is None:
-        from .lowrank_gemm import lowrank_gemm_kernel as kernel
+        kernel = launchers.kernel_module().lowrank_gemm_kernel
     if isinstance(kernel, triton.runtime.jit.JITFunction):
         return kernel
     if id(kernel) not in _JIT:  # keep the wrapper: the binder is cached per function object
@@ -347,9 +353,7 @@ def compile_one(cc: int, args, constexprs: dict) -> dict:
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the 3.9 default, without its warning
-    from . import lowrank_gemm
-
-    if lowrank_gemm.INTERPRETED:
+    if launchers.kernel_module().INTERPRETED:
         raise RuntimeError("the AOT gate needs the kernels decorated in compiler mode (TRITON_INTERPRET unset)")
 
 
@@ -470,7 +474,7 @@ def _collect_arch(job):
 def collect_parallel(archs, jobs: int = 2, plant: dict | list | None = None, **sweep_kw) -> dict:
     """:func:`collect` of :func:`sweep`, one architecture per worker process."""
     ctx = multiprocessing.get_context("spawn")
-    me = importlib.import_module(f"{__package__}.aot")
+    me = importlib.import_module("tools.aot")
     specs: dict = {}
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=me._worker_init) as ex:
         for part in ex.map(me._collect_arch, [(arch, sweep_kw, plant) for arch in archs]):
@@ -521,12 +525,13 @@ KNOWN_FAILURES = {
                                    "side, t = x @ M.T's split-K partials on the output side) at r = 24..32 "
                                    "(128x32x64, 3 stages) spills 8-16 B at 80 registers (triton 3.9); the likely fix, halving the "
                                    "narrow depth step for an fp32 right operand on every architecture (what "
-                                   "configs does on sm_100 / sm_120, where it removed the same spills), needs "
-                                   "a `make aot` rerun the session that found it had no time for",
+                                   "configs does on sm_100 / sm_120, where it removed the same spills), is "
+                                   "untested: it changes sm_80..sm_90 configs, each change needing a `make aot` "
+                                   "rerun",
     "sm_89 spills narrow-prefill": "as sm_86 (same config: 99 KB parts)",
     "sm_100 spills narrow-prefill": "t = x @ M.T on the output side (16-bit x, fp32 M, fp32 split-K partials) at "
                                     "r = 64 (128x64x32, 4 stages, 8 warps) spills 8 B at 64 registers (triton "
-                                    "3.9; found once the output side was swept). The depth step is already "
+                                    "3.9). The depth step is already "
                                     "halved for an fp32 M on sm_100; 4 warps or a 32-column tile are the "
                                     "untested candidates (each needs a `make aot` rerun)",
 }
@@ -578,7 +583,7 @@ def compile_specs(specs: dict, jobs: int = 2, progress=None) -> None:
     order = sorted(specs, key=lambda k: (specs[k].arch != "sm_75", -specs[k].estimate))  # slowest first
     jobs_args = [(capability(specs[k].arch), specs[k].args, specs[k].constexprs) for k in order]
     ctx = multiprocessing.get_context("spawn")
-    me = importlib.import_module(f"{__package__}.aot")  # by name, also when run as __main__ (-m)
+    me = importlib.import_module("tools.aot")  # by name, also when run as __main__ (-m)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=me._worker_init) as ex:
         for i, (key, result) in enumerate(zip(order, ex.map(me._compile_job, jobs_args))):
             specs[key].result = result
@@ -653,14 +658,14 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
     lines = [
         "# Kernel resources per architecture (ahead-of-time compile gate)",
         "",
-        "Generated by `make aot` (`python -m pica_kernels.ops.kernels.aot`); do not edit by hand. Every launch",
+        "Generated by `make aot` (`python -m tools.aot`); do not edit by hand above the notes. Every launch",
         "the ops make over the sweep below was recorded on `meta` tensors for each architecture's",
         "`GPU_TABLE` entry (pica_kernels/ops/kernels/configs.py), specialised by Triton's own binder",
         "(divisibility-16 hints, ==1 constants, constexprs, as `JITFunction.run` does) and compiled with",
         "`triton.compile` for `GPUTarget(\"cuda\", cc, 32)` -- no GPU involved. Shared memory is the compiled",
         "kernel's `metadata.shared`, registers and spills come from the ptxas log, the MMA kind from the PTX.",
         "",
-        f"- {HASH_MARKER}: {digest or source_hash()} (sha256 of {' + '.join(HASHED_SOURCES)}; tests/ops/test_aot_gate.py "
+        f"- {HASH_MARKER}: {digest or source_hash()} (sha256 of {' + '.join(HASHED_SOURCES)}; tests/tools/test_aot_gate.py "
         "fails when it no longer matches: rerun `make aot`)",
         f"- triton {triton.__version__}, torch {torch.__version__}; command `{command}`; {seconds / 60:.1f} min wall "
         "on the 2-core development machine (shared with other jobs while it ran)",
@@ -681,7 +686,7 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
     missing = [arch for arch in ARCHS if not any(s.arch == arch for s in specs.values())]
     if missing:
         lines.append(f"- **PARTIAL**: no compiles of {', '.join(missing)} in this report (their tables are absent; "
-                     "tests/ops/test_aot_gate.py fails until a full `make aot` run)")
+                     "tests/tools/test_aot_gate.py fails until a full `make aot` run)")
     lines.append("")
     if known_hits:
         lines += ["## Known failures", ""]
@@ -743,6 +748,9 @@ def write_markdown(specs: dict, path: Path, *, seconds: float, command: str, sta
     else:
         lines.append("None: every compiled kernel fits in its estimate.")
     lines.append("")
+    old = path.read_text() if path.exists() else ""
+    if NOTES_MARKER in old:
+        lines += [NOTES_MARKER + old.split(NOTES_MARKER, 1)[1].rstrip("\n"), ""]
     path.write_text("\n".join(lines))
 
 
@@ -806,7 +814,7 @@ def main(argv=None) -> int:
         write_markdown(specs, a.markdown or DEFAULT_MARKDOWN, seconds=seconds, stats=stats,
                        sweep_kw=report["sweep"], command=command, digest=report["source_hash"])
         return 1 if any(check(s) for s in specs.values()) else 0
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+    if env_flag("TRITON_INTERPRET"):
         raise SystemExit("run the AOT gate without TRITON_INTERPRET (use run_subprocess)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     digest = source_hash()  # of the sources this run records and compiles (edits during the run: stale)
@@ -849,7 +857,7 @@ def main(argv=None) -> int:
 
     compile_specs(specs, a.jobs, progress)
     seconds = time.perf_counter() - t0
-    command = "python -m pica_kernels.ops.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.aot " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.merge:
         specs, stats, seconds, command = merge(a.merge, specs, stats, seconds, command, sweep_kw,
                                                set(a.archs.split(",")))
@@ -875,9 +883,9 @@ def run_subprocess(*args: str, timeout: float | None = None) -> subprocess.Compl
     """Run the gate in its own process, ``TRITON_INTERPRET`` cleared (the kernels are decorated once, at
     import, in one mode per process)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[3])
+    root = str(REPO_ROOT)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
-    return subprocess.run([sys.executable, "-m", "pica_kernels.ops.kernels.aot", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "tools.aot", *args], env=env, cwd=root,
                           capture_output=True, text=True, timeout=timeout)
 
 

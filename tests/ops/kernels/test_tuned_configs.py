@@ -11,25 +11,26 @@ import warnings
 
 import pytest
 import torch
-from kernel_helpers import (
+
+from pica_kernels import reference
+from pica_kernels.ops import pica_linear
+from pica_kernels.ops.kernels import autotune, launchers, tuned
+from pica_kernels.ops.kernels.configs import (
+    GPU_TABLE,
+    DeviceProps,
+    Mode,
+    block_rank,
+    config_override,
+    estimate_shared_memory,
+    heuristic_config,
+)
+from pica_kernels.ops.kernels.launchers import select_config
+from tests.ops.kernel_helpers import (
     DEVICE,
     TOLERANCES,
     max_rel_err,
     needs_triton,
     poison_kernel_outputs,  # noqa: F401  (autouse)
-)
-
-from pica_kernels import reference
-from pica_kernels.ops import pica_linear
-from pica_kernels.ops.kernels import launchers, tuned
-from pica_kernels.ops.kernels.configs import (
-    GPU_TABLE,
-    DeviceProps,
-    Mode,
-    config_override,
-    estimate_shared_memory,
-    heuristic_blocks,
-    select_config,
 )
 
 H100, A10 = GPU_TABLE["sm_90"], GPU_TABLE["sm_86"]
@@ -53,7 +54,7 @@ def table(*entries, **top):
 def use_table(tmp_path, monkeypatch):
     """Write a table and point PICA_KERNELS_TUNED_CONFIGS at it (the cache and warnings reset around)."""
     monkeypatch.delenv(tuned.ENV_TUNED, raising=False)
-    monkeypatch.delenv(tuned.ENV_AUTOTUNE, raising=False)
+    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
 
     def write(obj, name="table.json"):
         path = tmp_path / name
@@ -72,7 +73,7 @@ def as_tuple(cfg):
 
 
 def heuristic(rows, cols, depth, rank, mode, dtypes, props):
-    blocks, warps, stages = heuristic_blocks(rows, cols, rank, mode, dtypes, props)
+    blocks, warps, stages = heuristic_config(rows, cols, rank, mode, dtypes, props)
     return blocks, warps, stages
 
 
@@ -253,23 +254,23 @@ def test_candidates_fit_by_the_shared_memory_model_heuristic_first(arch, launch)
     props = GPU_TABLE[arch]
     if torch.bfloat16 in launch[5] and arch == "sm_75":
         return
-    cands = tuned.candidate_configs(*launch, props)
+    cands = autotune.candidate_configs(*launch, props)
     blocks, warps, stages = heuristic(*launch, props)
     assert cands[0] == {**blocks, "num_warps": warps, "num_stages": stages}
-    assert tuned.rank_tile(launch[4], launch[3], blocks) == blocks["BLOCK_RANK"]  # the heuristic's own rule
+    assert block_rank(launch[4], launch[3], blocks["BLOCK_DEPTH"], blocks["BLOCK_ROWS"]) == blocks["BLOCK_RANK"]  # the heuristic's own rule
     assert len(cands) == len({tuple(sorted(c.items())) for c in cands}) > 1
     for c in cands:
         smem = estimate_shared_memory(c, c["num_stages"], launch[4], *(d.itemsize for d in launch[5]),
                                       props.capability)
         assert smem <= props.smem_per_block, c
-        assert c["BLOCK_ROWS"] * c["BLOCK_COLS"] <= tuned.MAX_ACC_PER_THREAD * 32 * c["num_warps"], c
+        assert c["BLOCK_ROWS"] * c["BLOCK_COLS"] <= autotune.MAX_ACC_PER_THREAD * 32 * c["num_warps"], c
         if launch[4] == Mode.DECODE:
             assert c["BLOCK_RANK"] >= launch[3]
         if launch[1] <= 64 and launch[4] != Mode.DECODE:
             assert c["BLOCK_COLS"] == 64  # narrow: the output width
         with config_override(**c):  # every candidate is a valid override
             pass
-    assert tuned.candidate_configs(*launch, props, limit=3) == cands[:3]  # deterministic order
+    assert autotune.candidate_configs(*launch, props, limit=3) == cands[:3]  # deterministic order
     if arch == "sm_90" and launch is PREFILL:
         assert any(c["num_stages"] == 5 for c in cands)  # 227 KB: deeper pipelines are candidates
         def smem(c):
@@ -299,7 +300,7 @@ def test_pick_fastest_times_real_launches_and_skips_failing_candidates():
         with config_override(**c):
             launchers.launch_lowrank_gemm(out, x, w)
 
-    best, timings = tuned.pick_fastest(candidates, run, lambda fn: tuned.median_ms(fn, reps=3, warmup=0))
+    best, timings = autotune.pick_fastest(candidates, run, lambda fn: autotune.median_ms(fn, reps=3, warmup=0))
     assert [c for c, _ in timings] == candidates
     assert isinstance(timings[2][1], str) and "power of two" in timings[2][1]
     times = [ms for _, ms in timings[:2]]
@@ -307,36 +308,36 @@ def test_pick_fastest_times_real_launches_and_skips_failing_candidates():
     run(best)
     assert max_rel_err(out, x.double() @ w.double()) <= TOLERANCES[torch.float32]
     with pytest.raises(RuntimeError, match="no candidate config ran"):
-        tuned.pick_fastest(candidates[2:], run, lambda fn: 0.0)
+        autotune.pick_fastest(candidates[2:], run, lambda fn: 0.0)
 
 
 def test_autotune_remembers_its_choice_per_key(monkeypatch):
-    monkeypatch.setattr(tuned, "AUTOTUNED", {})
+    monkeypatch.setattr(autotune, "AUTOTUNED", {})
     runs = []
     fake_ms = {16: 2.0, 32: 1.0, 64: 3.0}  # deterministic timings: the choice logic, not the clock
 
     def run(c):
         runs.append(c["BLOCK_ROWS"])
 
-    monkeypatch.setattr(tuned, "median_ms", lambda fn, **kw: (fn(), fake_ms[runs[-1]])[1])
+    monkeypatch.setattr(autotune, "median_ms", lambda fn, **kw: (fn(), fake_ms[runs[-1]])[1])
     cands = [{"BLOCK_ROWS": r} for r in (16, 32, 64)]
-    assert tuned.autotune(("k",), cands, run, cuda=False) == {"BLOCK_ROWS": 32}
+    assert autotune.autotune(("k",), cands, run, cuda=False) == {"BLOCK_ROWS": 32}
     n = len(runs)
-    assert tuned.autotune(("k",), cands[::-1], run, cuda=False) == {"BLOCK_ROWS": 32}  # cached: no runs
-    assert tuned.autotune(("k",), lambda: pytest.fail("not called when cached"), run) == {"BLOCK_ROWS": 32}
+    assert autotune.autotune(("k",), cands[::-1], run, cuda=False) == {"BLOCK_ROWS": 32}  # cached: no runs
+    assert autotune.autotune(("k",), lambda: pytest.fail("not called when cached"), run) == {"BLOCK_ROWS": 32}
     assert len(runs) == n
-    assert tuned.autotune(("k2",), lambda: cands[2:], run, cuda=False) == {"BLOCK_ROWS": 64}  # made lazily
-    assert tuned.autotune_enabled() is False  # off unless PICA_KERNELS_AUTOTUNE=1
-    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
-    assert tuned.autotune_enabled()
+    assert autotune.autotune(("k2",), lambda: cands[2:], run, cuda=False) == {"BLOCK_ROWS": 64}  # made lazily
+    assert autotune.autotune_enabled() is False  # off unless PICA_KERNELS_AUTOTUNE=1
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    assert autotune.autotune_enabled()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="run-time autotuning times launches on a CUDA device")
 def test_autotune_on_a_gpu_gives_the_reference_result(monkeypatch):
-    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
-    monkeypatch.setattr(tuned, "AUTOTUNED", {})
-    monkeypatch.setattr(tuned, "AUTOTUNE_CANDIDATES", 4)
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    monkeypatch.setattr(autotune, "AUTOTUNED", {})
+    monkeypatch.setattr(autotune, "AUTOTUNE_CANDIDATES", 4)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 1024, generator=g).to("cuda", torch.bfloat16)
     w = (torch.randn(1024, 1024, generator=g) / 32).to("cuda", torch.bfloat16)
@@ -344,7 +345,7 @@ def test_autotune_on_a_gpu_gives_the_reference_result(monkeypatch):
     m = (torch.randn(1024, 64, generator=g) * 0.1).to("cuda")
     y = pica_linear(x, w, None, basis, m, backend="triton")
     want = reference.pica_linear(x.float(), w.float(), None, basis.float(), m, "input")
-    assert len(tuned.AUTOTUNED) == 2  # the shrink and the concatenated-K GEMM
+    assert len(autotune.AUTOTUNED) == 2  # the shrink and the concatenated-K GEMM
     assert float((y.float() - want).abs().max() / want.abs().max().clamp_min(1)) <= TOLERANCES[torch.bfloat16]
 
 
