@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None, base_and_tok=None) -> None:
 
     print("\n== 6. Export as a standard LoRA adapter (what vLLM / SGLang / llama.cpp load), check it in PEFT")
     from pica_kernels.core.imports import import_quietly
-    from pica_kernels.export import export_lora
+    from pica_kernels.native.export import export_lora
 
     # PEFT without the messages of optional GPU / hub kernels that torchao and bitsandbytes cannot load here.
     PeftModel = import_quietly("peft").PeftModel

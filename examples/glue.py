@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:  # the SVFT baseline lives in benchmarks/baselines
     sys.path.insert(0, str(ROOT))
 
 import pica_kernels as pk  # noqa: E402
-from pica_kernels import analysis  # noqa: E402
+from pica_kernels.native import analysis  # noqa: E402
 from pica_kernels.registry_models import load_minilm, minilm_dir  # noqa: E402
 
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")

@@ -249,7 +249,7 @@ def report(path: Path, out_dir: Path | None = None, with_plots: bool = True) -> 
     lines += summary_table(runs, grid) + [""]
     lines += ["## Cost", ""] + cost_table(runs, grid) + [""]
     lines += ["## Learning-rate search (validation slice of train)", ""] + search_table(runs) + [""]
-    lines += ["## Spectral analysis (seed 0, final weights; `pica_kernels.analysis`)", ""] + spectral_table(runs)
+    lines += ["## Spectral analysis (seed 0, final weights; `pica_kernels.native.analysis`)", ""] + spectral_table(runs)
     lines += [""]
     if with_plots:
         for name in plots(runs, out_dir):

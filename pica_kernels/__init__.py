@@ -16,24 +16,23 @@ Public API (see README.md):
     cache                                    the on-disk basis cache (PICA_KERNELS_CACHE; cache.clear())
 """
 
-__version__ = "0.1.0"
-
 from . import cache
-from .adapters import load_adapter, save_adapter
-from .apply import apply_pica
-from .config import PiCaConfig
+from ._version import __version__ as __version__
 from .core.errors import AdapterMismatchError, PiCaConfigError, PiCaError
-from .export import export_lora
-from .layer import PiCaLinear, mixed_batch
-from .model import (
+from .native.apply import apply_pica
+from .native.config import PiCaConfig
+from .native.export import export_lora
+from .native.files import load_adapter, save_adapter
+from .native.layer import PiCaLinear, mixed_batch
+from .native.model import (
     delete_adapter,
     disable_adapter,
     merge,
     merge_and_unload,
-    parameter_report,
     set_adapter,
     unmerge,
 )
+from .native.report import parameter_report
 from .ops import lowrank_linear, pica_linear
 from .svd import truncated_svd
 

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 from skip_policy import pytest_configure, pytest_runtest_makereport  # noqa: F401  (hooks: CI=true fails on skips)
 
 # The suite never writes to the user's basis cache (~/.cache/pica_kernels), and no test sees another's entries:
-# the cache is off for every test (and the subprocesses they start); tests/test_cache.py turns it on in its own
+# the cache is off for every test (and the subprocesses they start); tests/core/test_cache.py turns it on in its own
 # tmp directories.
 os.environ["PICA_KERNELS_CACHE"] = "0"
 

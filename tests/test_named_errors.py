@@ -272,7 +272,7 @@ from conftest import tiny_model
 import pica_kernels as pk
 from pica_kernels.core.imports import import_quietly
 PeftModel = import_quietly("peft").PeftModel
-from pica_kernels.export import export_lora
+from pica_kernels.native.export import export_lora
 import tempfile, pathlib
 model = pk.apply_pica(tiny_model("llama"), pk.PiCaConfig(rank=4), progress=False)
 d = pathlib.Path(tempfile.mkdtemp()) / "lora"

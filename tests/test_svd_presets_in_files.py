@@ -15,9 +15,9 @@ from torch import nn
 
 import pica_kernels as pk
 from pica_kernels import svd
-from pica_kernels.adapters import CONFIG_FILE, FORMAT, TENSORS_FILE
-from pica_kernels.apply import pica_layers
 from pica_kernels.core.files import file_sha256, json_checksum
+from pica_kernels.native.apply import pica_layers
+from pica_kernels.native.files import CONFIG_FILE, FORMAT, TENSORS_FILE
 
 
 class _Net(nn.Module):

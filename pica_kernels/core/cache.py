@@ -17,7 +17,7 @@ layer when one layer's Cholesky fails; an orthonormality check failing on one
 layer re-runs the whole batch as a full SVD). Measured: the output-side rank-8
 basis of a 64 x 48 Gaussian weight is bit-identical alone and batched with
 another Gaussian weight, but differs by 3.7e-7 when batched with a rank-2
-weight (tests/test_cache.py::test_batch_composition_changes_bits). A per-batch
+weight (tests/core/test_cache.py::test_batch_composition_changes_bits). A per-batch
 key returns exactly the bits the SVD would compute now; the same model and
 config always form the same batches (both front ends group the targets in
 module order), so a second load hits every batch.

@@ -36,6 +36,14 @@ def original_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return layer._buffers.get(ORIGINAL_WEIGHT, weight) if ORIGINAL_WEIGHT in layer._buffers else weight
 
 
+def original_layer_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight of a PiCa layer (either front end) as stored before any merge (Conv1D: (in, out)); a quantized
+    base's dequantized (out, in)."""
+    if layer.quantization:  # quantized-base hook
+        return quant.original_dequantized_weight(layer, layer.base_layer)
+    return original_weight(layer, layer.base_layer.weight)
+
+
 def weights_merged(layer: nn.Module) -> bool:
     """Whether ``layer``'s base weight holds merged adapters now (what the storage says, not the state)."""
     if layer.quantization:

@@ -37,7 +37,7 @@ def test_make_demo_quantize_passes_the_switch(tmp_path):
 @pytest.mark.slow
 def test_demo_on_an_nf4_base(smollm2_base, tmp_path, capsys, monkeypatch):
     """The demo's quantized path end to end, on a small random Llama with SmolLM2's tokenizer: the real model in nf4
-    is covered by tests/test_quant.py::test_smollm2_nf4_end_to_end (a full demo run on it costs minutes here)."""
+    is covered by tests/core/test_quant.py::test_smollm2_nf4_end_to_end (a full demo run on it costs minutes here)."""
     import torch
     import transformers as tf
 

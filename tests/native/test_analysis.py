@@ -1,11 +1,11 @@
-"""pica_kernels.analysis: intruder dimensions, DoRA magnitude/direction, Theorem 1 projection errors."""
+"""pica_kernels.native.analysis: intruder dimensions, DoRA magnitude/direction, Theorem 1 projection errors."""
 
 import math
 
 import pytest
 import torch
 
-from pica_kernels import analysis
+from pica_kernels.native import analysis
 
 
 def _weight(out_f=48, in_f=32, seed=0):

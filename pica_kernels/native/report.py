@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.targets import fused_expert_parameters, role_of
 from .apply import BANK_NAME, get_bank, pica_layers
-from .core.targets import fused_expert_parameters, role_of
 from .model import active_adapter
 
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import check_side
+from ..reference import check_side
 
 __all__ = [
     "intruder_dimensions",

@@ -2,7 +2,7 @@
 
 Each case combines documented multi-adapter calls on a two-layer model (``q_proj``, ``v_proj``) or a tiny Llama
 and checks what the model computes afterwards (design: pica_kernels/core/state.py, docs/design.md "Adapter state").
-The concurrency cases (6) are in tests/test_adapter_threads.py.
+The concurrency cases (6) are in tests/core/test_adapter_threads.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from conftest import randomize_m, tiny_model
 from torch import nn
 
 import pica_kernels as pk
-from pica_kernels.layer import PiCaLinear
-from pica_kernels.model import active_adapter, pica_layers
+from pica_kernels.native.apply import pica_layers
+from pica_kernels.native.layer import PiCaLinear
+from pica_kernels.native.model import active_adapter
 
 
 class TwoLayer(nn.Module):
@@ -216,7 +217,7 @@ def test_a_refused_peft_from_pretrained_leaves_the_callers_model_as_it_was(tmp_p
 
 # ------------------------------------------------------------------ the state value itself
 def test_the_state_is_one_value_for_the_model_and_every_layer_reads_it():
-    from pica_kernels.model import adapter_state
+    from pica_kernels.native.model import adapter_state
 
     model = _two_layer([("A", ["q_proj", "v_proj"]), ("B", ["q_proj"])])
     state = adapter_state(model)

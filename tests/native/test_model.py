@@ -8,8 +8,10 @@ from conftest import randomize_m, tiny_model
 from torch import nn
 
 import pica_kernels as pk
-from pica_kernels.layer import PiCaLinear
-from pica_kernels.model import find_targets, group_key, pica_layers, role_of
+from pica_kernels.core.defaults import DEFAULT_TARGETS
+from pica_kernels.core.targets import group_key, role_of
+from pica_kernels.native.apply import find_targets, pica_layers
+from pica_kernels.native.layer import PiCaLinear
 
 TOKENS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -31,7 +33,7 @@ def test_apply_replaces_targets_freezes_the_rest_and_keeps_output(tiny_llama):
     before = _logits(tiny_llama)
     pk.apply_pica(tiny_llama, pk.PiCaConfig(rank=4), progress=False)
     names = [n for n, _ in pica_layers(tiny_llama)]
-    assert len(names) == 15 and all(n.split(".")[-1] in pk.model.DEFAULT_TARGETS for n in names)
+    assert len(names) == 15 and all(n.split(".")[-1] in DEFAULT_TARGETS for n in names)
     assert isinstance(tiny_llama.model.layers[0].self_attn.o_proj, nn.Linear)  # not targeted
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
     assert trainable == {f"pica_bank.default.{k}" for k in
@@ -207,7 +209,7 @@ def test_multiple_adapters(tiny_llama):
     pk.unmerge(tiny_llama)
     pk.delete_adapter(tiny_llama, "b")
     assert set(tiny_llama.pica_bank.configs) == {"default", "c"}
-    assert pk.model.active_adapter(tiny_llama) == "default"  # fell back to a remaining adapter
+    assert pk.native.model.active_adapter(tiny_llama) == "default"  # fell back to a remaining adapter
     assert torch.equal(_logits(tiny_llama), y_a)
     assert "b" not in tiny_llama.pica_bank
     with pytest.raises(KeyError, match="unknown adapter 'b'"):

@@ -13,7 +13,7 @@ from conftest import TINY_TARGETS, randomize_m, tiny_model
 from safetensors.torch import load_file
 
 from pica_kernels import PiCaConfig, PiCaLinear, apply_pica
-from pica_kernels.export import export_lora
+from pica_kernels.native.export import export_lora
 
 
 def _out(model, ids):

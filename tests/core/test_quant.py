@@ -25,7 +25,7 @@ from pica_kernels import (
     unmerge,
 )
 from pica_kernels.core.quant import dequantized_weight, is_quantized_base, quant_info, quantize_base
-from pica_kernels.export import export_lora
+from pica_kernels.native.export import export_lora
 
 METHODS = ["nf4", "fp4", "bnb-int8", "torchao-int8"]
 IDS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))

@@ -8,8 +8,8 @@ from conftest import randomize_m, tiny_model
 from safetensors.torch import load_file
 
 import pica_kernels as pk
-from pica_kernels.adapters import CONFIG_FILE, TENSORS_FILE, AdapterMismatchError
-from pica_kernels.model import pica_layers
+from pica_kernels.native.apply import pica_layers
+from pica_kernels.native.files import CONFIG_FILE, TENSORS_FILE, AdapterMismatchError
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -36,7 +36,7 @@ def test_file_holds_each_m_once(tmp_path):
     model, path = _trained(tmp_path)
     tensors = load_file(path / TENSORS_FILE)
     m_keys = sorted(k for k in tensors if k.startswith("m."))
-    assert m_keys == sorted(f"m.{k}" for k in model.pica_bank.adapters["default"])
+    assert m_keys == sorted(f"m.{k}" for k in model.pica_bank["default"])
     assert len(m_keys) == 5 and not any(k.startswith("basis.") for k in tensors)
     meta = json.loads((path / CONFIG_FILE).read_text())
     assert meta["config"]["rank"] == 4 and meta["config"]["side"] == "input"
@@ -55,7 +55,7 @@ def test_load_as_second_adapter(tmp_path):
     model, path = _trained(tmp_path)
     other = pk.apply_pica(tiny_model("llama"), pk.PiCaConfig(rank=4), progress=False)
     pk.load_adapter(other, path, adapter_name="loaded", progress=False)
-    assert pk.model.active_adapter(other) == "loaded"
+    assert pk.native.model.active_adapter(other) == "loaded"
     assert torch.equal(other(TOKENS).logits, model(TOKENS).logits)
     pk.set_adapter(other, "default")
     assert torch.equal(other(TOKENS).logits, tiny_model("llama")(TOKENS).logits)
