@@ -29,10 +29,10 @@ from .native.model import (
     disable_adapter,
     merge,
     merge_and_unload,
-    parameter_report,
     set_adapter,
     unmerge,
 )
+from .native.report import parameter_report
 from .ops import lowrank_linear, pica_linear
 from .svd import truncated_svd
 

@@ -451,7 +451,7 @@ def test_v1_presets_reproduce_old_bases(case, backend):
 
 
 def test_config_default_is_accurate():
-    from pica_kernels.native.model import PiCaConfig
+    from pica_kernels import PiCaConfig
 
     assert PiCaConfig().svd_method == "accurate"
     assert PiCaConfig(svd_method="fast").svd_method == "fast"
@@ -514,7 +514,7 @@ def test_apply_pica_and_save_load_use_the_batched_accurate_svd(tmp_path):
     from torch import nn
 
     from pica_kernels import PiCaConfig, PiCaLinear, apply_pica, load_adapter, save_adapter
-    from pica_kernels.native.model import pica_layers
+    from pica_kernels.native.apply import pica_layers
 
     class Block(nn.Module):
         def __init__(self):

@@ -11,6 +11,6 @@
 ``imports``   the optional libraries imported without their known import-time noise
 """
 
-from .errors import AdapterMismatchError, BasisMismatchError, PiCaConfigError, PiCaError
+from .errors import AdapterMismatchError, PiCaConfigError, PiCaError
 
-__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaConfigError", "PiCaError"]
+__all__ = ["AdapterMismatchError", "PiCaConfigError", "PiCaError"]

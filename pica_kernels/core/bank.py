@@ -32,11 +32,6 @@ class PiCaBank(nn.ModuleDict):
         self.configs: dict = {}
         self.cell = StateCell()
 
-    @property
-    def adapters(self) -> PiCaBank:
-        """The bank itself (kept for code written against the former ``bank.adapters``)."""
-        return self
-
     def forward(self, x):
         """The identity: the bank sits in the model's module tree, and a container model (``nn.Sequential``) calls
         every child in turn, the bank included (registered last, so it passes the output through)."""

@@ -7,16 +7,42 @@ stored for a layer (:func:`prepare_basis`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
 from .. import reference
 from . import quant
 
+if TYPE_CHECKING:
+    from .export import LoraFactors
+    from .state import StateCell
+
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D as _HFConv1D
 except ImportError:  # transformers is optional for the core layer
     _HFConv1D = None
+
+
+@runtime_checkable
+class PiCaLayer(Protocol):
+    """A PiCa layer of either front end (``PiCaLinear``, ``PiCaPeftLinear``), as code that serves both reads it: the
+    LoRA export, the base model's identity in adapter files, the adapter-state cells. Only cheap members, so that
+    ``isinstance(module, PiCaLayer)`` computes nothing."""
+
+    base_layer: nn.Module
+    fan_in_fan_out: bool
+    #: the quantisation of the base (:func:`pica_kernels.core.quant.quant_info`), None for a plain layer
+    quantization: dict | None
+
+    @property
+    def pica_state_cell(self) -> StateCell:
+        """The cell holding the model's adapter state."""
+
+    def lora_factors(self, name: str, adapter: str | None = None) -> tuple[str, LoraFactors] | None:
+        """``(adapter, its LoRA factors under module name name)``; ``adapter`` defaults to the layer's first active
+        adapter; None when the layer does not carry it."""
 
 
 def is_supported_base(module: nn.Module) -> bool:

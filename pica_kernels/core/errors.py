@@ -5,7 +5,6 @@
 does not fit a model, or is damaged; the message names the field and both
 values. ``PiCaConfigError`` (also a ``ValueError``) says a configuration value
 or argument is not one PiCa accepts; the message names it and what is expected.
-``BasisMismatchError`` is its old PEFT-side name, kept as an alias.
 """
 
 from __future__ import annotations
@@ -22,7 +21,3 @@ class AdapterMismatchError(PiCaError, ValueError):
 class PiCaConfigError(PiCaError, ValueError):
     """A configuration field or argument has a value PiCa does not accept; the message names it and what is
     expected."""
-
-
-#: Former name on the PEFT side (a drifted basis); the same class.
-BasisMismatchError = AdapterMismatchError

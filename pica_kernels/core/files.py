@@ -39,8 +39,10 @@ import torch
 from torch import nn
 
 from . import quant
+from .base import PiCaLayer
 from .defaults import FINGERPRINT_ATOL
 from .errors import AdapterMismatchError
+from .merge import original_layer_weight
 
 SAMPLE_SIZE = 65536
 # Relative tolerance of norm and probe: same dtype, float64 sums of identical values (order may differ);
@@ -268,29 +270,45 @@ def _cache_hint() -> str:
                                  f"or PICA_KERNELS_CACHE=0 rules that out.")
 
 
-def base_tensors(model: nn.Module, originals: dict[str, torch.Tensor], keep: Callable[[str], bool],
-                 fold: Callable[[str], str]) -> dict[str, torch.Tensor]:
+#: state_dict entries of an adapted model that are not the base model's: PiCa's own (the native bank ``pica_bank.``,
+#: the PEFT layers' ``pica_*`` entries) and PEFT's trained copies.
+_NOT_BASE = (".pica_", "modules_to_save.", "token_adapter.")
+
+
+def _is_base_entry(key: str) -> bool:
+    return not key.startswith("pica_") and not any(p in key for p in _NOT_BASE)
+
+
+def _base_name(key: str) -> str:
+    """The base model's name of an entry of the adapted model (``…base_layer.weight`` -> ``…weight``)."""
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's own tensors by their plain state_dict names, for the whole-model identity of an adapter file.
 
-    ``originals``: state_dict key -> the tensor to use instead (an adapted layer's weight before any merge);
-    ``keep(key)``: False for the adapter's own entries (M, bases, trained copies); ``fold(key)``: the name the base
-    model has for an entry of the adapted model (``…base_layer.weight`` -> ``…weight``). Quantized-base hook: a
-    quantized layer's storage entries (packed weight, absmax, SCB, quant state...) stand as one ``<layer>.weight``,
-    its dequantized weight: the same for every fresh quantisation of the same weights, and unchanged by a merge
-    that re-quantizes. Sharded (DTensor) entries are left out: identities are taken where the whole tensor is.
+    ``model``: the model the PiCa layers of either front end sit in (a PEFT front end passes the model inside its
+    ``PeftModel``). An adapted layer's weight is taken as before any merge, under the base model's name
+    (``…q_proj.weight``, never ``…base_layer.weight``); PiCa's own entries (``M``, bases) and PEFT's trained copies are
+    left out. Quantized-base hook: a quantized layer's storage entries (packed weight, absmax, SCB, quant state...)
+    stand as one ``<layer>.weight``, its dequantized weight: the same for every fresh quantisation of the same
+    weights, and unchanged by a merge that re-quantizes. Sharded (DTensor) entries are left out: identities are taken
+    where the whole tensor is.
     """
-    originals = dict(originals)
-    quantized = {n: m for n, m in model.named_modules() if n and quant.is_quantized_base(m)}
+    modules = dict(model.named_modules())
+    originals = {f"{n}.base_layer.weight": original_layer_weight(m) for n, m in modules.items()
+                 if isinstance(m, PiCaLayer)}
+    quantized = {n: m for n, m in modules.items() if n and quant.is_quantized_base(m)}
     for n, m in quantized.items():
         originals.setdefault(f"{n}.weight", quant.dequantized_weight(m))
     storage = tuple(f"{n}." for n in quantized)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        if not keep(key) or type(t).__name__ == "DTensor":
+        if not _is_base_entry(key) or type(t).__name__ == "DTensor":
             continue
         if key.startswith(storage) and key not in originals and not key.endswith(".bias"):
             continue
-        out[fold(key)] = originals[key] if key in originals else offloaded_data(model, key, t)
+        out[_base_name(key)] = originals[key] if key in originals else offloaded_data(model, key, t)
     return out
 
 

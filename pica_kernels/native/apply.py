@@ -14,21 +14,14 @@ import torch
 from torch import nn
 
 from ..core.bank import PiCaBank
+from ..core.base import is_supported_base, weight_out_in
 from ..core.bases import batched_bases
 from ..core.defaults import DTYPES, check_adapter_name
+from ..core.plan import LayerPlan, plan_layers
 from ..core.state import install_forward_scope, transaction
-from ..core.targets import (
-    check_layer_rank,
-    fused_expert_parameters,
-    group_key,
-    matches,
-    rank_for,
-    role_of,
-    suffix_match,
-    warn_left_out,
-)
+from ..core.targets import fused_expert_parameters, matches, role_of, suffix_match, warn_left_out
 from .config import PiCaConfig
-from .layer import PiCaLinear, basis_buffer_name, is_supported_base, weight_out_in
+from .layer import PiCaLinear, basis_buffer_name
 
 BANK_NAME = "pica_bank"
 
@@ -119,20 +112,12 @@ def _weight_oi(module: nn.Module) -> torch.Tensor:
     return module.base_weight if isinstance(module, PiCaLinear) else weight_out_in(module)
 
 
-def layer_plan(model: nn.Module, config: PiCaConfig) -> list[tuple[str, nn.Module, int, str]]:
-    """``(name, module, rank, group key)`` of every target; checks ranks and that group keys are unambiguous."""
-    plan = []
-    claimed: dict[str, tuple] = {}
-    for name, module in find_targets(model, config):
-        out_f, in_f = _weight_oi(module).shape
-        rank = rank_for(name, config.rank, config.rank_pattern)
-        check_layer_rank(name, rank, out_f, in_f, "rank" if rank == config.rank else "rank_pattern rank")
-        key = group_key(name, out_f, in_f, config.share, None if rank == config.rank else rank)
-        ident = (role_of(name) if config.share else name, (out_f, in_f), rank)
-        if claimed.setdefault(key, ident) != ident:
-            raise ValueError(f"group key {key!r} is claimed by {claimed[key]} and {ident}; rename a module")
-        plan.append((name, module, rank, key))
-    return plan
+def layer_plan(model: nn.Module, config: PiCaConfig) -> list[tuple[nn.Module, LayerPlan]]:
+    """``(module, plan)`` of every target (:func:`pica_kernels.core.plan.plan_layers`: rank, checked, group key)."""
+    targets = find_targets(model, config)
+    shapes = [(name, *_weight_oi(module).shape) for name, module in targets]
+    plans = plan_layers(shapes, rank=config.rank, rank_pattern=config.rank_pattern, share=config.share)
+    return [(module, plans[name]) for name, module in targets]
 
 
 def apply_pica(
@@ -166,13 +151,13 @@ def apply_pica(
     # 1. Everything that can fail or take long, before the model is touched.
     bases = dict(bases or {})
     needed = []
-    for name, module, rank, _ in plan:
-        if name in bases:
+    for module, p in plan:
+        if p.name in bases:
             continue
-        if isinstance(module, PiCaLinear) and hasattr(module, basis_buffer_name(config.side, rank)):
+        if isinstance(module, PiCaLinear) and hasattr(module, basis_buffer_name(config.side, p.rank)):
             continue  # shared with an existing adapter of the same side and rank
-        needed.append((name, _weight_oi(module)))
-    ranks = {name: rank for name, _, rank, _ in plan}
+        needed.append((p.name, _weight_oi(module)))
+    ranks = {p.name: p.rank for _, p in plan}
     bases.update(batched_bases(needed, {n: ranks[n] for n, _ in needed}, config.side, method=config.svd_method,
                                seed=config.svd_seed, progress=progress))
 
@@ -189,14 +174,14 @@ def apply_pica(
             for p in bank.parameters():
                 p.requires_grad_(True)
         before = bank.cell.value
-        for name, module, rank, key in plan:
-            kwargs = dict(group=key, basis=bases.get(name), m_dtype=m_dtype,
+        for module, p in plan:
+            kwargs = dict(group=p.group, basis=bases.get(p.name), m_dtype=m_dtype,
                           svd_method=config.svd_method, svd_seed=config.svd_seed)
             if isinstance(module, PiCaLinear):
-                module._add_structure(adapter_name, rank, config.side, **kwargs)
+                module._add_structure(adapter_name, p.rank, config.side, **kwargs)
             else:
-                set_submodule(model, name, PiCaLinear(module, rank, config.side, adapter_name=adapter_name, bank=bank,
-                                                      **kwargs))
+                set_submodule(model, p.name, PiCaLinear._checked(module, p.rank, config.side, adapter_name=adapter_name,
+                                                                 bank=bank, **kwargs))
         bank.configs[adapter_name] = config
         # PEFT semantics: an added adapter starts inactive (the first one is active).
         now = bank.cell.value  # new layers register the adapter on a bank they are handed; the state is set here

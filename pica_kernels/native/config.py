@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, field, fields
 
-from .. import reference
+from ..core.config import PEFT_TO_NATIVE, check_shared_fields, set_aliases
 from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS, DTYPES
 from ..core.errors import PiCaConfigError
-from ..core.targets import check_module_spec, check_rank, check_rank_pattern, check_seed
-from ..svd import SVD_METHODS
-
-#: Field spellings of the PEFT front end accepted here: ``PiCaConfig(r=8, share_m=False, exclude_modules=[...])``.
-ALIASES = {"r": "rank", "share_m": "share", "exclude_modules": "exclude"}
+from ..core.targets import check_module_spec
 
 
 @dataclass
@@ -51,22 +47,13 @@ class PiCaConfig:
     exclude_modules: InitVar[str | Sequence[str] | None] = None
 
     def __post_init__(self, r=None, share_m=None, exclude_modules=None) -> None:
-        for alias, value in (("r", r), ("share_m", share_m), ("exclude_modules", exclude_modules)):
-            if value is not None:
-                setattr(self, ALIASES[alias], value)
-        check_rank(self.rank)
-        check_seed(self.svd_seed)
-        self.rank_pattern = check_rank_pattern(self.rank_pattern)
-        reference.check_side(self.side)
-        if self.svd_method not in SVD_METHODS:
-            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        set_aliases(self, PEFT_TO_NATIVE, {"r": r, "share_m": share_m, "exclude_modules": exclude_modules})
+        check_shared_fields(self, "rank", "exclude", svd_method_optional=False)
         if self.m_dtype is not None and self.m_dtype not in DTYPES:
             raise ValueError(f"m_dtype must be one of {sorted(DTYPES)}, got {self.m_dtype!r}")
         self.target_modules = check_module_spec(self.target_modules, "target_modules")
         if not self.target_modules:
             raise PiCaConfigError("target_modules is empty")
-        if self.exclude is not None:
-            self.exclude = check_module_spec(self.exclude, "exclude")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -77,7 +64,7 @@ class PiCaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PiCaConfig:
-        known = {f.name for f in fields(cls)} | set(ALIASES)
+        known = {f.name for f in fields(cls)} | set(PEFT_TO_NATIVE)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown PiCaConfig fields {sorted(unknown)}")

@@ -2,9 +2,10 @@
 
 The native front end (a model from :func:`pica_kernels.apply_pica`) and the PEFT
 front end (a ``PeftModel`` with a PiCa config) only differ in where they keep
-the basis and ``M``; both hand the per-layer tensors to
-:func:`pica_kernels.core.export.write_lora_adapter`. See docs/export.md for
-serving the result with vLLM, SGLang and llama.cpp.
+the basis and ``M``; each layer class hands its factors out through its public
+``lora_factors`` method (:class:`pica_kernels.core.base.PiCaLayer`), and
+:func:`pica_kernels.core.export.write_lora_adapter` writes them. See docs/export.md
+for serving the result with vLLM, SGLang and llama.cpp.
 """
 
 from __future__ import annotations
@@ -14,18 +15,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..core.export import PEFT_KEY_PREFIX, LoraFactors, lora_factors, write_lora_adapter
-from .layer import PiCaLinear, is_supported_base
+from ..core.base import PiCaLayer, is_supported_base
+from ..core.export import PEFT_KEY_PREFIX, LoraFactors, write_lora_adapter
 
 __all__ = ["export_lora"]
-
-
-def _peft_layer_class():
-    try:
-        from ..peft.layer import PiCaPeftLinear
-    except ImportError:  # peft not installed: no PEFT front end models can exist
-        return None
-    return PiCaPeftLinear
 
 
 def _plain_name(name: str) -> str:
@@ -35,32 +28,22 @@ def _plain_name(name: str) -> str:
 
 def _collect(model: nn.Module, adapter_name: str | None) -> tuple[list[LoraFactors], list[str], str]:
     """The LoRA factors of ``adapter_name`` (default: the active adapter), every adaptable module name, the adapter."""
-    peft_cls = _peft_layer_class()
-    adapter_types = (PiCaLinear,) if peft_cls is None else (PiCaLinear, peft_cls)
     layers: list[LoraFactors] = []
     linear_names: list[str] = []
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, adapter_types):
+        if isinstance(module, PiCaLayer):
             inside.append(name)
             linear_names.append(_plain_name(name))
-            if isinstance(module, PiCaLinear):
-                adapter = adapter_name or module.active_adapter
-                if adapter is None or adapter not in module.adapters:
-                    continue
-                spec = module.adapters[adapter]
-                basis, m, side = module.basis(adapter), module.m(adapter), spec.side
-            else:
-                active = list(module.active_adapters)
-                adapter = adapter_name or (active[0] if active else None)
-                if adapter is None or adapter not in module.pica_r:
-                    continue
-                basis, m, side = module.pica_basis[adapter], module.get_m(adapter), module.pica_side[adapter]
+            found = module.lora_factors(_plain_name(name), adapter_name)
+            if found is None:
+                continue
+            adapter, factors = found
             if adapter_name is None:
                 adapter_name = adapter  # the first active adapter found decides for the whole model
-            layers.append(lora_factors(_plain_name(name), basis, m, side, module.fan_in_fan_out))
+            layers.append(factors)
         elif name and is_supported_base(module):
             linear_names.append(_plain_name(name))
     if not layers:
@@ -114,9 +97,7 @@ def export_lora(
     model's config and class say.
     """
     layers, linear_names, _ = _collect(model, adapter_name)
-    peft_cls = _peft_layer_class()
-    adapter_types = (PiCaLinear,) if peft_cls is None else (PiCaLinear, peft_cls)
-    merged = [name for name, m in model.named_modules() if isinstance(m, adapter_types) and m.merged]
+    merged = [name for name, m in model.named_modules() if isinstance(m, PiCaLayer) and m.merged]
     if merged:
         import warnings
 

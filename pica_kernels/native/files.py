@@ -35,10 +35,12 @@ from torch import nn
 
 from .._version import __version__
 from ..core import quant as core_quant
+from ..core.config import check_on_mismatch
 from ..core.defaults import check_adapter_name
 from ..core.errors import AdapterMismatchError
 from ..core.files import (
     NO_DATA,
+    base_tensors,
     check_base_tensors,
     check_basis_fingerprint,
     check_m_values,
@@ -53,9 +55,9 @@ from ..core.files import (
     tensor_identity,
     unverified,
 )
-from ..core.files import base_tensors as files_base_tensors
+from ..core.plan import layer_group
 from ..core.state import transaction
-from ..core.targets import group_key, role_of
+from ..core.targets import role_of
 from ..svd import basis_fingerprint, method_from_file, versioned_method
 from .apply import BANK_NAME, apply_pica, get_bank, pica_layers
 from .config import PiCaConfig
@@ -75,14 +77,6 @@ def _original_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, PiCaLinear):
         return module.original_weight
     return core_quant.dequantized_weight(module) if core_quant.is_quantized_base(module) else module.weight
-
-
-def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own tensors by state_dict name, PiCa removed: ``…q_proj.weight`` (original, unmerged), never
-    ``…base_layer.weight``, no bank, no bases (see :func:`pica_kernels.core.files.base_tensors`)."""
-    originals = {f"{n}.base_layer.weight": layer.original_weight for n, layer in pica_layers(model)}
-    return files_base_tensors(model, originals, keep=lambda key: not key.startswith(BANK_NAME + "."),
-                              fold=lambda key: key.replace(".base_layer.", "."))
 
 
 def _base_model_identity(model: nn.Module) -> dict:
@@ -342,8 +336,7 @@ def load_adapter(
     base model; "warn" loads with a warning. Targeted weights must always match.
     Atomic: on any failure (also KeyboardInterrupt) the model is left as it was.
     """
-    if check_base_model not in ("error", "warn"):
-        raise ValueError(f"check_base_model must be 'error' or 'warn', got {check_base_model!r}")
+    check_on_mismatch(check_base_model)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     meta, tensors = read_adapter(path)
@@ -385,8 +378,7 @@ def load_adapter(
             raise AdapterMismatchError(f"layer {lname!r} is merged; unmerge(model) before loading an adapter")
         shape = info["weight"]["shape"]
         out_f, in_f = shape[::-1] if info.get("fan_in_fan_out") else shape
-        rank_suffix = None if info["rank"] == config.rank else info["rank"]
-        want = group_key(lname, out_f, in_f, config.share, rank_suffix)
+        want = layer_group(lname, out_f, in_f, info["rank"], config.rank, config.share)
         if want != info["group"]:
             raise AdapterMismatchError(f"layers[{lname!r}].group: the file says {info['group']!r}, its name, shape "
                                        f"and rank give {want!r}")

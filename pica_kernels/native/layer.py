@@ -29,12 +29,20 @@ from ..core import merge as core_merge
 from ..core import quant as core_quant
 from ..core import state as core_state
 from ..core.bank import PiCaBank
-from ..core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, prepare_basis, weight_out_in
+from ..core.base import (
+    PiCaLayer,
+    check_float_weight,
+    is_fan_in_fan_out,
+    is_supported_base,
+    prepare_basis,
+    weight_out_in,
+)
 from ..core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
+from ..core.export import LoraFactors, lora_factors
 from ..svd import truncated_svd
+from . import transitions
 
-__all__ = ["BASE_ADAPTER", "PiCaBank", "PiCaLinear", "grouped_forward", "is_fan_in_fan_out", "is_supported_base",
-           "mixed_batch", "weight_out_in"]
+__all__ = ["PiCaLinear", "grouped_forward", "mixed_batch"]
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -70,10 +78,24 @@ def state_cells(model: nn.Module) -> list[core_state.StateCell]:
     """The adapter-state cells of the PiCa layers of ``model`` (one for a model built by apply_pica or PEFT)."""
     cells: dict[int, core_state.StateCell] = {}
     for m in model.modules():
-        cell = getattr(m, "pica_state_cell", None) if isinstance(m, nn.Module) else None
-        if isinstance(cell, core_state.StateCell):  # PiCaLinear, or the PEFT front end's layer
-            cells.setdefault(id(cell), cell)
+        if isinstance(m, PiCaLayer):  # PiCaLinear, or the PEFT front end's layer
+            cells.setdefault(id(m.pica_state_cell), m.pica_state_cell)
     return list(cells.values())
+
+
+def _check_adapter_args(adapter_name: object, rank: object, side: object, m_dtype: object, out_features: int,
+                        in_features: int) -> None:
+    """The arguments of a PiCaLinear built or extended by hand (apply_pica passes values its config checked)."""
+    reference.check_side(side)
+    check_adapter_name(adapter_name)
+    min_dim = min(out_features, in_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min_dim:
+        raise ValueError(
+            f"rank must be an int in [1, min(out, in)] = [1, {min_dim}] for this layer "
+            f"(out={out_features}, in={in_features}), got rank={rank!r}"
+        )
+    if m_dtype is not None and not m_dtype.is_floating_point:
+        raise TypeError(f"m_dtype must be a floating-point dtype, got {m_dtype}")
 
 
 def basis_buffer_name(side: str, rank: int) -> str:
@@ -123,6 +145,21 @@ class PiCaLinear(nn.Module):
             raise TypeError(
                 f"base_layer must be nn.Linear or transformers Conv1D, got {type(base_layer).__name__}"
             )
+        _check_adapter_args(adapter_name, rank, side, m_dtype, *weight_out_in(base_layer).shape)
+        self._build(base_layer, rank, side, adapter_name=adapter_name, bank=bank, group=group, basis=basis,
+                    m_dtype=m_dtype, svd_method=svd_method, svd_seed=svd_seed)
+
+    @classmethod
+    def _checked(cls, base_layer: nn.Module, rank: int, side: str, **kwargs) -> PiCaLinear:
+        """A layer built from values checked already (``apply_pica``'s config and per-layer plan), not re-checked."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._build(base_layer, rank, side, **kwargs)
+        return layer
+
+    def _build(self, base_layer: nn.Module, rank: int, side: str, *, adapter_name: str, bank: PiCaBank | None,
+               group: str, basis: torch.Tensor | None, m_dtype: torch.dtype | None, svd_method: str,
+               svd_seed: int) -> None:
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -192,7 +229,7 @@ class PiCaLinear(nn.Module):
 
     @disabled.setter
     def disabled(self, value: bool) -> None:
-        self._own_model_op("disabled = ...").set_disabled(self, bool(value))
+        transitions.set_disabled(self._own_bank("disabled = ..."), self, bool(value))
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -203,17 +240,15 @@ class PiCaLinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def _own_model_op(self, what: str):
-        """The model-level operations, for a layer that is its own model (it owns its bank); a layer of a larger
-        model shares the model's state and is changed through the model (pica_kernels.merge(model), ...)."""
+    def _own_bank(self, what: str) -> PiCaBank:
+        """The bank of a layer that is its own model (it owns its bank); a layer of a larger model shares the
+        model's state and is changed through the model (pica_kernels.merge(model), ...)."""
         if getattr(self, "pica_bank", None) is not self._bank:
             raise core_state.AdapterStateError(
                 f"PiCaLinear.{what} on a layer of a larger model: adapter state is the model's (one value for all "
                 f"its layers); call the model-level function (pica_kernels.set_adapter / merge / unmerge / "
                 f"delete_adapter / disable_adapter(model, ...)) instead")
-        from . import model as model_ops
-
-        return model_ops
+        return self._bank
 
     @property
     def merged_adapter(self) -> str | None:
@@ -223,9 +258,7 @@ class PiCaLinear(nn.Module):
     @property
     def original_weight(self) -> torch.Tensor:
         """The base weight as stored before any merge (Conv1D: (in, out); quantized base: dequantized (out, in))."""
-        if self.quantization:  # quantized-base hook
-            return core_quant.original_dequantized_weight(self, self.base_layer)
-        return core_merge.original_weight(self, self.base_layer.weight)
+        return core_merge.original_layer_weight(self)
 
     # --------------------------------------------------------------- adapters
     def add_adapter(
@@ -242,7 +275,8 @@ class PiCaLinear(nn.Module):
     ) -> None:
         """Add an inactive adapter to this layer on its own (a layer of a larger model: ``apply_pica(model, ...,
         adapter_name=...)``). Adapters of equal side and rank share the basis."""
-        self._own_model_op("add_adapter")
+        self._own_bank("add_adapter")
+        _check_adapter_args(adapter_name, rank, side, m_dtype, self.out_features, self.in_features)
         with core_state.transaction(self._bank.cell, [self]) as txn:
             self._add_structure(adapter_name, rank, side, group=group, basis=basis, m_dtype=m_dtype,
                                 svd_method=svd_method, svd_seed=svd_seed)
@@ -263,23 +297,13 @@ class PiCaLinear(nn.Module):
         svd_seed: int = 0,
     ) -> None:
         """This layer's part of a new adapter: its basis (shared by adapters of equal side and rank), its ``M`` in
-        the bank, its spec. Called inside a transaction that also adds the adapter to the model's state."""
-        reference.check_side(side)
-        check_adapter_name(adapter_name)
+        the bank, its spec. Called inside a transaction that also adds the adapter to the model's state, with checked
+        values (:func:`_check_adapter_args`, or apply_pica's config and plan); a given basis is checked by
+        :func:`~pica_kernels.core.base.prepare_basis`."""
         if adapter_name in self.adapters:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
-        min_dim = min(self.out_features, self.in_features)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min_dim:
-            raise ValueError(
-                f"rank must be an int in [1, min(out, in)] = [1, {min_dim}] for this layer "
-                f"(out={self.out_features}, in={self.in_features}), got rank={rank!r}"
-            )
         weight = self.base_weight
         check_float_weight(weight)
-        if basis is not None and not basis.is_floating_point():
-            raise TypeError(f"basis must be a floating-point tensor, got dtype {basis.dtype}")
-        if m_dtype is not None and not m_dtype.is_floating_point:
-            raise TypeError(f"m_dtype must be a floating-point dtype, got {m_dtype}")
         name = basis_buffer_name(side, rank)
         if basis is not None or not hasattr(self, name):
             if basis is None:
@@ -294,11 +318,11 @@ class PiCaLinear(nn.Module):
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` active (a layer on its own; see :func:`pica_kernels.set_adapter`)."""
-        self._own_model_op("set_adapter").set_adapter(self, adapter_name)
+        transitions.set_active(self._own_bank("set_adapter"), self, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (a layer on its own; see :func:`pica_kernels.delete_adapter`)."""
-        self._own_model_op("delete_adapter").delete_adapter(self, adapter_name)
+        transitions.delete(self._own_bank("delete_adapter"), self, [self], adapter_name)
 
     def _remove_structure(self, adapter_name: str) -> None:
         """This layer's part of deleting an adapter: its spec, and its basis when no other adapter uses it."""
@@ -349,17 +373,26 @@ class PiCaLinear(nn.Module):
         that :meth:`unmerge` restores it bit for bit. A layer on its own; a layer
         of a larger model is merged with :func:`pica_kernels.merge`.
         """
-        self._own_model_op("merge").merge(self, adapter, safe_merge=safe_merge)
+        transitions.merge(self._own_bank("merge"), self, [self], adapter, safe_merge)
 
     def unmerge(self) -> None:
         """Restore the exact original base weight (a no-op when nothing is merged)."""
-        self._own_model_op("unmerge").unmerge(self)
+        transitions.unmerge(self._own_bank("unmerge"), self, [self])
 
     def _set_stack(self, before: core_state.AdapterState, after: core_state.AdapterState, txn,
                    safe_merge: bool = False) -> None:
         """This layer's weight from the merged stack of ``before`` to that of ``after`` (inside a transaction)."""
         core_merge.set_stack(self, before.merged_on(self.adapters), after.merged_on(self.adapters),
                              self.delta_weight, txn=txn, safe_merge=safe_merge)
+
+    def lora_factors(self, name: str, adapter: str | None = None) -> tuple[str, LoraFactors] | None:
+        """``(adapter, its LoRA factors under module name name)`` for ``export_lora`` (:mod:`pica_kernels.core.export`);
+        ``adapter`` defaults to the active one; None when this layer does not carry it."""
+        adapter = adapter or self.active_adapter
+        if adapter is None or adapter not in self.adapters:
+            return None
+        return adapter, lora_factors(name, self.basis(adapter), self.m(adapter), self.adapters[adapter].side,
+                                     self.fan_in_fan_out)
 
     def extra_repr(self) -> str:
         specs = ", ".join(f"{n}: side={s.side}, r={s.rank}, group={s.group}" for n, s in self.adapters.items())

@@ -13,17 +13,17 @@ from ..core.imports import import_quietly
 # messages of optional kernels that cannot load on this machine (pica_kernels.core.imports).
 import_quietly("peft")
 
-from ._register import PEFT_NAME, ensure_peft_type, register  # noqa: E402
+from ._register import register  # noqa: E402
 from .config import DEFAULT_TARGET_MODULES, PiCaPeftConfig  # noqa: E402
 from .layer import PiCaPeftLinear  # noqa: E402
-from .model import BasisMismatchError, PiCaPeftModel  # noqa: E402
+from .model import PiCaPeftModel  # noqa: E402
+from .peft_type import PEFT_NAME, ensure_peft_type  # noqa: E402
 
 register()
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "PEFT_NAME",
-    "BasisMismatchError",
     "PiCaPeftConfig",
     "PiCaPeftLinear",
     "PiCaPeftModel",

@@ -7,7 +7,7 @@ it to ``adapter_config.json`` and reads ``.value`` for the model card, and
 ``PeftConfig.from_pretrained`` / ``PeftModel.from_pretrained`` look the string
 up in ``PEFT_TYPE_TO_CONFIG_MAPPING`` / ``PEFT_TYPE_TO_TUNER_MAPPING``.
 
-The shim below adds one real member, ``PeftType.PICA = "PICA"``, to that enum
+The shim (``peft_type.py``) adds one real member, ``PeftType.PICA = "PICA"``, to that enum
 (the same bookkeeping ``enum`` does for members defined in the class body:
 ``_member_map_``, ``_value2member_map_``, ``_member_names_`` and the class
 attribute), then calls the public ``register_peft_method(name="pica", ...)``.
@@ -21,48 +21,18 @@ The upstream change that makes this shim unnecessary is described in docs/peft.m
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 
-PEFT_NAME = "pica"
-PEFT_MEMBER = "PICA"
+from .config import PiCaPeftConfig
+from .model import PiCaPeftModel
+from .peft_type import PEFT_NAME, ensure_peft_type
+
 PREFIX = "pica_"
-
-
-def ensure_peft_type() -> PeftType:
-    """Return ``PeftType.PICA``, adding it to PEFT's enum on first call."""
-    existing = PeftType.__members__.get(PEFT_MEMBER)
-    if existing is not None:
-        return existing
-    add_member = getattr(PeftType, "_add_member_", None)  # Python >= 3.13 has a helper
-    member = str.__new__(PeftType, PEFT_MEMBER)
-    member._name_ = PEFT_MEMBER
-    member._value_ = PEFT_MEMBER
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    PeftType._value2member_map_[PEFT_MEMBER] = member
-    if add_member is not None:
-        add_member(PEFT_MEMBER, member)
-    else:
-        PeftType._member_map_[PEFT_MEMBER] = member
-        PeftType._member_names_.append(PEFT_MEMBER)
-        # EnumType.__setattr__ refuses to (re)bind member names; bypass it for the new name.
-        type.__setattr__(PeftType, PEFT_MEMBER, member)
-    assert PeftType(PEFT_MEMBER) is member and PeftType[PEFT_MEMBER] is member
-    return member
 
 
 def register() -> None:
     """Register the PiCa config and tuner with PEFT (idempotent)."""
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
-    from peft.utils import register_peft_method
-
-    from .config import PiCaPeftConfig
-    from .model import PiCaPeftModel
-
     member = ensure_peft_type()
     if member in PEFT_TYPE_TO_TUNER_MAPPING or member in PEFT_TYPE_TO_CONFIG_MAPPING:
         # Already registered (import twice, importlib.reload): point the tables at the current classes.

@@ -6,16 +6,14 @@ from dataclasses import InitVar, dataclass, field
 
 from peft.config import PeftConfig
 
-from .. import reference
+from ..core.config import NATIVE_TO_PEFT, check_on_mismatch, check_shared_fields, set_aliases
 from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS
-from ..core.targets import check_module_spec, check_rank, check_rank_pattern, check_seed
-from ..svd import SVD_METHODS, method_from_file, versioned_method
-from ._register import ensure_peft_type
+from ..core.targets import check_module_spec
+from ..svd import method_from_file, versioned_method
+from .peft_type import ensure_peft_type
 
 #: The paper's targets: q, k, v, up, down projections (the native front end's default too).
 DEFAULT_TARGET_MODULES = list(DEFAULT_TARGETS)
-#: Field spellings of the native front end accepted here: ``PiCaPeftConfig(rank=8, share=False, exclude=[...])``.
-ALIASES = {"rank": "r", "share": "share_m", "exclude": "exclude_modules"}
 
 
 @dataclass
@@ -82,24 +80,17 @@ class PiCaPeftConfig(PeftConfig):
 
     def __post_init__(self, rank=None, share=None, exclude=None) -> None:
         super().__post_init__()
-        for alias, value in (("rank", rank), ("share", share), ("exclude", exclude)):
-            if value is not None:
-                setattr(self, ALIASES[alias], value)
+        set_aliases(self, NATIVE_TO_PEFT, {"rank": rank, "share": share, "exclude": exclude})
         self.peft_type = ensure_peft_type()
-        check_rank(self.r, "r")
-        check_seed(self.svd_seed)
-        self.rank_pattern = check_rank_pattern(self.rank_pattern)
-        reference.check_side(self.side)
-        if self.check_base_model not in ("error", "warn"):
-            raise ValueError(f"check_base_model must be 'error' or 'warn', got {self.check_base_model!r}")
-        if self.svd_method is not None and self.svd_method not in SVD_METHODS:
-            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        check_shared_fields(self, "r", "exclude_modules", svd_method_optional=True)
+        check_on_mismatch(self.check_base_model)
         # None: PEFT's own rules (target_parameters, or a model-type default) decide; refused later when none apply.
-        for key in ("target_modules", "exclude_modules"):
+        if self.target_modules is not None:
+            self.target_modules = check_module_spec(self.target_modules, "target_modules")
+        for key in ("target_modules", "exclude_modules"):  # PEFT keeps suffix lists as sets
             spec = getattr(self, key)
-            if spec is not None:
-                spec = check_module_spec(spec, key)
-                setattr(self, key, spec if isinstance(spec, str) else set(spec))
+            if spec is not None and not isinstance(spec, str):
+                setattr(self, key, set(spec))
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 

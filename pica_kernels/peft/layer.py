@@ -22,6 +22,7 @@ from ..core import merge as core_merge
 from ..core import quant as core_quant
 from ..core import state as core_state
 from ..core.bank import LayerMView, PiCaBank
+from ..core.export import LoraFactors, lora_factors
 from .containers import BasisDict
 
 
@@ -154,6 +155,15 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         """Unmerging is the model's: ``model.unmerge_adapter()``."""
         raise core_state.AdapterStateError(
             "PiCaPeftLinear.unmerge on one layer: the merged stack is the model's; call model.unmerge_adapter()")
+
+    def lora_factors(self, name: str, adapter: str | None = None) -> tuple[str, LoraFactors] | None:
+        """``(adapter, its LoRA factors under module name name)`` for ``export_lora`` (:mod:`pica_kernels.core.export`);
+        ``adapter`` defaults to the first active one; None when this layer does not carry it."""
+        active = list(self.active_adapters)
+        adapter = adapter or (active[0] if active else None)
+        if adapter is None or adapter not in self.pica_r:
+            return None
+        return adapter, lora_factors(name, *self._tensors(adapter), self.fan_in_fan_out)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -36,7 +36,6 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .. import reference
-from ..core import merge as core_merge
 from ..core.bank import PiCaBank, random_m_init
 from ..core.base import is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..core.bases import batched_bases
@@ -46,9 +45,9 @@ from ..core.defaults import (
     check_adapter_name,
     default_m_dtype,
 )
-from ..core.errors import AdapterMismatchError, BasisMismatchError
-from ..core.files import base_tensors as files_base_tensors
+from ..core.errors import AdapterMismatchError
 from ..core.files import (
+    base_tensors,
     check_base_tensors,
     check_basis_fingerprint,
     check_m_tensors,
@@ -58,7 +57,8 @@ from ..core.files import (
     load_json,
     tensor_identity,
 )
-from ..core.quant import dequantized_weight, is_quantized_base, original_dequantized_weight
+from ..core.plan import LayerPlan, plan_layers
+from ..core.quant import dequantized_weight, is_quantized_base
 from ..core.state import (
     AdapterState,
     Snapshot,
@@ -68,13 +68,13 @@ from ..core.state import (
     transaction,
     uninstall_forward_scope,
 )
-from ..core.targets import check_layer_rank, fused_expert_parameters, group_key, rank_for, warn_left_out
+from ..core.targets import fused_expert_parameters, warn_left_out
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
 from .containers import adapter_names_pre_forward_hook
 from .layer import PiCaPeftLinear
 
-__all__ = ["AdapterMismatchError", "BasisMismatchError", "PiCaPeftModel"]
+__all__ = ["PiCaPeftModel"]
 
 #: tuner -> {adapter: Snapshot of the model before that adapter was injected}, until its weights are loaded.
 _UNDO_LOAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -85,34 +85,25 @@ FINGERPRINT_KEY = "pica_fingerprint"
 
 #: Key of the base model's identity in ``adapter_model.safetensors``: the JSON of {tensor name: identity} as uint8.
 BASE_IDENTITY_KEY = "base_model.pica_base_model_identity"
-# state_dict entries of a PEFT-adapted model that are not the base model's: PiCa's own, PEFT's trained copies.
-_NOT_BASE = (".pica_", "modules_to_save.", "token_adapter.")
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The model the PiCa layers sit in, under a PeftModel or the tuner (the bare model as it is)."""
+    if isinstance(model, PiCaPeftModel):
+        return model.model
+    if isinstance(getattr(model, "base_model", None), PiCaPeftModel):
+        return model.base_model.model
+    return model
 
 
 def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own tensors under the adapted ``model`` (a PeftModel, the tuner or the bare model), by their
-    names in the base model, adapted weights as before any merge (see :func:`pica_kernels.core.files.base_tensors`)."""
-    if isinstance(model, PiCaPeftModel):
-        model = model.model
-    elif isinstance(getattr(model, "base_model", None), PiCaPeftModel):
-        model = model.base_model.model
-    originals = {}
-    for n, m in model.named_modules():
-        if isinstance(m, PiCaPeftLinear):
-            original = (original_dequantized_weight(m, m.base_layer) if m.quantization
-                        else core_merge.original_weight(m, m.base_layer.weight))
-            originals[f"{n}.base_layer.weight"] = original
-    return files_base_tensors(model, originals, keep=lambda key: not any(p in key for p in _NOT_BASE),
-                              fold=lambda key: key.replace(".base_layer.", ".").replace(".original_module.", "."))
+    """The base model's own tensors under the adapted ``model`` (:func:`pica_kernels.core.files.base_tensors`)."""
+    return base_tensors(_inner(model))
 
 
 def _adapted_weights(model: nn.Module) -> set[str]:
     """Names (as :func:`_base_tensors` gives them) of the adapted layers' weights."""
-    if isinstance(model, PiCaPeftModel):
-        model = model.model
-    elif isinstance(getattr(model, "base_model", None), PiCaPeftModel):
-        model = model.base_model.model
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, PiCaPeftLinear)}
+    return {f"{n}.weight" for n, m in _inner(model).named_modules() if isinstance(m, PiCaPeftLinear)}
 
 
 _LOAD_ANYWAY = ("load with a PiCaPeftConfig whose check_base_model='warn' "
@@ -267,34 +258,36 @@ class PiCaPeftModel(BaseTuner):
                 found.append((key, module))
         return found
 
-    def _compute_bases(self, model: nn.Module, config: PiCaPeftConfig) -> dict[str, torch.Tensor]:
-        """Bases of every target, one batched truncated SVD per (shape, dtype, device); reuses the basis of an
-        existing adapter with the same side, rank and SVD settings."""
+    def _plan(self, model: nn.Module, config: PiCaPeftConfig) -> tuple[dict[str, LayerPlan], dict[str, torch.Tensor]]:
+        """The per-layer plan of every target (rank checked, group key; :func:`pica_kernels.core.plan.plan_layers`)
+        and its bases: one batched truncated SVD per (shape, dtype, device), or the basis of an existing adapter
+        with the same side, rank and SVD settings."""
+        targets = []
+        for key, module in self._target_items(model, config):
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if is_supported_base(base):  # other modules: _create_and_replace raises the clear error
+                targets.append((key, module, weight_out_in(base)))
+        plans = plan_layers([(key, *w.shape) for key, _, w in targets], rank=config.r,
+                            rank_pattern=config.rank_pattern, share=config.share_m, rank_field="r")
         bases: dict[str, torch.Tensor] = {}
         weights: list[tuple[str, torch.Tensor]] = []
-        for key, module in self._target_items(model, config):
+        for key, module, w in targets:
             if isinstance(module, PiCaPeftLinear):
                 for other, r in module.pica_r.items():
                     oc = self.peft_config.get(other)
                     if (
-                        oc is not None and r == rank_for(key, config.r, config.rank_pattern)
-                        and module.pica_side[other] == config.side
+                        oc is not None and r == plans[key].rank and module.pica_side[other] == config.side
                         and (oc.svd_method, oc.svd_seed) == (config.svd_method, config.svd_seed)
                     ):
                         bases[key] = module.pica_basis[other]
                         break
                 if key in bases:
                     continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not is_supported_base(base):
-                continue  # _create_and_replace raises the clear error
-            w = weight_out_in(base)
-            if rank_for(key, config.r, config.rank_pattern) > min(w.shape) or w.device.type == "meta":
-                continue  # _create_and_replace raises the clear error
-            weights.append((key, w))
-        ranks = {key: rank_for(key, config.r, config.rank_pattern) for key, _ in weights}
-        bases.update(batched_bases(weights, ranks, config.side, method=config.svd_method, seed=config.svd_seed))
-        return bases
+            if w.device.type != "meta":
+                weights.append((key, w))
+        bases.update(batched_bases(weights, {key: plans[key].rank for key, _ in weights}, config.side,
+                                   method=config.svd_method, seed=config.svd_seed))
+        return plans, bases
 
     def inject_adapter(
         self,
@@ -310,7 +303,7 @@ class PiCaPeftModel(BaseTuner):
         if config.target_modules == "all-linear":
             warn_left_out(model, fused_expert_parameters(model))
         _maybe_include_all_linear_layers(config, model)
-        self._pending_bases = self._compute_bases(model, config)
+        self._pending_plan, self._pending_bases = self._plan(model, config)
         cell = self._m_store().cell
         # Kept until the adapter's weights are loaded (PeftModel.load_adapter), so a refused file undoes this.
         _UNDO_LOAD.setdefault(self, {})[adapter_name] = Snapshot.take(cell, [self], data=False)
@@ -333,7 +326,7 @@ class PiCaPeftModel(BaseTuner):
                 self.peft_config.pop(adapter_name, None)
             raise
         finally:
-            self._pending_bases = {}
+            self._pending_plan, self._pending_bases = {}, {}
 
     def _create_and_replace(
         self, peft_config: PiCaPeftConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -351,8 +344,11 @@ class PiCaPeftModel(BaseTuner):
             )
         out_f, in_f = weight_out_in(base).shape
         side = peft_config.side
-        r = rank_for(current_key, peft_config.r, peft_config.rank_pattern)
-        check_layer_rank(current_key, r, out_f, in_f, "r" if r == peft_config.r else "rank_pattern rank")
+        plan = (getattr(self, "_pending_plan", None) or {}).get(current_key)
+        if plan is None:  # a target inject_adapter's plan did not list
+            plan = plan_layers([(current_key, out_f, in_f)], rank=peft_config.r, rank_pattern=peft_config.rank_pattern,
+                               share=peft_config.share_m, rank_field="r")[current_key]
+        r = plan.rank
         if is_fan_in_fan_out(base):
             peft_config.fan_in_fan_out = True
         basis = (getattr(self, "_pending_bases", None) or {}).get(current_key)
@@ -360,7 +356,7 @@ class PiCaPeftModel(BaseTuner):
             basis, _ = truncated_svd(
                 weight_out_in(base), r, side, method=peft_config.svd_method, seed=peft_config.svd_seed
             )
-        group = group_key(current_key, out_f, in_f, peft_config.share_m, None if r == peft_config.r else r)
+        group = plan.group
         # quantized-base hook: the dequantized weight gives M's dtype and device (the storage is uint8 / int8)
         weight = dequantized_weight(base) if is_quantized_base(base) else base.weight
         if not weight.is_floating_point():
@@ -539,7 +535,7 @@ class PiCaPeftModel(BaseTuner):
             for name, stored in fingerprints.items():
                 module = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
                 if not isinstance(module, PiCaPeftLinear) or adapter_name not in module.pica_basis:
-                    raise BasisMismatchError(
+                    raise AdapterMismatchError(
                         f"the adapter file has a PiCa basis fingerprint for {name!r}, but the model has no PiCa "
                         f"layer of adapter {adapter_name!r} there (wrong base model or target_modules?)"
                     )

@@ -12,7 +12,7 @@ from torch import nn
 import pica_kernels as pk
 from pica_kernels import PiCaLinear, reference
 from pica_kernels.core.targets import role_of
-from pica_kernels.native.model import pica_layers
+from pica_kernels.native.apply import pica_layers
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -16,8 +16,9 @@ from conftest import randomize_m, tiny_model
 from torch import nn
 
 import pica_kernels as pk
+from pica_kernels.native.apply import pica_layers
 from pica_kernels.native.layer import PiCaLinear
-from pica_kernels.native.model import active_adapter, pica_layers
+from pica_kernels.native.model import active_adapter
 
 
 class TwoLayer(nn.Module):

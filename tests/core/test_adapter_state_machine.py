@@ -29,8 +29,9 @@ import pica_kernels as pk
 from pica_kernels import reference
 from pica_kernels.core import merge as core_merge
 from pica_kernels.core.state import Transaction
+from pica_kernels.native.apply import pica_layers
 from pica_kernels.native.layer import PiCaLinear
-from pica_kernels.native.model import adapter_state, pica_layers
+from pica_kernels.native.model import adapter_state
 
 LAYERS = ("q_proj", "v_proj", "o_proj")
 #: name -> (targets, rank, side): different layer subsets, ranks and sides.

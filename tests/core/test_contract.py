@@ -15,7 +15,7 @@ from conftest import tiny_model
 from torch import nn
 
 import pica_kernels as pk
-from pica_kernels.native.model import pica_layers
+from pica_kernels.native.apply import pica_layers
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 FRONT_ENDS = ["native", "peft"]

@@ -8,8 +8,8 @@ from conftest import randomize_m, tiny_model
 from safetensors.torch import load_file
 
 import pica_kernels as pk
+from pica_kernels.native.apply import pica_layers
 from pica_kernels.native.files import CONFIG_FILE, TENSORS_FILE, AdapterMismatchError
-from pica_kernels.native.model import pica_layers
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -36,7 +36,7 @@ def test_file_holds_each_m_once(tmp_path):
     model, path = _trained(tmp_path)
     tensors = load_file(path / TENSORS_FILE)
     m_keys = sorted(k for k in tensors if k.startswith("m."))
-    assert m_keys == sorted(f"m.{k}" for k in model.pica_bank.adapters["default"])
+    assert m_keys == sorted(f"m.{k}" for k in model.pica_bank["default"])
     assert len(m_keys) == 5 and not any(k.startswith("basis.") for k in tensors)
     meta = json.loads((path / CONFIG_FILE).read_text())
     assert meta["config"]["rank"] == 4 and meta["config"]["side"] == "input"

@@ -5,8 +5,8 @@ import torch
 from conftest import TINY_TARGETS, tiny_model
 
 import pica_kernels as pk
+from pica_kernels.native.apply import pica_layers
 from pica_kernels.native.layer import PiCaLinear
-from pica_kernels.native.model import pica_layers
 
 ARCHS = ["llama", "gemma", "bert", "gpt2"]
 

@@ -156,7 +156,7 @@ def test_layer_adapters_share_basis_by_side_and_rank():
     assert not torch.equal(layer(x), layer.base_layer(x))
     layer.delete_adapter("bigger")
     assert layer.active_adapter == "default" and not hasattr(layer, "basis_input_r6")
-    assert set(layer.pica_bank.adapters) == {"default", "same"}
+    assert set(layer.pica_bank) == {"default", "same"}
 
 
 @pytest.mark.parametrize("rank", [0, -1, 11, 3.0, True])

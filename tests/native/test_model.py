@@ -8,8 +8,10 @@ from conftest import randomize_m, tiny_model
 from torch import nn
 
 import pica_kernels as pk
+from pica_kernels.core.defaults import DEFAULT_TARGETS
+from pica_kernels.core.targets import group_key, role_of
+from pica_kernels.native.apply import find_targets, pica_layers
 from pica_kernels.native.layer import PiCaLinear
-from pica_kernels.native.model import find_targets, group_key, pica_layers, role_of
 
 TOKENS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -31,7 +33,7 @@ def test_apply_replaces_targets_freezes_the_rest_and_keeps_output(tiny_llama):
     before = _logits(tiny_llama)
     pk.apply_pica(tiny_llama, pk.PiCaConfig(rank=4), progress=False)
     names = [n for n, _ in pica_layers(tiny_llama)]
-    assert len(names) == 15 and all(n.split(".")[-1] in pk.native.model.DEFAULT_TARGETS for n in names)
+    assert len(names) == 15 and all(n.split(".")[-1] in DEFAULT_TARGETS for n in names)
     assert isinstance(tiny_llama.model.layers[0].self_attn.o_proj, nn.Linear)  # not targeted
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
     assert trainable == {f"pica_bank.default.{k}" for k in

@@ -14,7 +14,7 @@ from kernel_helpers import (
 from torch import nn
 
 from pica_kernels import PiCaLinear
-from pica_kernels.native.layer import PiCaBank
+from pica_kernels.core.bank import PiCaBank
 from pica_kernels.ops.backend import ENV_VAR
 
 

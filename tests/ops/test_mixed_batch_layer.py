@@ -14,7 +14,8 @@ from kernel_helpers import (
 from torch import nn
 
 from pica_kernels import PiCaLinear
-from pica_kernels.native.layer import BASE_ADAPTER, grouped_forward, mixed_batch
+from pica_kernels.core.defaults import BASE_ADAPTER
+from pica_kernels.native.layer import grouped_forward, mixed_batch
 from pica_kernels.ops.backend import ENV_VAR
 from pica_kernels.ops.kernels import launchers
 

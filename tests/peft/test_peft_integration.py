@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import pica_kernels.peft as pp
-from pica_kernels.peft import BasisMismatchError, PiCaPeftConfig, PiCaPeftLinear, PiCaPeftModel
+from pica_kernels import AdapterMismatchError
+from pica_kernels.peft import PiCaPeftConfig, PiCaPeftLinear, PiCaPeftModel
 from pica_kernels.peft.model import BASE_IDENTITY_KEY
 
 N_LAYERS = 3
@@ -310,7 +311,7 @@ def test_drifted_basis_detected_on_load(tmp_path):
     model = _pica_model()
     model.save_pretrained(tmp_path)
     other_base = tiny_model("llama", seed=5)  # a different base model: other singular vectors
-    with pytest.raises(BasisMismatchError, match="differs"):
+    with pytest.raises(AdapterMismatchError, match="differs"):
         PeftModel.from_pretrained(other_base, tmp_path)
 
 
