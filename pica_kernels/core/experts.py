@@ -396,6 +396,35 @@ def routed_forward(
     return full.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
+def mixed_batch_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    names: Sequence[str],
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor],
+) -> torch.Tensor:
+    """A mixed batch through an experts layer: sequence ``i``'s tokens through ``run(..., names[i])``.
+
+    hidden_states: (batch*seq, hidden), the rows of sequence ``i`` being ``[i*seq, (i+1)*seq)`` (the MoE block
+    flattens (batch, seq, hidden) in that order); top_k_index / top_k_weights: (batch*seq, k). ``run(hidden_states,
+    top_k_index, top_k_weights, name)`` computes the rows of one adapter name (the layer decides what
+    ``BASE_ADAPTER`` and names it does not carry mean). Returns (batch*seq, hidden).
+    """
+    tokens, batch = hidden_states.shape[0], len(names)
+    if batch == 0 or tokens % batch:
+        raise ValueError(f"adapter_names has {batch} names but the experts got {tokens} tokens, not a multiple: a "
+                         f"mixed batch needs (batch={batch}, seq, hidden) inputs")
+    seq = tokens // batch
+    out = None
+    for name in dict.fromkeys(names):
+        rows = torch.cat([torch.arange(i * seq, (i + 1) * seq, device=hidden_states.device)
+                          for i, n in enumerate(names) if n == name])
+        y = run(hidden_states[rows], top_k_index[rows], top_k_weights[rows], name)
+        out = y.new_zeros(tokens, y.shape[-1]) if out is None else out
+        out = out.index_copy(0, rows, y)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ merge
 def original_param_buffer(param: str) -> str:
     """Name of the non-persistent buffer holding parameter ``param``'s original value while adapters are merged."""

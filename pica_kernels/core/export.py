@@ -50,6 +50,7 @@ __all__ = [
     "LoraExportError",
     "LoraFactors",
     "expert_lora_factors",
+    "experts_lora_factors",
     "lora_factors",
     "write_lora_adapter",
 ]
@@ -172,6 +173,24 @@ def expert_lora_factors(
         lora_b[:, rows, col:col + r] = up.to("cpu")
         col += r
     return ExpertLoraFactors(module, parameter, lora_a, lora_b, position)
+
+
+def experts_lora_factors(
+    name: str,
+    experts: torch.nn.Module,
+    parts: dict[str, list[tuple[slice, torch.Tensor, torch.Tensor, str]]],
+) -> list[ExpertLoraFactors]:
+    """The factors of every adapted fused parameter of experts module ``experts`` (named ``name`` in the base model):
+    ``parts`` is ``{parameter: [(rows, basis, M, side), ...]}`` (:func:`expert_lora_factors`). PiCa's expert
+    layouts are (E, out, in) (:func:`pica_kernels.core.experts.experts_layout`); PEFT reads the orientation from
+    the module's ``is_transposed``."""
+    order = [n for n, _ in experts.named_parameters(recurse=False)]
+    return [
+        expert_lora_factors(name, param, param_parts, getattr(experts, param).shape[1], order.index(param),
+                            stored_transposed=False,
+                            peft_reads_transposed=bool(getattr(experts, "is_transposed", False)))
+        for param, param_parts in parts.items()
+    ]
 
 
 def _pattern(name: str) -> str:

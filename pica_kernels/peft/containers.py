@@ -22,6 +22,39 @@ class BasisDict(BufferDict):
         self._non_persistent_buffers_set.discard(key)
 
 
+class CellStateMixin:
+    """PEFT's per-layer bookkeeping (``active_adapter(s)``, ``disable_adapters``, ``merged_adapters``) read from the
+    model's one AdapterState (:mod:`pica_kernels.core.state`), held by the tuner's bank (``self._pica_store``); the
+    tuner's transactions change it. PEFT's per-layer code assigns ``_active_adapter`` / ``_disable_adapters`` while
+    the tuner runs it inside a transaction that has published the same value already: those writes are ignored.
+    ``self.pica_r`` names the adapters the layer carries."""
+
+    @property
+    def pica_state_cell(self):
+        return self._pica_store.cell
+
+    @property
+    def _active_adapter(self) -> list[str]:
+        return list(self._pica_store.cell.value.active)
+
+    @_active_adapter.setter
+    def _active_adapter(self, value) -> None:
+        pass
+
+    @property
+    def _disable_adapters(self) -> bool:
+        return self._pica_store.cell.value.disabled
+
+    @_disable_adapters.setter
+    def _disable_adapters(self, value) -> None:
+        pass
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into this layer's weights, in merge order (the model's merged stack, filtered)."""
+        return self._pica_store.cell.value.merged_on(self.pica_r)
+
+
 def adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     """Pre-forward hook (with_kwargs) that passes the per-sample `adapter_names` to a PiCa layer."""
     kwargs["adapter_names"] = adapter_names

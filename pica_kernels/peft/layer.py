@@ -23,10 +23,10 @@ from ..core import quant as core_quant
 from ..core import state as core_state
 from ..core.bank import LayerMView, PiCaBank
 from ..core.export import LoraFactors, lora_factors
-from .containers import BasisDict
+from .containers import BasisDict, CellStateMixin
 
 
-class PiCaPeftLinear(nn.Module, BaseTunerLayer):
+class PiCaPeftLinear(CellStateMixin, nn.Module, BaseTunerLayer):
     """A frozen ``nn.Linear`` / transformers ``Conv1D`` / quantized base plus PiCa adapters (see module docstring).
 
     Args:
@@ -58,36 +58,6 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         self.kwargs = kwargs
         self.update_layer(adapter_name, r=r, side=side, group=group, basis=basis, store_basis=store_basis,
                           inference_mode=inference_mode)
-
-    # ------------------------------------------------------------ state (read from the model's cell)
-    # PEFT's own bookkeeping (``active_adapter(s)``, ``disable_adapters``, ``merged_adapters``, ``merged``) is read
-    # from the model's one AdapterState (pica_kernels.core.state), held by the tuner's bank; the tuner's
-    # transactions change it. PEFT's per-layer code assigns ``_active_adapter`` / ``_disable_adapters`` while the
-    # tuner runs it inside a transaction that has published the same value already: those writes are ignored.
-    @property
-    def pica_state_cell(self):
-        return self._pica_store.cell
-
-    @property
-    def _active_adapter(self) -> list[str]:
-        return list(self._pica_store.cell.value.active)
-
-    @_active_adapter.setter
-    def _active_adapter(self, value) -> None:
-        pass
-
-    @property
-    def _disable_adapters(self) -> bool:
-        return self._pica_store.cell.value.disabled
-
-    @_disable_adapters.setter
-    def _disable_adapters(self, value) -> None:
-        pass
-
-    @property
-    def merged_adapters(self) -> list[str]:
-        """The adapters merged into this layer's weight, in merge order (the model's merged stack, filtered)."""
-        return self._pica_store.cell.value.merged_on(self.pica_r)
 
     def get_m(self, adapter: str) -> nn.Parameter:
         return self._pica_store.get(adapter, self.pica_group[adapter])
