@@ -19,6 +19,10 @@ from pica_kernels.native.export import export_lora
 from pica_kernels.peft import PiCaPeftConfig
 
 R = 4
+#: float32, PEFT LoRA against PiCa: PEFT's parametrization adds B_e @ A_e into each expert's weight before the GEMM,
+#: PiCa keeps the low-rank term separate, through two MoE layers (routing weights, softmax, residuals). Measured max
+#: relative error 3.6e-7..8.3e-7 over the cases here (avx512, avx2 and default dispatch, 1 thread), so 4e-6.
+FP32_RTOL = 4e-6
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -80,7 +84,7 @@ def test_export_of_expert_adapter_loads_in_peft_lora_with_the_same_outputs(arch,
     lora = _load_lora(arch, tmp_path)
     with torch.no_grad():
         actual = lora(input_ids=ids).logits
-    assert rel(actual, expected) <= 1e-6
+    assert rel(actual, expected) <= FP32_RTOL
 
 
 def test_export_of_a_merged_expert_adapter_warns(tmp_path):
