@@ -155,9 +155,16 @@ def mixed_forward(
     lookup: Callable[[str], AdapterTensors],
     in_features: int,
 ) -> torch.Tensor:
-    """Sequence i of ``x`` (batch, ..., in) through adapter ``names[i]`` (``BASE_ADAPTER``: base alone)."""
+    """Sequence i of ``x`` (batch, ..., in) through adapter ``names[i]`` (``BASE_ADAPTER``: base alone).
+
+    A 2-D ``x`` of ``batch * seq`` rows is a token-flattened batch, sequence ``i`` in rows ``[i*seq, (i+1)*seq)``:
+    what a mixture-of-experts block hands its dense layers (Qwen2-MoE's shared expert gets ``(batch*seq, hidden)``).
+    """
     from ..ops import multitask_pica_linear
 
+    if x.dim() == 2 and len(names) and x.shape[0] != len(names) and x.shape[0] % len(names) == 0:
+        y = mixed_forward(base_layer, weight, x.reshape(len(names), -1, x.shape[-1]), names, lookup, in_features)
+        return y.reshape(x.shape[0], y.shape[-1])
     if x.dim() < 2 or x.shape[0] != len(names):
         raise ValueError(f"adapter_names has {len(names)} names; x must be (batch={len(names)}, ..., in), "
                          f"got {tuple(x.shape)}")

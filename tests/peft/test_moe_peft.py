@@ -164,9 +164,11 @@ def test_disabled_adapter_gives_the_base_output(arch):
     assert torch.equal(disabled, _logits(tiny_moe(arch)))
 
 
-def test_mixed_batch_serves_each_sequence_with_its_adapter():
-    model = _peft("mixtral")
-    model.add_adapter("other", _config("mixtral"))
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_mixed_batch_serves_each_sequence_with_its_adapter(arch):
+    """Qwen2-MoE's dense shared expert gets the token-flattened batch (batch*seq, hidden), as the experts do."""
+    model = _peft(arch)
+    model.add_adapter("other", _config(arch))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in model.base_model.pica_M.parameters():
