@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from peft.tuners._buffer_dict import BufferDict
 
+from ..core.state import AdapterStateError
+
 
 class BasisDict(BufferDict):
     """A ``BufferDict`` whose entries are persistent (``store_bases=True``: saved with the adapter) or not (derived
@@ -53,6 +55,18 @@ class CellStateMixin:
     def merged_adapters(self) -> list[str]:
         """The adapters merged into this layer's weights, in merge order (the model's merged stack, filtered)."""
         return self._pica_store.cell.value.merged_on(self.pica_r)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merging is the model's: ``model.merge_adapter()`` (one transaction over every layer)."""
+        raise AdapterStateError(
+            f"{type(self).__name__}.merge on one layer: the merged stack is the model's (one value for all its "
+            f"layers); call model.merge_adapter(...) / merge_and_unload(...)")
+
+    def unmerge(self) -> None:
+        """Unmerging is the model's: ``model.unmerge_adapter()``."""
+        raise AdapterStateError(
+            f"{type(self).__name__}.unmerge on one layer: the merged stack is the model's; call "
+            f"model.unmerge_adapter()")
 
 
 def adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):

@@ -23,7 +23,7 @@ the experts module's own forward (on the original weights when disabled while me
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -32,7 +32,7 @@ from torch import nn
 from ..core import experts as core_experts
 from ..core import forward as core_forward
 from ..core import state as core_state
-from ..core.bank import PiCaBank
+from ..core.bank import AdapterView, PiCaBank
 from ..core.defaults import BASE_ADAPTER
 from ..core.experts import ExpertsLayout, ExpertTensors
 from ..core.export import ExpertLoraFactors, experts_lora_factors
@@ -41,7 +41,7 @@ from .containers import BasisDict, CellStateMixin
 __all__ = ["ExpertsMView", "PiCaPeftExperts"]
 
 
-class ExpertsMView(nn.ModuleDict):
+class ExpertsMView(AdapterView, nn.ModuleDict):
     """An experts layer's persistent ``{adapter: ParameterDict{role: M}}`` view onto the bank.
 
     A ``ModuleDict`` to code that inspects it (PEFT's ``get_layer_status``, ``set_requires_grad``), storing nothing:
@@ -66,26 +66,8 @@ class ExpertsMView(nn.ModuleDict):
             for role, m in value.items():
                 current[role].data = m.data
 
-    def __delitem__(self, adapter: str) -> None:
-        del self._groups[adapter]
-
     def __contains__(self, adapter: object) -> bool:
         return adapter in self._groups and all(self._bank.has(adapter, g) for g in self._groups[adapter].values())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([a for a in self._groups if a in self])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def keys(self):
-        return list(self)
-
-    def items(self):
-        return [(a, self[a]) for a in self]
-
-    def values(self):
-        return [self[a] for a in self]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{a}: {{{', '.join(f'{r}: {tuple(m.shape)}' for r, m in self[a].items())}}}" for a in self)
@@ -225,17 +207,6 @@ class PiCaPeftExperts(CellStateMixin, nn.Module, BaseTunerLayer):
         core_experts.set_experts_stack(self, self.base_layer, self.layout, before.merged_on(self.pica_r),
                                        after.merged_on(self.pica_r), self.role_deltas, txn=txn,
                                        safe_merge=safe_merge)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merging is the model's: ``model.merge_adapter()`` (one transaction over every layer)."""
-        raise core_state.AdapterStateError(
-            "PiCaPeftExperts.merge on one layer: the merged stack is the model's (one value for all its layers); "
-            "call model.merge_adapter(...) / merge_and_unload(...)")
-
-    def unmerge(self) -> None:
-        """Unmerging is the model's: ``model.unmerge_adapter()``."""
-        raise core_state.AdapterStateError(
-            "PiCaPeftExperts.unmerge on one layer: the merged stack is the model's; call model.unmerge_adapter()")
 
     # ------------------------------------------------------------ export
     def experts_lora_factors(self, name: str, adapter: str | None = None

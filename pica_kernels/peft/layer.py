@@ -115,17 +115,6 @@ class PiCaPeftLinear(CellStateMixin, nn.Module, BaseTunerLayer):
         core_merge.set_stack(self, before.merged_on(self.pica_r), after.merged_on(self.pica_r), self._delta,
                              txn=txn, safe_merge=safe_merge)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merging is the model's: ``model.merge_adapter()`` (one transaction over every layer)."""
-        raise core_state.AdapterStateError(
-            "PiCaPeftLinear.merge on one layer: the merged stack is the model's (one value for all its layers); "
-            "call model.merge_adapter(...) / merge_and_unload(...)")
-
-    def unmerge(self) -> None:
-        """Unmerging is the model's: ``model.unmerge_adapter()``."""
-        raise core_state.AdapterStateError(
-            "PiCaPeftLinear.unmerge on one layer: the merged stack is the model's; call model.unmerge_adapter()")
-
     def lora_factors(self, name: str, adapter: str | None = None) -> tuple[str, LoraFactors] | None:
         """``(adapter, its LoRA factors under module name name)`` for ``export_lora`` (:mod:`pica_kernels.core.export`);
         ``adapter`` defaults to the first active one; None when this layer does not carry it."""
