@@ -83,6 +83,53 @@ def build(hidden: int, ffn: int, experts: int, top_k: int, rank: int, seed: int 
     return module, eager, param_module, layout, roles, ms
 
 
+def measure(tokens: int, args, module, eager, param_module, layout, adapters, ms) -> list[dict]:
+    """The rows (train, infer) of one token count: every method's median time and ratio to ``frozen``."""
+    dev = torch.device("cpu")
+    rows = []
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, args.hidden, generator=g)
+    index = torch.stack([torch.randperm(args.experts, generator=g)[: args.top_k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, args.top_k, generator=g), -1)
+    gy = torch.randn(tokens, args.hidden, generator=g)
+    calls = {
+        "frozen": lambda x: module(x, index, weights),
+        "frozen-eager": lambda x: eager(x, index, weights),
+        "lowrank": lambda x: X.routed_forward(module, layout, x, index, weights, adapters),
+        "param": lambda x: param_module(x, index, weights),
+    }
+    # Same result before timing: the two PiCa forms agree with each other.
+    with torch.no_grad():
+        torch.testing.assert_close(calls["lowrank"](x), calls["param"](x), atol=1e-4, rtol=1e-4)
+    for mode in ("train", "infer"):
+        def make(fn, mode=mode):
+            if mode == "infer":
+                def run():
+                    with torch.no_grad():
+                        fn(x)
+                return run
+
+            def run():
+                xr = x.detach().requires_grad_(True)
+                fn(xr).backward(gy)
+                for m in ms.values():
+                    m.grad = None
+            return run
+
+        bench = H.Interleaved({k: make(f) for k, f in calls.items()}, dev)
+        bench.run_round(record=False)  # warm-up
+        for _ in range(args.rounds):
+            bench.run_round()
+        summary = bench.summary("frozen")
+        rows.append({"tokens": tokens, "mode": mode,
+                     **{k: {"median_ms": 1e3 * v["median_s"], "ratio": v.get("ratio_to_frozen", 1.0)}
+                        for k, v in summary.items()}})
+        print(f"T={tokens} {mode}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.2f} ms "
+                                                  f"(x{v.get('ratio_to_frozen', 1.0):.2f})"
+                                                  for k, v in summary.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
@@ -91,56 +138,16 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=str(RESULTS / "moe_experts"))
     args = ap.parse_args()
     H.configure()
-    dev = torch.device("cpu")
     module, eager, param_module, layout, roles, ms = build(args.hidden, args.ffn, args.experts, args.top_k, args.rank)
     adapters = {k: [v] for k, v in roles.items()}
     load_before = os.getloadavg()
     rows = []
     for tokens in args.tokens:
-        g = torch.Generator().manual_seed(tokens)
-        x = torch.randn(tokens, args.hidden, generator=g)
-        index = torch.stack([torch.randperm(args.experts, generator=g)[: args.top_k] for _ in range(tokens)])
-        weights = torch.softmax(torch.randn(tokens, args.top_k, generator=g), -1)
-        gy = torch.randn(tokens, args.hidden, generator=g)
-        calls = {
-            "frozen": lambda x: module(x, index, weights),
-            "frozen-eager": lambda x: eager(x, index, weights),
-            "lowrank": lambda x: X.routed_forward(module, layout, x, index, weights, adapters),
-            "param": lambda x: param_module(x, index, weights),
-        }
-        # Same result before timing: the two PiCa forms agree with each other.
-        with torch.no_grad():
-            torch.testing.assert_close(calls["lowrank"](x), calls["param"](x), atol=1e-4, rtol=1e-4)
-        for mode in ("train", "infer"):
-            def make(fn, mode=mode):
-                if mode == "infer":
-                    def run():
-                        with torch.no_grad():
-                            fn(x)
-                    return run
-
-                def run():
-                    xr = x.detach().requires_grad_(True)
-                    fn(xr).backward(gy)
-                    for m in ms.values():
-                        m.grad = None
-                return run
-
-            bench = H.Interleaved({k: make(f) for k, f in calls.items()}, dev)
-            bench.run_round(record=False)  # warm-up
-            for _ in range(args.rounds):
-                bench.run_round()
-            summary = bench.summary("frozen")
-            rows.append({"tokens": tokens, "mode": mode,
-                         **{k: {"median_ms": 1e3 * v["median_s"], "ratio": v.get("ratio_to_frozen", 1.0)}
-                            for k, v in summary.items()}})
-            print(f"T={tokens} {mode}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.2f} ms "
-                                                      f"(x{v.get('ratio_to_frozen', 1.0):.2f})"
-                                                      for k, v in summary.items()), flush=True)
+        rows += measure(tokens, args, module, eager, param_module, layout, adapters, ms)
     env = {**H.environment(), "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
     shape = {k: getattr(args, k) for k in ("hidden", "ffn", "experts", "top_k", "rank", "rounds")}
     out = Path(args.out)
