@@ -21,7 +21,7 @@ from pica_kernels.core.errors import AdapterMismatchError, PiCaConfigError
 from pica_kernels.native.apply import expert_layers
 from pica_kernels.native.experts import PiCaExperts
 from pica_kernels.native.files import load_adapter, save_adapter
-from pica_kernels.native.model import set_disabled
+from pica_kernels.native.model import adapter_state, set_disabled
 from pica_kernels.native.report import parameter_report
 
 HIDDEN, FFN, SHARED_FFN, E, LAYERS, RANK = 32, 24, 40, 4, 2, 4
@@ -456,3 +456,41 @@ def test_experts_layer_is_a_module_of_the_model():
     assert "model.layers.0.mlp.experts.base_layer.gate_up_proj" in keys
     assert not any("basis" in k for k in keys)
     assert sum(1 for k in keys if k.startswith("pica_bank.default.mlp-experts")) == 3
+
+
+def test_a_meta_model_gets_shapes_and_counts_without_svd():
+    import transformers as tf
+
+    cfg = tiny_moe("mixtral").config
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    pk.apply_pica(model, _config(), progress=False)
+    assert parameter_report(model).trainable == RANK * (HIDDEN + 16 + 16 + HIDDEN) + RANK * (FFN + FFN + HIDDEN)
+    assert model.model.layers[0].mlp.experts.basis("gate_proj", "default").device.type == "meta"
+
+
+def test_an_interrupted_apply_leaves_the_model_as_it_was(monkeypatch):
+    model = tiny_moe("mixtral")
+    pk.apply_pica(model, _config(), progress=False)
+    _randomize(model)
+    ids = _ids()
+    y = model(ids).logits
+    keys = list(model.state_dict())
+    tree = [(n, type(m)) for n, m in model.named_modules()]
+    real = PiCaExperts._add_structure
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second experts module: the first is edited already
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PiCaExperts, "_add_structure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pk.apply_pica(model, _config(target_modules=["experts"]), adapter_name="b", progress=False)
+    assert list(model.state_dict()) == keys and [(n, type(m)) for n, m in model.named_modules()] == tree
+    assert all(list(layer.adapters) == ["default"] for _, layer in expert_layers(model))
+    assert "b" not in model.pica_bank and adapter_state(model).adapters == ("default",)
+    assert not any(n.startswith("basis_") and "b" in n for n, _ in model.named_buffers())
+    assert torch.equal(model(ids).logits, y)
