@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,36 +111,13 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, dict] = {}
     layers: dict[str, dict] = {}
+    record = _Record(config, store, tensors, groups, layers)
     for lname, layer in pica_layers(model):
-        if name not in layer.adapters:
-            continue
-        spec = layer.adapters[name]
-        m = layer.m(name)
-        if m.device.type == "meta":
-            raise ValueError("cannot save an adapter of a model on the meta device (it has no values)")
-        g = groups.setdefault(spec.group, {
-            "role": role_of(lname) if config.share else lname,
-            "weight_shape": [layer.out_features, layer.in_features],
-            "rank": spec.rank,
-            "m_shape": list(m.shape),
-            "m_dtype": dtype_name(m.dtype),
-            "layers": [],
-        })
-        g["layers"].append(lname)
-        tensors[f"m.{spec.group}"] = m.detach().to("cpu").contiguous()
-        basis = layer.basis(name)
-        tensors[f"fingerprint.{lname}"] = basis_fingerprint(basis, spec.side).contiguous()
-        if store:
-            tensors[f"basis.{lname}"] = basis.detach().to("cpu").contiguous()
-        layers[lname] = {
-            "group": spec.group,
-            "rank": spec.rank,
-            "basis_dtype": dtype_name(basis.dtype),
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "weight": tensor_identity(layer.original_weight),
-            "quantization": layer.quantization,
-        }
-    _save_experts(model, name, config, store, tensors, groups, layers)
+        if name in layer.adapters:
+            record.add(lname, layer.adapters[name], layer.m(name), layer.basis(name),
+                       [layer.out_features, layer.in_features], layer.original_weight, basis_fingerprint,
+                       fan_in_fan_out=layer.fan_in_fan_out, quantization=layer.quantization)
+    _save_experts(model, name, record)
     adapted = {f"{n}.weight" for n in layers}
     meta = {
         "format": FORMAT,
@@ -172,8 +150,47 @@ def save_adapter(
     return path
 
 
-def _save_experts(model: nn.Module, name: str, config: PiCaConfig, store: bool, tensors: dict, groups: dict,
-                  layers: dict) -> None:
+class _Record:
+    """The parts of an adapter file being written: ``tensors``, ``groups`` and ``layers`` (see the module
+    docstring), one layer (or fused-experts pseudo-layer) at a time."""
+
+    def __init__(self, config: PiCaConfig, store: bool, tensors: dict, groups: dict, layers: dict) -> None:
+        self.config, self.store, self.tensors, self.groups, self.layers = config, store, tensors, groups, layers
+
+    def add(self, lname: str, spec, m: torch.Tensor, basis: torch.Tensor, weight_shape: list[int],
+            weight: torch.Tensor, fingerprint: Callable[[torch.Tensor, str], torch.Tensor], *, fan_in_fan_out: bool,
+            quantization, group_extra: dict | None = None, layer_extra: dict | None = None) -> None:
+        """Layer ``lname``: its group's entry (``M`` once; ``weight_shape`` (out, in)), its fingerprint and basis,
+        and its record (``weight``: its original weight, whose identity is recorded; ``fingerprint(basis, side)``:
+        the basis' fingerprint, taken once the values are known to exist)."""
+        if m.device.type == "meta":
+            raise ValueError("cannot save an adapter of a model on the meta device (it has no values)")
+        g = self.groups.setdefault(spec.group, {
+            "role": role_of(lname) if self.config.share else lname,
+            "weight_shape": weight_shape,
+            "rank": spec.rank,
+            "m_shape": list(m.shape),
+            "m_dtype": dtype_name(m.dtype),
+            "layers": [],
+            **(group_extra or {}),
+        })
+        g["layers"].append(lname)
+        self.tensors[f"m.{spec.group}"] = m.detach().to("cpu").contiguous()
+        self.tensors[f"fingerprint.{lname}"] = fingerprint(basis, spec.side).contiguous()
+        if self.store:
+            self.tensors[f"basis.{lname}"] = basis.detach().to("cpu").contiguous()
+        self.layers[lname] = {
+            "group": spec.group,
+            "rank": spec.rank,
+            "basis_dtype": dtype_name(basis.dtype),
+            "fan_in_fan_out": fan_in_fan_out,
+            "weight": tensor_identity(weight),
+            "quantization": quantization,
+            **(layer_extra or {}),
+        }
+
+
+def _save_experts(model: nn.Module, name: str, record: _Record) -> None:
     """The fused-experts part of an adapter file, per pseudo-layer ``<module>.<role>``: ``fingerprint.<layer>``
     (E, r, 4), ``basis.<layer>`` (E, r, in) / (E, out, r) when bases are stored, its record in ``layers`` (group,
     rank, basis dtype, the identity of the role's original rows (E, out, in), and ``experts``:
@@ -181,36 +198,12 @@ def _save_experts(model: nn.Module, name: str, config: PiCaConfig, store: bool, 
     and ``experts`` E when ``M`` is one per expert."""
     for mname, layer in expert_layers(model):
         for role, spec in layer.adapters.get(name, {}).items():
-            lname = f"{mname}.{role}"
-            m = layer.m(role, name)
-            if m.device.type == "meta":
-                raise ValueError("cannot save an adapter of a model on the meta device (it has no values)")
-            r = layer.layout.role(role)
+            m, basis, r = layer.m(role, name), layer.basis(role, name), layer.layout.role(role)
             per_expert = m.dim() == 3
-            g = groups.setdefault(spec.group, {
-                "role": role_of(lname) if config.share else lname,
-                "weight_shape": [r.out_features, r.in_features],
-                "rank": spec.rank,
-                "m_shape": list(m.shape),
-                "m_dtype": dtype_name(m.dtype),
-                "layers": [],
-                **({"experts": layer.num_experts} if per_expert else {}),
-            })
-            g["layers"].append(lname)
-            tensors[f"m.{spec.group}"] = m.detach().to("cpu").contiguous()
-            basis = layer.basis(role, name)
-            tensors[f"fingerprint.{lname}"] = core_experts.experts_fingerprint(basis, spec.side).contiguous()
-            if store:
-                tensors[f"basis.{lname}"] = basis.detach().to("cpu").contiguous()
-            layers[lname] = {
-                "group": spec.group,
-                "rank": spec.rank,
-                "basis_dtype": dtype_name(basis.dtype),
-                "fan_in_fan_out": False,
-                "weight": tensor_identity(layer.role_weight(role)),
-                "quantization": None,
-                "experts": core_experts.experts_record(mname, r, layer.num_experts, per_expert),
-            }
+            record.add(f"{mname}.{role}", spec, m, basis, [r.out_features, r.in_features], layer.role_weight(role),
+                       core_experts.experts_fingerprint, fan_in_fan_out=False, quantization=None,
+                       group_extra={"experts": layer.num_experts} if per_expert else None,
+                       layer_extra={"experts": core_experts.experts_record(mname, r, layer.num_experts, per_expert)})
 
 
 # --------------------------------------------------------------------- read

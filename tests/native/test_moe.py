@@ -494,3 +494,20 @@ def test_an_interrupted_apply_leaves_the_model_as_it_was(monkeypatch):
     assert "b" not in model.pica_bank and adapter_state(model).adapters == ("default",)
     assert not any(n.startswith("basis_") and "b" in n for n, _ in model.named_buffers())
     assert torch.equal(model(ids).logits, y)
+
+
+def test_autocast_bf16_follows_the_fp32_model_and_keeps_fp32_m_gradients():
+    model = tiny_moe("mixtral")
+    pk.apply_pica(model, _config(), progress=False)
+    _randomize(model)
+    ids = _ids()
+    y = model(ids).logits
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    _assert_close(out.logits.float(), y, torch.bfloat16)
+    out.loss.backward()
+    ms = {n: p for n, p in model.named_parameters() if p.requires_grad and "experts" in n}
+    assert len(ms) == 3
+    for n, p in ms.items():
+        assert p.dtype == p.grad.dtype == torch.float32 and bool(p.grad.abs().sum() > 0), n
