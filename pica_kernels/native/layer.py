@@ -80,6 +80,8 @@ def state_cells(model: nn.Module) -> list[core_state.StateCell]:
     for m in model.modules():
         if isinstance(m, PiCaLayer):  # PiCaLinear, or the PEFT front end's layer
             cells.setdefault(id(m.pica_state_cell), m.pica_state_cell)
+        elif isinstance(m, PiCaBank):  # the model's bank: also where only fused experts are adapted
+            cells.setdefault(id(m.cell), m.cell)
     return list(cells.values())
 
 
