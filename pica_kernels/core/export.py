@@ -34,7 +34,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ import torch
 
 from .. import reference
 from .errors import PiCaError
+from .experts import ExpertsLayout
 
 __all__ = [
     "LORA_CONFIG_FILE",
@@ -178,12 +179,18 @@ def expert_lora_factors(
 def experts_lora_factors(
     name: str,
     experts: torch.nn.Module,
-    parts: dict[str, list[tuple[slice, torch.Tensor, torch.Tensor, str]]],
+    layout: ExpertsLayout,
+    tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor, str]],
 ) -> list[ExpertLoraFactors]:
-    """The factors of every adapted fused parameter of experts module ``experts`` (named ``name`` in the base model):
-    ``parts`` is ``{parameter: [(rows, basis, M, side), ...]}`` (:func:`expert_lora_factors`). PiCa's expert
-    layouts are (E, out, in) (:func:`pica_kernels.core.experts.experts_layout`); PEFT reads the orientation from
-    the module's ``is_transposed``."""
+    """The factors of every adapted fused parameter of experts module ``experts`` (named ``name`` in the base model)
+    from one adapter's ``{role: (basis, M, side)}`` (basis (E, r, in) / (E, out, r); M shared (out, r) / (r, in) or
+    per expert (E, out, r) / (E, r, in)): each role is a row block of its parameter (:func:`expert_lora_factors`).
+    PiCa's expert layouts are (E, out, in) (:func:`pica_kernels.core.experts.experts_layout`); PEFT reads the
+    orientation from the module's ``is_transposed``."""
+    parts: dict[str, list] = {}
+    for role, (basis, m, side) in tensors.items():
+        r = layout.role(role)
+        parts.setdefault(r.param, []).append((slice(*r.rows), basis, m, side))
     order = [n for n, _ in experts.named_parameters(recurse=False)]
     return [
         expert_lora_factors(name, param, param_parts, getattr(experts, param).shape[1], order.index(param),

@@ -29,6 +29,7 @@ from ..core import state as core_state
 from ..core.bank import PiCaBank
 from ..core.defaults import BASE_ADAPTER, default_m_dtype
 from ..core.experts import ExpertsLayout, ExpertTensors
+from ..core.export import ExpertLoraFactors, experts_lora_factors
 from .layer import AdapterSpec
 
 __all__ = ["PiCaExperts", "experts_basis_buffer_name"]
@@ -126,15 +127,15 @@ class PiCaExperts(nn.Module):
         """``[(adapter, M), ...]`` of the merged adapters (the tripwire of a backward through merged weights)."""
         return [(a, self.m(role, a)) for a in self.merged_adapters for role in self.adapters[a]]
 
-    def expert_lora_parts(self, adapter: str) -> dict[str, list[tuple[slice, torch.Tensor, torch.Tensor, str]]]:
-        """``{parameter: [(rows, basis, M, side), ...]}`` of ``adapter``, one entry per adapted role of each fused
-        parameter (``rows``: the role's rows of the expert matrix; basis (E, r, in) / (E, out, r); M as
-        :meth:`m`): what a LoRA export of the fused parameters needs."""
-        parts: dict[str, list] = {}
-        for role, (basis, m, side) in self.tensors(adapter).items():
-            r = self.layout.role(role)
-            parts.setdefault(r.param, []).append((slice(*r.rows), basis, m, side))
-        return parts
+    def experts_lora_factors(self, name: str, adapter: str | None = None
+                             ) -> tuple[str, list[ExpertLoraFactors]] | None:
+        """``(adapter, the LoRA-for-parameters factors of its fused parameters under module name name)`` for
+        ``export_lora`` (:func:`pica_kernels.core.export.experts_lora_factors`); ``adapter`` defaults to the active
+        one; None when this layer does not carry it."""
+        adapter = adapter or (self.state.active[0] if self.state.active else None)
+        if adapter is None or adapter not in self.adapters:
+            return None
+        return adapter, experts_lora_factors(name, self.base_layer, self.layout, self.tensors(adapter))
 
     # --------------------------------------------------------------- adapters
     def _add_structure(self, adapter_name: str, specs: Mapping[str, AdapterSpec],
@@ -214,20 +215,10 @@ class PiCaExperts(nn.Module):
     def _mixed(self, hidden_states, top_k_index, top_k_weights, names: list[str]) -> torch.Tensor:
         """Sequence ``i``'s tokens (rows ``[i*seq, (i+1)*seq)`` of hidden_states (batch*seq, hidden)) through
         adapter ``names[i]`` (``BASE_ADAPTER`` or an adapter not covering this module: the base)."""
-        tokens, batch = hidden_states.shape[0], len(names)
-        if batch == 0 or tokens % batch:
-            raise ValueError(f"adapter_names has {batch} names but the experts of this model got {tokens} tokens, "
-                             f"not a multiple: a mixed batch needs (batch={batch}, seq, hidden) inputs")
-        seq = tokens // batch
-        out = None
-        for name in dict.fromkeys(names):
-            rows = torch.cat([torch.arange(i * seq, (i + 1) * seq, device=hidden_states.device)
-                              for i, n in enumerate(names) if n == name])
-            use = [name] if name != BASE_ADAPTER and name in self.adapters else []
-            y = self._routed(hidden_states[rows], top_k_index[rows], top_k_weights[rows], use)
-            out = y.new_zeros(tokens, y.shape[-1]) if out is None else out
-            out = out.index_copy(0, rows, y)
-        return out
+        return core_experts.mixed_batch_forward(
+            hidden_states, top_k_index, top_k_weights, names,
+            lambda h, i, w, name: self._routed(h, i, w, [name] if name != BASE_ADAPTER and name in self.adapters
+                                               else []))
 
     # ------------------------------------------------------------------ merge
     def role_deltas(self, adapter: str) -> dict[str, torch.Tensor]:

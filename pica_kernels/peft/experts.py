@@ -217,11 +217,7 @@ class PiCaPeftExperts(CellStateMixin, nn.Module, BaseTunerLayer):
         adapter = adapter or (active[0] if active else None)
         if adapter is None or adapter not in self.pica_r:
             return None
-        parts: dict[str, list] = {}
-        for role, (basis, m, side) in self.tensors(adapter).items():
-            r = self.layout.role(role)
-            parts.setdefault(r.param, []).append((slice(*r.rows), basis, m, side))
-        return adapter, experts_lora_factors(name, self.base_layer, parts)
+        return adapter, experts_lora_factors(name, self.base_layer, self.layout, self.tensors(adapter))
 
     def __repr__(self) -> str:
         return "pica." + super().__repr__()

@@ -125,3 +125,28 @@ def test_conv1d_and_experts_in_one_adapter_are_refused_naming_both(tmp_path):
     msg = str(info.value)
     assert "mlp.experts.down_proj" in msg and "'c_fc'" in msg and "fan_in_fan_out" in msg
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_export_of_a_native_expert_adapter_equals_the_peft_front_ends(arch, tmp_path):
+    """apply_pica's experts layer hands out the same factors: the two front ends export identical files."""
+    from pica_kernels import PiCaConfig, apply_pica
+
+    native = apply_pica(tiny_moe(arch), PiCaConfig(rank=R, target_modules=[*DENSE_TARGETS[arch],
+                                                                           *EXPERT_PARAMETERS]), progress=False)
+    model = _pica_peft(arch)
+    with torch.no_grad():
+        for group, m in native.pica_bank["default"].items():
+            m.copy_(model.base_model.pica_M["default"][group])
+    export_lora(native, tmp_path / "native")
+    export_lora(model, tmp_path / "peft")
+    a = load_file(tmp_path / "native" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    cfg_a = json.loads((tmp_path / "native" / "adapter_config.json").read_text())
+    cfg_b = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg_a == cfg_b
+    lora = _load_lora(arch, tmp_path / "native")
+    ids = moe_ids()
+    with torch.no_grad():
+        assert rel(lora(input_ids=ids).logits, native(input_ids=ids).logits) <= FP32_RTOL

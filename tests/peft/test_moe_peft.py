@@ -219,3 +219,33 @@ def test_target_parameters_are_checked_in_the_config():
     with pytest.raises(ValueError, match="layers_to_transform selects target_modules only"):
         get_peft_model(tiny_moe("mixtral"), PiCaPeftConfig(target_parameters=["experts.down_proj"],
                                                            layers_to_transform=[0]))
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_native_and_peft_front_ends_agree(arch, side):
+    """The same model, config and seed through apply_pica and get_peft_model: the same bases (bit for bit), the same
+    groups of M, and with the same M the same output (the same core functions on the same tensors)."""
+    from pica_kernels import PiCaConfig, apply_pica
+    from pica_kernels.native.experts import PiCaExperts
+
+    native = apply_pica(tiny_moe(arch), PiCaConfig(rank=R, side=side, target_modules=[
+        *DENSE_TARGETS[arch], *EXPERT_PARAMETERS]), progress=False)
+    model = _peft(arch, side=side)
+    _randomize(model)
+    peft_ms = dict(model.base_model.pica_M["default"].items())
+    native_ms = dict(native.pica_bank["default"].items())
+    assert set(native_ms) == set(peft_ms)
+    with torch.no_grad():
+        for group, m in native_ms.items():
+            m.copy_(peft_ms[group])
+    for i in range(LAYERS):
+        n_layer = native.get_submodule(f"model.layers.{i}.mlp.experts")
+        p_layer = model.base_model.model.get_submodule(f"model.layers.{i}.mlp.experts")
+        assert isinstance(n_layer, PiCaExperts) and isinstance(p_layer, PiCaPeftExperts)
+        assert set(n_layer.adapters["default"]) == set(p_layer.pica_r["default"]) == {"gate_proj", "up_proj",
+                                                                                       "down_proj"}
+        for role in p_layer.pica_r["default"]:
+            assert torch.equal(n_layer.basis(role, "default"), p_layer.pica_basis["default"][role]), (i, role)
+    model.eval()
+    assert torch.equal(_logits(native), _logits(model))
