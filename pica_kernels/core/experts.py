@@ -41,7 +41,7 @@ JSON the record of :func:`experts_record` (module, parameter, rows, number of ex
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
+from .defaults import BASE_ADAPTER
 from .errors import PiCaConfigError, PiCaError
 from .targets import group_key, matches
 
@@ -394,6 +395,56 @@ def routed_forward(
     y = y * top_k_weights.reshape(-1)[perm[:routed]].unsqueeze(-1).to(y.dtype)
     full = y.new_zeros(ids.shape[0], hidden).index_copy(0, perm[:routed], y)
     return full.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def layer_forward(
+    layer: nn.Module,
+    experts: nn.Module,
+    layout: ExpertsLayout,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    active: Sequence[str],
+    names: Sequence[str] | None,
+    disabled: bool,
+    merged: bool,
+    carried: Collection[str],
+    tensors: Callable[[str], Mapping[str, ExpertTensors]],
+) -> torch.Tensor:
+    """The forward of a PiCa experts layer of either front end, ``(T, hidden)``, under the model's adapter state.
+
+    layer: the PiCa layer wrapping ``experts`` (it keeps the original weights while merged, and ``merged_ms()``);
+    active: the adapters whose terms apply; names: a mixed batch's adapter name per sequence (or None); disabled /
+    merged: the model's state for this call; carried: the adapters this layer has; tensors(adapter): ``{role:
+    (basis, M, side)}`` of one it has. Disabled: the experts' own forward (on the original weights while merged);
+    a mixed batch: :func:`mixed_batch_forward`, refused while merged; merged: the experts' own forward on the merged
+    weights (with the merged-backward tripwire); else :func:`routed_forward` with the active adapters' terms (the
+    experts' own forward when none is carried here).
+    """
+    def run(h: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        terms: dict[str, list[ExpertTensors]] = {}
+        for a in adapters:
+            if a in carried:
+                for role, t in tensors(a).items():
+                    terms.setdefault(role, []).append(t)
+        if not terms:
+            return experts(h, index, weights)
+        return routed_forward(experts, layout, h, index, weights, terms)
+
+    if disabled:
+        module = original_experts(layer, experts, layout) if merged else experts
+        return module(hidden_states, top_k_index, top_k_weights)
+    if names is not None:
+        if merged:
+            raise ValueError("cannot pass adapter_names (a mixed batch) while adapters are merged; unmerge first")
+        return mixed_batch_forward(hidden_states, top_k_index, top_k_weights, names,
+                                   lambda h, i, w, name: run(h, i, w, [] if name == BASE_ADAPTER else [name]))
+    if merged:
+        from .forward import merged_output
+
+        return merged_output(layer, experts(hidden_states, top_k_index, top_k_weights))
+    return run(hidden_states, top_k_index, top_k_weights, active)
 
 
 def mixed_batch_forward(

@@ -24,10 +24,9 @@ from torch import nn
 
 from .. import reference
 from ..core import experts as core_experts
-from ..core import forward as core_forward
 from ..core import state as core_state
 from ..core.bank import PiCaBank
-from ..core.defaults import BASE_ADAPTER, default_m_dtype
+from ..core.defaults import default_m_dtype
 from ..core.experts import ExpertsLayout, ExpertTensors
 from ..core.export import ExpertLoraFactors, experts_lora_factors
 from .layer import AdapterSpec
@@ -184,41 +183,13 @@ class PiCaExperts(nn.Module):
             sel = core_state.current_selection(cell)
             names = sel.names if sel is not None else None
             disabled = state.disabled or (sel is not None and sel.disabled)
-            merged = bool(state.merged_on(self.adapters))
-            base = self.base_layer
-            if disabled:
-                module = core_experts.original_experts(self, base, self.layout) if merged else base
-                return module(hidden_states, top_k_index, top_k_weights)
-            if names is not None:
-                if merged:
-                    raise ValueError("cannot pass adapter_names (a mixed batch) while adapters are merged; unmerge "
-                                     "first")
-                return self._mixed(hidden_states, top_k_index, top_k_weights, names)
-            if merged:
-                return core_forward.merged_output(self, base(hidden_states, top_k_index, top_k_weights))
-            active = [a for a in state.active[:1] if a in self.adapters]
-            return self._routed(hidden_states, top_k_index, top_k_weights, active)
+            # One adapter applies at a time in the native front end (its state's first active one).
+            return core_experts.layer_forward(
+                self, self.base_layer, self.layout, hidden_states, top_k_index, top_k_weights,
+                active=list(state.active[:1]), names=names, disabled=disabled,
+                merged=bool(state.merged_on(self.adapters)), carried=self.adapters, tensors=self.tensors)
         finally:
             cell.release_forward(token)
-
-    def _routed(self, hidden_states, top_k_index, top_k_weights, adapters: list[str]) -> torch.Tensor:
-        """The forward with ``adapters``' terms (the base module's own forward when there are none)."""
-        terms: dict[str, list[ExpertTensors]] = {}
-        for a in adapters:
-            for role, t in self.tensors(a).items():
-                terms.setdefault(role, []).append(t)
-        if not terms:
-            return self.base_layer(hidden_states, top_k_index, top_k_weights)
-        return core_experts.routed_forward(self.base_layer, self.layout, hidden_states, top_k_index, top_k_weights,
-                                           terms)
-
-    def _mixed(self, hidden_states, top_k_index, top_k_weights, names: list[str]) -> torch.Tensor:
-        """Sequence ``i``'s tokens (rows ``[i*seq, (i+1)*seq)`` of hidden_states (batch*seq, hidden)) through
-        adapter ``names[i]`` (``BASE_ADAPTER`` or an adapter not covering this module: the base)."""
-        return core_experts.mixed_batch_forward(
-            hidden_states, top_k_index, top_k_weights, names,
-            lambda h, i, w, name: self._routed(h, i, w, [name] if name != BASE_ADAPTER and name in self.adapters
-                                               else []))
 
     # ------------------------------------------------------------------ merge
     def role_deltas(self, adapter: str) -> dict[str, torch.Tensor]:

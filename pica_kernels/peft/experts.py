@@ -30,10 +30,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..core import experts as core_experts
-from ..core import forward as core_forward
 from ..core import state as core_state
 from ..core.bank import AdapterView, PiCaBank
-from ..core.defaults import BASE_ADAPTER
 from ..core.experts import ExpertsLayout, ExpertTensors
 from ..core.export import ExpertLoraFactors, experts_lora_factors
 from .containers import BasisDict, CellStateMixin
@@ -167,32 +165,12 @@ class PiCaPeftExperts(CellStateMixin, nn.Module, BaseTunerLayer):
             if names is None and sel is not None and sel.names is not None:
                 names = list(sel.names)
             disabled = state.disabled or (sel is not None and sel.disabled)
-            merged = bool(state.merged_on(self.pica_r))
-            base = self.base_layer
-            if disabled:
-                module = core_experts.original_experts(self, base, self.layout) if merged else base
-                return module(hidden_states, top_k_index, top_k_weights)
-            if names is not None:
-                return core_experts.mixed_batch_forward(
-                    hidden_states, top_k_index, top_k_weights, names,
-                    lambda h, i, w, name: self._routed(h, i, w, [] if name == BASE_ADAPTER else [name]))
-            if merged:
-                return core_forward.merged_output(self, base(hidden_states, top_k_index, top_k_weights))
-            return self._routed(hidden_states, top_k_index, top_k_weights, list(state.active))
+            return core_experts.layer_forward(
+                self, self.base_layer, self.layout, hidden_states, top_k_index, top_k_weights,
+                active=list(state.active), names=names, disabled=disabled,
+                merged=bool(state.merged_on(self.pica_r)), carried=self.pica_r, tensors=self.tensors)
         finally:
             cell.release_forward(token)
-
-    def _routed(self, hidden_states, top_k_index, top_k_weights, adapters: list[str]) -> torch.Tensor:
-        """The forward with the terms of ``adapters`` that cover this layer (the module's own forward if none)."""
-        terms: dict[str, list[ExpertTensors]] = {}
-        for a in adapters:
-            if a in self.pica_r:
-                for role, t in self.tensors(a).items():
-                    terms.setdefault(role, []).append(t)
-        if not terms:
-            return self.base_layer(hidden_states, top_k_index, top_k_weights)
-        return core_experts.routed_forward(self.base_layer, self.layout, hidden_states, top_k_index, top_k_weights,
-                                           terms)
 
     # ------------------------------------------------------------ merge
     def role_deltas(self, adapter: str) -> dict[str, torch.Tensor]:

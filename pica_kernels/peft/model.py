@@ -126,7 +126,8 @@ class PiCaPeftModel(BaseTuner):
     """PiCa for PEFT: ``peft.get_peft_model(model, PiCaPeftConfig(...))`` (see the module docstring)."""
 
     prefix: str = "pica_"
-    tuner_layer_cls = PiCaPeftLinear
+    # Both layer classes: PEFT's layer walks (delete_adapter, set_adapter, freezing) test isinstance against it.
+    tuner_layer_cls = _LAYERS
     target_module_mapping: dict = {}
     uses_shared_state: bool = True
 

@@ -249,3 +249,24 @@ def test_native_and_peft_front_ends_agree(arch, side):
             assert torch.equal(n_layer.basis(role, "default"), p_layer.pica_basis["default"][role]), (i, role)
     model.eval()
     assert torch.equal(_logits(native), _logits(model))
+
+
+def test_added_adapter_starts_inactive_and_delete_leaves_the_first_as_it_was():
+    model = _peft("olmoe")
+    _randomize(model)
+    model.eval()
+    before = _logits(model)
+    model.add_adapter("b", _config("olmoe", share_experts=False))
+    layer = model.base_model.model.model.layers[0].mlp.experts
+    assert set(layer.pica_r) == {"default", "b"}
+    b_ms = dict(model.base_model.pica_M["b"].items())
+    assert b_ms and not any(m.requires_grad for m in b_ms.values())  # added: not trainable until set_adapter
+    assert torch.equal(_logits(model), before)
+    model.set_adapter("b")
+    assert all(m.requires_grad for m in b_ms.values())
+    assert not any(m.requires_grad for m in model.base_model.pica_M["default"].parameters())
+    model.set_adapter("default")
+    model.delete_adapter("b")
+    assert set(layer.pica_r) == set(layer.pica_basis) == set(layer.pica_group) == {"default"}
+    assert "b" not in model.base_model.pica_M
+    assert torch.equal(_logits(model), before)
