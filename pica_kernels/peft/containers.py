@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft.tuners._buffer_dict import BufferDict
 
-from ..core.state import AdapterStateError
+from ..core.state import AdapterStateError, current_selection
 
 
 class BasisDict(BufferDict):
@@ -55,6 +57,23 @@ class CellStateMixin:
     def merged_adapters(self) -> list[str]:
         """The adapters merged into this layer's weights, in merge order (the model's merged stack, filtered)."""
         return self._pica_store.cell.value.merged_on(self.pica_r)
+
+    @contextlib.contextmanager
+    def _forward_state(self, names: list[str] | None):
+        """``(state, names, disabled)`` of one forward: the model's adapter state, held for the forward (a no-op
+        inside the model's forward, which holds it already), the per-sample ``adapter_names`` (given to the layer,
+        else the call's selection) and whether adapters are off for this call. ``names`` given were checked by the
+        tuner."""
+        cell = self._pica_store.cell
+        token = cell.acquire_forward()
+        try:
+            state = cell.value
+            sel = current_selection(cell)
+            if names is None and sel is not None and sel.names is not None:
+                names = list(sel.names)
+            yield state, names, state.disabled or (sel is not None and sel.disabled)
+        finally:
+            cell.release_forward(token)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merging is the model's: ``model.merge_adapter()`` (one transaction over every layer)."""

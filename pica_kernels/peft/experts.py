@@ -156,21 +156,11 @@ class PiCaPeftExperts(CellStateMixin, nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 **kwargs) -> torch.Tensor:
-        names = kwargs.pop("adapter_names", None)  # unknown names were refused by the tuner
-        cell = self._pica_store.cell
-        token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
-        try:
-            state = cell.value
-            sel = core_state.current_selection(cell)
-            if names is None and sel is not None and sel.names is not None:
-                names = list(sel.names)
-            disabled = state.disabled or (sel is not None and sel.disabled)
+        with self._forward_state(kwargs.pop("adapter_names", None)) as (state, names, disabled):
             return core_experts.layer_forward(
                 self, self.base_layer, self.layout, hidden_states, top_k_index, top_k_weights,
                 active=list(state.active), names=names, disabled=disabled,
                 merged=bool(state.merged_on(self.pica_r)), carried=self.pica_r, tensors=self.tensors)
-        finally:
-            cell.release_forward(token)
 
     # ------------------------------------------------------------ merge
     def role_deltas(self, adapter: str) -> dict[str, torch.Tensor]:

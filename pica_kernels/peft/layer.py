@@ -86,20 +86,10 @@ class PiCaPeftLinear(CellStateMixin, nn.Module, BaseTunerLayer):
         return self.pica_basis[adapter], self.get_m(adapter), self.pica_side[adapter]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        names = kwargs.pop("adapter_names", None)  # unknown names were refused by the tuner
-        cell = self._pica_store.cell
-        token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
-        try:
-            state = cell.value
-            sel = core_state.current_selection(cell)
-            if names is None and sel is not None:
-                names = None if sel.names is None else list(sel.names)
-            disabled = state.disabled or (sel is not None and sel.disabled)
+        with self._forward_state(kwargs.pop("adapter_names", None)) as (state, names, disabled):
             return core_forward.layer_forward(self, x, *args, active=list(state.active), names=names,
                                               on_layer=self.pica_r, disabled=disabled,
                                               merged=bool(state.merged_on(self.pica_r)), **kwargs)
-        finally:
-            cell.release_forward(token)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW`` of ``adapter`` in the base weight's layout ((out, in); (in, out) for Conv1D), float32."""
