@@ -367,13 +367,7 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> dict[st
                 f"layers[{lname!r}].quantization: the adapter was trained on a base quantized as {saved_quant}, this "
                 f"model's layer is {now_quant or 'not quantized'}; quantize the base the same way before loading"
             )
-        what, now = f"layer {lname!r} weight", tensor_identity(_original_weight(module))
-        problem = compare_identity(what, now, info["weight"]) or unverified(what, now, info["weight"])
-        if NO_DATA in now and not problem:
-            problem = f"{what}: it has no data in this model ({now[NO_DATA]}); its basis needs its values"
-        if problem:
-            raise AdapterMismatchError(f"base model: {problem}; load the adapter onto the model it was trained on "
-                                       f"({meta['base_model']})")
+        _check_layer_weight(lname, _original_weight(module), info, meta)
     adapted = {f"{n}.weight" for n in meta["layers"]}
     return check_base_tensors(base_tensors(model), meta["base_tensors"], on_mismatch, _LOAD_ANYWAY, skip=adapted)
 
@@ -405,6 +399,12 @@ def _check_expert_role(model: nn.Module, modules: dict[str, nn.Module], lname: s
             f"{role.param!r}")
     weight = module.role_weight(role.role) if isinstance(module, PiCaExperts) else \
         core_experts.role_weight(getattr(module, role.param), role)
+    _check_layer_weight(lname, weight, info, meta)
+
+
+def _check_layer_weight(lname: str, weight: torch.Tensor, info: dict, meta: dict) -> None:
+    """A targeted weight (a dense layer's, or an expert role's rows (E, out, in)) against the identity the file
+    records for layer ``lname``: always an error when it differs, or has no data to check."""
     what, now = f"layer {lname!r} weight", tensor_identity(weight)
     problem = compare_identity(what, now, info["weight"]) or unverified(what, now, info["weight"])
     if NO_DATA in now and not problem:
