@@ -7,6 +7,7 @@ that differs outside the adapted layers, and fused MoE experts left out.
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -301,7 +302,12 @@ def _tiny_mixtral():
 
 
 def test_all_linear_on_fused_moe_experts_warns_and_reports_the_share_left_out():
+    """Fused experts of a layout PiCa does not adapt (here marked transposed, as gpt-oss stores them) are left out
+    of "all-linear" with a warning and counted in the report; a supported layout is adapted (tests/native/
+    test_moe.py), with nothing left out."""
     model = _tiny_mixtral()
+    for layer in model.model.layers:
+        layer.mlp.experts.is_transposed = True
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     total = sum(p.numel() for p in model.parameters())
     with pytest.warns(UserWarning, match=r"leaves out 2 module\(s\) with fused 3-D expert weights \(mlp.experts\), "
@@ -310,6 +316,13 @@ def test_all_linear_on_fused_moe_experts_warns_and_reports_the_share_left_out():
     report = pk.parameter_report(model)
     assert report.left_out == {f"model.layers.{i}.mlp.experts": experts // 2 for i in range(2)}
     assert "not adapted: 2 fused expert module(s) (mlp.experts)" in str(report)
+    supported = _tiny_mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pk.apply_pica(supported, pk.PiCaConfig(rank=2, target_modules="all-linear"), progress=False)
+    report = pk.parameter_report(supported)
+    assert not report.left_out and {"mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"} <= {
+        g.role for g in report.groups}
 
 
 def test_peft_all_linear_on_fused_moe_experts_warns():

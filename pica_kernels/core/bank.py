@@ -84,7 +84,31 @@ def random_m_init(shape: tuple[int, int], scale: float = 0.05) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float32) * scale
 
 
-class LayerMView(nn.ParameterDict):
+class AdapterView:
+    """The mapping methods of a layer's ``{adapter: ...}`` view onto the bank, over ``self._groups`` (``{adapter:
+    its group key(s)}``), ``__contains__`` and ``__getitem__``: what :class:`LayerMView` and the PEFT experts layer's
+    view share."""
+
+    def __delitem__(self, adapter: str) -> None:
+        del self._groups[adapter]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([a for a in self._groups if a in self])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(a, self[a]) for a in self]
+
+    def values(self):
+        return [self[a] for a in self]
+
+
+class LayerMView(AdapterView, nn.ParameterDict):
     """A layer's persistent ``{adapter: M}`` mapping onto the bank.
 
     A ``ParameterDict`` to code that inspects it (PEFT's ``get_layer_status``,
@@ -111,26 +135,8 @@ class LayerMView(nn.ParameterDict):
         with torch.no_grad():
             m.data = value.data if isinstance(value, torch.Tensor) else value
 
-    def __delitem__(self, adapter: str) -> None:
-        del self._groups[adapter]
-
     def __contains__(self, adapter: object) -> bool:
         return adapter in self._groups and self._bank.has(adapter, self._groups[adapter])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([a for a in self._groups if a in self])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def keys(self):
-        return list(self)
-
-    def items(self):
-        return [(a, self[a]) for a in self]
-
-    def values(self):
-        return [self[a] for a in self]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{a}: {tuple(self[a].shape)}" for a in self)

@@ -290,14 +290,19 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     ``model``: the model the PiCa layers of either front end sit in (a PEFT front end passes the model inside its
     ``PeftModel``). An adapted layer's weight is taken as before any merge, under the base model's name
     (``…q_proj.weight``, never ``…base_layer.weight``); PiCa's own entries (``M``, bases) and PEFT's trained copies are
-    left out. Quantized-base hook: a quantized layer's storage entries (packed weight, absmax, SCB, quant state...)
-    stand as one ``<layer>.weight``, its dequantized weight: the same for every fresh quantisation of the same
-    weights, and unchanged by a merge that re-quantizes. Sharded (DTensor) entries are left out: identities are taken
-    where the whole tensor is.
+    left out. A module with a ``pica_original_tensors()`` method (the native fused-experts layer) gives its adapted
+    tensors as before any merge, ``{state_dict key relative to it: tensor}``. Quantized-base hook: a quantized
+    layer's storage entries (packed weight, absmax, SCB, quant state...) stand as one ``<layer>.weight``, its
+    dequantized weight: the same for every fresh quantisation of the same weights, and unchanged by a merge that
+    re-quantizes. Sharded (DTensor) entries are left out: identities are taken where the whole tensor is.
     """
     modules = dict(model.named_modules())
     originals = {f"{n}.base_layer.weight": original_layer_weight(m) for n, m in modules.items()
                  if isinstance(m, PiCaLayer)}
+    for n, m in modules.items():  # layers holding several adapted tensors (fused experts) name their originals
+        named = getattr(m, "pica_original_tensors", None)
+        if callable(named):
+            originals.update({f"{n}.{key}": t for key, t in named().items()})
     quantized = {n: m for n, m in modules.items() if n and quant.is_quantized_base(m)}
     for n, m in quantized.items():
         originals.setdefault(f"{n}.weight", quant.dequantized_weight(m))

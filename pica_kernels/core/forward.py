@@ -67,13 +67,17 @@ class _MergedTripwire(torch.autograd.Function):
 def merged_output(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``y`` of a merged layer, tied to the merged ``M`` that still require grad when the layer trains (training
     mode, grad enabled), so that a backward through it fails with a message (:class:`_MergedTripwire`); as is
-    otherwise (inference, or ``M`` frozen)."""
+    otherwise (inference, or ``M`` frozen). ``layer.merged_ms()``, where a layer has it, gives ``[(adapter, M),
+    ...]`` of its merged adapters (a layer with several ``M`` per adapter: fused experts); else
+    ``layer._tensors(adapter)[1]``."""
     if not (layer.training and torch.is_grad_enabled()):
         return y
-    names = [n for n in layer.merged_adapters if layer._tensors(n)[1].requires_grad]
-    if not names:
+    merged_ms = getattr(layer, "merged_ms", None)
+    pairs = merged_ms() if merged_ms is not None else [(n, layer._tensors(n)[1]) for n in layer.merged_adapters]
+    pairs = [(n, m) for n, m in pairs if m.requires_grad]
+    if not pairs:
         return y
-    return _MergedTripwire.apply(y, names, *(layer._tensors(n)[1] for n in names))
+    return _MergedTripwire.apply(y, list(dict.fromkeys(n for n, _ in pairs)), *(m for _, m in pairs))
 
 
 def layer_forward(
@@ -156,9 +160,16 @@ def mixed_forward(
     lookup: Callable[[str], AdapterTensors],
     in_features: int,
 ) -> torch.Tensor:
-    """Sequence i of ``x`` (batch, ..., in) through adapter ``names[i]`` (``BASE_ADAPTER``: base alone)."""
+    """Sequence i of ``x`` (batch, ..., in) through adapter ``names[i]`` (``BASE_ADAPTER``: base alone).
+
+    A 2-D ``x`` of ``batch * seq`` rows is a token-flattened batch, sequence ``i`` in rows ``[i*seq, (i+1)*seq)``:
+    what a mixture-of-experts block hands its dense layers (Qwen2-MoE's shared expert gets ``(batch*seq, hidden)``).
+    """
     from ..ops import multitask_pica_linear
 
+    if x.dim() == 2 and len(names) and x.shape[0] != len(names) and x.shape[0] % len(names) == 0:
+        y = mixed_forward(base_layer, weight, x.reshape(len(names), -1, x.shape[-1]), names, lookup, in_features)
+        return y.reshape(x.shape[0], y.shape[-1])
     if x.dim() < 2 or x.shape[0] != len(names):
         raise ValueError(f"adapter_names has {len(names)} names; x must be (batch={len(names)}, ..., in), "
                          f"got {tuple(x.shape)}")

@@ -79,27 +79,39 @@ def set_stack(layer: nn.Module, old: list[str], new: list[str], delta: Callable[
     if layer.quantization:  # quantized-base hook
         quant.set_quantized_stack(layer, layer.base_layer, old, new, delta, txn=txn, safe_merge=safe_merge)
         return
-    weight = layer.base_layer.weight
-    fifo = layer.fan_in_fan_out
-    had = ORIGINAL_WEIGHT in layer._buffers
-    original = layer._buffers[ORIGINAL_WEIGHT] if had else weight.detach().clone()
+    set_weight_stack(layer, ORIGINAL_WEIGHT, layer.base_layer.weight, old, new, delta,
+                     fan_in_fan_out=layer.fan_in_fan_out, txn=txn, safe_merge=safe_merge)
+
+
+@torch.no_grad()
+def set_weight_stack(owner: nn.Module, buffer: str, weight: torch.Tensor, old: list[str], new: list[str],
+                     delta: Callable[[str], torch.Tensor], *, fan_in_fan_out: bool = False, txn=None,
+                     safe_merge: bool = False) -> None:
+    """Make the plain tensor ``weight`` (any shape; a dense (out, in) weight or fused experts (E, out, in))
+    ``round(W0 + Σ ΔW)`` over ``new``, holding the stack ``old`` now; ``W0`` is kept on ``owner`` as the
+    non-persistent buffer ``buffer`` while anything is merged. ``delta(name)``: ``ΔW`` shaped like ``weight``
+    (transposed for ``fan_in_fan_out``). See :func:`set_stack`."""
+    if list(old) == list(new):
+        return
+    had = buffer in owner._buffers
+    original = owner._buffers[buffer] if had else weight.detach().clone()
     if new:
-        merged = _stacked(original, new, delta, fifo)
+        merged = _stacked(original, new, delta, fan_in_fan_out)
         if safe_merge and not bool(torch.isfinite(merged).all()):
             raise ValueError(f"merging adapter(s) {[n for n in new if n not in old]} gives NaN or Inf in the "
                              f"weight; nothing was merged")
     if txn is not None:
         if old:  # the weight holds round(W0 + Σ ΔW_old): the same computation gives the same bits back
-            txn.on_rollback(lambda: weight.copy_(_stacked(original, old, delta, fifo).to(weight.dtype)))
+            txn.on_rollback(lambda: weight.copy_(_stacked(original, old, delta, fan_in_fan_out).to(weight.dtype)))
         else:
             txn.on_rollback(lambda: weight.copy_(original))
     if new:
         if not had:
-            layer.register_buffer(ORIGINAL_WEIGHT, original, persistent=False)
+            owner.register_buffer(buffer, original, persistent=False)
         weight.copy_(merged.to(weight.dtype))
     else:
         weight.copy_(original)
-        del layer._buffers[ORIGINAL_WEIGHT]
+        del owner._buffers[buffer]
 
 
 def original_base(layer: nn.Module) -> nn.Module:

@@ -126,8 +126,8 @@ def check_layer_rank(name: str, rank: int, out_features: int, in_features: int, 
 
 def fused_expert_parameters(model, adapted: set[str] | None = None) -> dict[str, int]:
     """``{module name: parameter count}`` of modules holding 3-D (or higher) parameters: fused MoE experts
-    (transformers 5's ``experts.gate_up_proj`` (E, 2I, H), ``experts.down_proj`` (E, H, I)), which PiCa cannot
-    adapt yet."""
+    (transformers 5's ``experts.gate_up_proj`` (E, 2I, H), ``experts.down_proj`` (E, H, I)), except the modules in
+    ``adapted`` (what a report counts as left out)."""
     out: dict[str, int] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -139,8 +139,9 @@ def fused_expert_parameters(model, adapted: set[str] | None = None) -> dict[str,
     return out
 
 
-def warn_left_out(model, left_out: dict[str, int]) -> float:
-    """Warn (once per call) that ``left_out`` modules are not adapted; returns their share of the model's parameters."""
+def warn_left_out(model, left_out: dict[str, int], why: str = "fused MoE experts are not supported here") -> float:
+    """Warn (once per call) that ``left_out`` modules are not adapted (``why``: the reason the warning gives);
+    returns their share of the model's parameters."""
     import warnings
 
     if not left_out:
@@ -150,8 +151,7 @@ def warn_left_out(model, left_out: dict[str, int]) -> float:
     roles = sorted({role_of(n) for n in left_out})
     warnings.warn(
         f"target_modules='all-linear' leaves out {len(left_out)} module(s) with fused 3-D expert weights "
-        f"({', '.join(roles)}), {100 * share:.1f}% of the model's parameters: PiCa adapts nn.Linear / Conv1D "
-        f"layers only, fused MoE experts are not supported yet",
+        f"({', '.join(roles)}), {100 * share:.1f}% of the model's parameters: {why}",
         UserWarning,
         stacklevel=3,
     )

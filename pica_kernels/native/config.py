@@ -8,6 +8,7 @@ from dataclasses import InitVar, asdict, dataclass, field, fields
 from ..core.config import PEFT_TO_NATIVE, check_shared_fields, set_aliases
 from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS, DTYPES
 from ..core.errors import PiCaConfigError
+from ..core.experts import check_share_experts
 from ..core.targets import check_module_spec
 
 
@@ -24,6 +25,9 @@ class PiCaConfig:
             (every linear layer except the output embedding / lm_head).
         exclude: names to skip, same forms as ``target_modules`` (alias ``exclude_modules``).
         share: one M per (role, shape) group (True) or one per layer (False) (alias ``share_m``).
+        share_experts: fused MoE experts (``mlp.experts.gate_proj`` / ``up_proj`` / ``down_proj`` roles of a 3-D
+            ``gate_up_proj`` / ``down_proj``): one M per role shared by every expert (True, default) or one M per
+            expert, (E, out, r) (False); either way shared across layers as ``share`` says.
         rank_pattern: ``{module-name suffix or regex: rank}``, a rank for some layers other than ``rank``.
         svd_method, svd_seed: basis computation, see :func:`truncated_svd`
             ("accurate" randomised block Krylov by default, "fast", or "exact").
@@ -37,6 +41,7 @@ class PiCaConfig:
     target_modules: str | Sequence[str] = DEFAULT_TARGETS
     exclude: str | Sequence[str] | None = None
     share: bool = True
+    share_experts: bool = True
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     svd_method: str = DEFAULT_SVD_METHOD
     svd_seed: int = 0
@@ -49,6 +54,7 @@ class PiCaConfig:
     def __post_init__(self, r=None, share_m=None, exclude_modules=None) -> None:
         set_aliases(self, PEFT_TO_NATIVE, {"r": r, "share_m": share_m, "exclude_modules": exclude_modules})
         check_shared_fields(self, "rank", "exclude", svd_method_optional=False)
+        check_share_experts(self.share_experts)
         if self.m_dtype is not None and self.m_dtype not in DTYPES:
             raise ValueError(f"m_dtype must be one of {sorted(DTYPES)}, got {self.m_dtype!r}")
         self.target_modules = check_module_spec(self.target_modules, "target_modules")

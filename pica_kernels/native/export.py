@@ -16,7 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from ..core.base import PiCaLayer, is_supported_base
-from ..core.export import PEFT_KEY_PREFIX, LoraFactors, write_lora_adapter
+from ..core.experts import fused_parameters
+from ..core.export import PEFT_KEY_PREFIX, ExpertLoraFactors, LoraFactors, write_lora_adapter
 
 __all__ = ["export_lora"]
 
@@ -26,32 +27,51 @@ def _plain_name(name: str) -> str:
     return name[len(PEFT_KEY_PREFIX):] if name.startswith(PEFT_KEY_PREFIX) else name
 
 
-def _collect(model: nn.Module, adapter_name: str | None) -> tuple[list[LoraFactors], list[str], str]:
-    """The LoRA factors of ``adapter_name`` (default: the active adapter), every adaptable module name, the adapter."""
+def _is_experts_layer(module: nn.Module) -> bool:
+    """A PiCa layer on fused MoE experts (either front end): it hands out LoRA-for-parameters factors."""
+    return callable(getattr(module, "experts_lora_factors", None))
+
+
+def _collect(model: nn.Module, adapter_name: str | None
+             ) -> tuple[list[LoraFactors], list[ExpertLoraFactors], list[str], list[str], str]:
+    """The LoRA factors of ``adapter_name`` (default: the active adapter) of dense layers and of fused expert
+    parameters, every adaptable module name, every fused expert parameter's name, the adapter."""
     layers: list[LoraFactors] = []
+    expert_layers: list[ExpertLoraFactors] = []
     linear_names: list[str] = []
+    expert_names: list[str] = []
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, PiCaLayer):
+        if isinstance(module, PiCaLayer) or _is_experts_layer(module):
             inside.append(name)
-            linear_names.append(_plain_name(name))
-            found = module.lora_factors(_plain_name(name), adapter_name)
+            plain = _plain_name(name)
+            if isinstance(module, PiCaLayer):
+                linear_names.append(plain)
+                found = module.lora_factors(plain, adapter_name)
+            else:
+                expert_names.extend(f"{plain}.{p}" for p in fused_parameters(module.base_layer))
+                found = module.experts_lora_factors(plain, adapter_name)
             if found is None:
                 continue
             adapter, factors = found
             if adapter_name is None:
                 adapter_name = adapter  # the first active adapter found decides for the whole model
-            layers.append(factors)
+            if isinstance(factors, LoraFactors):
+                layers.append(factors)
+            else:
+                expert_layers.extend(factors)
         elif name and is_supported_base(module):
             linear_names.append(_plain_name(name))
-    if not layers:
+        elif name:
+            expert_names.extend(f"{_plain_name(name)}.{p}" for p in fused_parameters(module))
+    if not layers and not expert_layers:
         raise ValueError(
             f"{type(model).__name__} has no PiCa layer with adapter {adapter_name!r}; "
             f"export_lora needs a model from apply_pica or a PeftModel with a PiCa config"
         )
-    return layers, linear_names, adapter_name
+    return layers, expert_layers, linear_names, expert_names, adapter_name
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -92,12 +112,19 @@ def export_lora(
     for layers of another rank. ``peft.PeftModel.from_pretrained(base, path)`` on the
     same base model then computes what the PiCa model computes.
 
+    Fused MoE experts are written as PEFT's LoRA for parameters (``target_parameters``,
+    :mod:`pica_kernels.core.export` gives the layout): a fused ``gate_up_proj`` of rank
+    ``2r`` (its gate and up roles side by side), ``down_proj`` of rank ``r``. What that
+    format cannot express raises :class:`pica_kernels.core.export.LoraExportError`
+    naming the module and why.
+
     Works for models from :func:`pica_kernels.apply_pica` and for PEFT models with a
     PiCa config. ``base_model_name_or_path`` and ``task_type`` default to what the
     model's config and class say.
     """
-    layers, linear_names, _ = _collect(model, adapter_name)
-    merged = [name for name, m in model.named_modules() if isinstance(m, PiCaLayer) and m.merged]
+    layers, expert_layers, linear_names, expert_names, _ = _collect(model, adapter_name)
+    merged = [name for name, m in model.named_modules()
+              if (isinstance(m, PiCaLayer) or _is_experts_layer(m)) and m.merged]
     if merged:
         import warnings
 
@@ -113,4 +140,6 @@ def export_lora(
         base_model_name_or_path=base_model_name_or_path or _base_model_name(model),
         task_type=task_type or _task_type(model),
         all_linear_names=linear_names,
+        expert_layers=expert_layers,
+        all_expert_names=expert_names,
     )

@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .._version import __version__
+from ..core import experts as core_experts
 from ..core import quant as core_quant
 from ..core.config import check_on_mismatch
 from ..core.defaults import check_adapter_name
@@ -59,8 +61,9 @@ from ..core.plan import layer_group
 from ..core.state import transaction
 from ..core.targets import role_of
 from ..svd import basis_fingerprint, method_from_file, versioned_method
-from .apply import BANK_NAME, apply_checked, get_bank, pica_layers
+from .apply import BANK_NAME, apply_checked, expert_layers, get_bank, pica_layers
 from .config import PiCaConfig
+from .experts import PiCaExperts
 from .layer import PiCaLinear
 from .model import adapter_config, adapter_layers, set_adapter
 
@@ -104,33 +107,12 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, dict] = {}
     layers: dict[str, dict] = {}
+    record = _Record(config, store, tensors, groups, layers)
     for lname, layer in adapter_layers(model, name):
-        spec = layer.adapters[name]
-        m = layer.m(name)
-        if m.device.type == "meta":
-            raise ValueError("cannot save an adapter of a model on the meta device (it has no values)")
-        g = groups.setdefault(spec.group, {
-            "role": role_of(lname) if config.share else lname,
-            "weight_shape": [layer.out_features, layer.in_features],
-            "rank": spec.rank,
-            "m_shape": list(m.shape),
-            "m_dtype": dtype_name(m.dtype),
-            "layers": [],
-        })
-        g["layers"].append(lname)
-        tensors[f"m.{spec.group}"] = m.detach().to("cpu").contiguous()
-        basis = layer.basis(name)
-        tensors[f"fingerprint.{lname}"] = basis_fingerprint(basis, spec.side).contiguous()
-        if store:
-            tensors[f"basis.{lname}"] = basis.detach().to("cpu").contiguous()
-        layers[lname] = {
-            "group": spec.group,
-            "rank": spec.rank,
-            "basis_dtype": dtype_name(basis.dtype),
-            "fan_in_fan_out": layer.fan_in_fan_out,
-            "weight": tensor_identity(layer.original_weight),
-            "quantization": layer.quantization,
-        }
+        record.add(lname, layer.adapters[name], layer.m(name), layer.basis(name),
+                   [layer.out_features, layer.in_features], layer.original_weight, basis_fingerprint,
+                   fan_in_fan_out=layer.fan_in_fan_out, quantization=layer.quantization)
+    _save_experts(model, name, record)
     adapted = {f"{n}.weight" for n in layers}
     meta = {
         "format": FORMAT,
@@ -161,6 +143,62 @@ def save_adapter(
     os.replace(tmp_tensors, path / TENSORS_FILE)
     os.replace(tmp_json, path / CONFIG_FILE)
     return path
+
+
+class _Record:
+    """The parts of an adapter file being written: ``tensors``, ``groups`` and ``layers`` (see the module
+    docstring), one layer (or fused-experts pseudo-layer) at a time."""
+
+    def __init__(self, config: PiCaConfig, store: bool, tensors: dict, groups: dict, layers: dict) -> None:
+        self.config, self.store, self.tensors, self.groups, self.layers = config, store, tensors, groups, layers
+
+    def add(self, lname: str, spec, m: torch.Tensor, basis: torch.Tensor, weight_shape: list[int],
+            weight: torch.Tensor, fingerprint: Callable[[torch.Tensor, str], torch.Tensor], *, fan_in_fan_out: bool,
+            quantization, group_extra: dict | None = None, layer_extra: dict | None = None) -> None:
+        """Layer ``lname``: its group's entry (``M`` once; ``weight_shape`` (out, in)), its fingerprint and basis,
+        and its record (``weight``: its original weight, whose identity is recorded; ``fingerprint(basis, side)``:
+        the basis' fingerprint, taken once the values are known to exist)."""
+        if m.device.type == "meta":
+            raise ValueError("cannot save an adapter of a model on the meta device (it has no values)")
+        g = self.groups.setdefault(spec.group, {
+            "role": role_of(lname) if self.config.share else lname,
+            "weight_shape": weight_shape,
+            "rank": spec.rank,
+            "m_shape": list(m.shape),
+            "m_dtype": dtype_name(m.dtype),
+            "layers": [],
+            **(group_extra or {}),
+        })
+        g["layers"].append(lname)
+        self.tensors[f"m.{spec.group}"] = m.detach().to("cpu").contiguous()
+        self.tensors[f"fingerprint.{lname}"] = fingerprint(basis, spec.side).contiguous()
+        if self.store:
+            self.tensors[f"basis.{lname}"] = basis.detach().to("cpu").contiguous()
+        self.layers[lname] = {
+            "group": spec.group,
+            "rank": spec.rank,
+            "basis_dtype": dtype_name(basis.dtype),
+            "fan_in_fan_out": fan_in_fan_out,
+            "weight": tensor_identity(weight),
+            "quantization": quantization,
+            **(layer_extra or {}),
+        }
+
+
+def _save_experts(model: nn.Module, name: str, record: _Record) -> None:
+    """The fused-experts part of an adapter file, per pseudo-layer ``<module>.<role>``: ``fingerprint.<layer>``
+    (E, r, 4), ``basis.<layer>`` (E, r, in) / (E, out, r) when bases are stored, its record in ``layers`` (group,
+    rank, basis dtype, the identity of the role's original rows (E, out, in), and ``experts``:
+    :func:`pica_kernels.core.experts.experts_record`), and its group with ``weight_shape`` (out, in) of one expert
+    and ``experts`` E when ``M`` is one per expert."""
+    for mname, layer in expert_layers(model):
+        for role, spec in layer.adapters.get(name, {}).items():
+            m, basis, r = layer.m(role, name), layer.basis(role, name), layer.layout.role(role)
+            per_expert = m.dim() == 3
+            record.add(f"{mname}.{role}", spec, m, basis, [r.out_features, r.in_features], layer.role_weight(role),
+                       core_experts.experts_fingerprint, fan_in_fan_out=False, quantization=None,
+                       group_extra={"experts": layer.num_experts} if per_expert else None,
+                       layer_extra={"experts": core_experts.experts_record(mname, r, layer.num_experts, per_expert)})
 
 
 # --------------------------------------------------------------------- read
@@ -202,9 +240,11 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
         check_m_values(key, m, where, require(g, "m_dtype", str, gw))
         out_f, in_f = require(g, "weight_shape", list, gw)
         expected = (out_f, g_rank) if side == "input" else (g_rank, in_f)
+        if "experts" in g:  # fused experts with one M per expert: (E, out, r) / (E, r, in)
+            expected = (require(g, "experts", int, gw), *expected)
         if tuple(m.shape) != expected:
             field = "rank" if g_rank == rank else f"groups[{key!r}].rank"
-            got = m.shape[1] if side == "input" else m.shape[0]
+            got = m.shape[-1] if side == "input" else m.shape[-2]
             raise AdapterMismatchError(
                 f"{field}: pica_config.json says {g_rank}, the tensor file's m.{key} has shape {list(m.shape)} "
                 f"(rank {got})"
@@ -219,10 +259,16 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
             raise AdapterMismatchError(f"layers[{n!r}].group: pica_config.json says {g!r}, its groups list it in "
                                        f"{member_of.get(n)!r}")
         fp = tensors[f"fingerprint.{n}"]
-        if fp.shape[0] != l_rank or groups[g]["rank"] != l_rank:
+        fp_rank = fp.shape[0] if fp.dim() < 3 else fp.shape[-2]
+        if "experts" in info:
+            _check_experts_record(n, info, groups[g], fp, lw)
+        elif fp.dim() != 2:
+            raise AdapterMismatchError(f"layers[{n!r}]: its fingerprint has shape {list(fp.shape)}, a dense layer's "
+                                       f"is (r, 4) (an experts layer's record names its experts)")
+        if fp_rank != l_rank or groups[g]["rank"] != l_rank:
             raise AdapterMismatchError(
                 f"rank: pica_config.json says {l_rank} for layer {n!r} (group rank {groups[g]['rank']}), its "
-                f"fingerprint in the tensor file has rank {fp.shape[0]}"
+                f"fingerprint in the tensor file has rank {fp_rank}"
             )
         if l_rank != rank and not config.get("rank_pattern"):
             raise AdapterMismatchError(f"rank: pica_config.json says {rank}, layer {n!r} has rank {l_rank} and "
@@ -230,6 +276,25 @@ def _cross_check(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> No
     for n in sorted(set(member_of) - set(layers)):
         raise AdapterMismatchError(f"layers: group {member_of[n]!r} lists layer {n!r}, pica_config.json's "
                                    f"layers do not")
+
+
+def _check_experts_record(name: str, info: dict, group: dict, fingerprint: torch.Tensor, where: str) -> None:
+    """A fused-experts pseudo-layer's record against itself, its group and its fingerprint (E, r, 4)."""
+    rec = require(info, "experts", dict, where)
+    rw = f"{where} experts"
+    for key, kind in (("module", str), ("param", str), ("role", str), ("rows", list), ("num_experts", int),
+                      ("per_expert_m", bool)):
+        require(rec, key, kind, rw)
+    e = rec["num_experts"]
+    if name != f"{rec['module']}.{rec['role']}":
+        raise AdapterMismatchError(f"layers[{name!r}].experts: it records module {rec['module']!r} and role "
+                                   f"{rec['role']!r}, which name {rec['module']}.{rec['role']!r}")
+    if fingerprint.dim() != 3 or fingerprint.shape[0] != e:
+        raise AdapterMismatchError(f"layers[{name!r}]: its fingerprint has shape {list(fingerprint.shape)}, "
+                                   f"expected ({e}, r, 4) for its {e} experts")
+    if rec["per_expert_m"] != ("experts" in group) or group.get("experts", e) != e:
+        raise AdapterMismatchError(f"layers[{name!r}].experts: per_expert_m={rec['per_expert_m']} with "
+                                   f"{e} experts, its group records experts={group.get('experts')}")
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -281,6 +346,9 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> dict[st
     Returns the identities of untargeted tensors with no data yet (checked at the first forward that has it)."""
     modules = dict(model.named_modules())
     for lname, info in meta["layers"].items():
+        if "experts" in info:
+            _check_expert_role(model, modules, lname, info, meta)
+            continue
         module = modules.get(lname)
         if module is None or not (isinstance(module, PiCaLinear) or hasattr(module, "weight")):
             raise AdapterMismatchError(
@@ -294,18 +362,51 @@ def _check_base_model(model: nn.Module, meta: dict, on_mismatch: str) -> dict[st
                 f"layers[{lname!r}].quantization: the adapter was trained on a base quantized as {saved_quant}, this "
                 f"model's layer is {now_quant or 'not quantized'}; quantize the base the same way before loading"
             )
-        what, now = f"layer {lname!r} weight", tensor_identity(_original_weight(module))
-        problem = compare_identity(what, now, info["weight"]) or unverified(what, now, info["weight"])
-        if NO_DATA in now and not problem:
-            problem = f"{what}: it has no data in this model ({now[NO_DATA]}); its basis needs its values"
-        if problem:
-            raise AdapterMismatchError(f"base model: {problem}; load the adapter onto the model it was trained on "
-                                       f"({meta['base_model']})")
+        _check_layer_weight(lname, _original_weight(module), info, meta)
     adapted = {f"{n}.weight" for n in meta["layers"]}
     return check_base_tensors(base_tensors(model), meta["base_tensors"], on_mismatch, _LOAD_ANYWAY, skip=adapted)
 
 
 _LOAD_ANYWAY = "pass check_base_model='warn' to load anyway"
+
+
+def _check_expert_role(model: nn.Module, modules: dict[str, nn.Module], lname: str, info: dict, meta: dict) -> None:
+    """A fused-experts pseudo-layer of the file against the model: its experts module is there, in a layout PiCa
+    adapts, holding the role in the same rows of the same parameter, and the role's original weights (E, out, in)
+    have the identity the file records."""
+    rec = info["experts"]
+    module = modules.get(rec["module"])
+    saved_from = (f"the adapter was saved from a {meta['base_model']['class']}, model_type "
+                  f"{meta['base_model']['model_type']!r}")
+    if module is None or not (isinstance(module, PiCaExperts) or core_experts.is_fused_experts(module)):
+        raise AdapterMismatchError(f"layers: experts module {rec['module']!r} of the adapter (layer {lname!r}) is not "
+                                   f"in this {type(model).__name__} ({saved_from})")
+    try:
+        layout = module.layout if isinstance(module, PiCaExperts) else \
+            core_experts.experts_layout(rec["module"], module)
+        role = layout.role(rec["role"])
+    except (core_experts.UnsupportedExpertsError, KeyError) as e:
+        raise AdapterMismatchError(f"layers[{lname!r}].experts: {e}") from None
+    if (role.param, list(role.rows), layout.num_experts) != (rec["param"], rec["rows"], rec["num_experts"]):
+        raise AdapterMismatchError(
+            f"layers[{lname!r}].experts: the file has {rec['num_experts']} experts with the role in rows "
+            f"{rec['rows']} of {rec['param']!r}, this model {layout.num_experts} in rows {list(role.rows)} of "
+            f"{role.param!r}")
+    weight = module.role_weight(role.role) if isinstance(module, PiCaExperts) else \
+        core_experts.role_weight(getattr(module, role.param), role)
+    _check_layer_weight(lname, weight, info, meta)
+
+
+def _check_layer_weight(lname: str, weight: torch.Tensor, info: dict, meta: dict) -> None:
+    """A targeted weight (a dense layer's, or an expert role's rows (E, out, in)) against the identity the file
+    records for layer ``lname``: always an error when it differs, or has no data to check."""
+    what, now = f"layer {lname!r} weight", tensor_identity(weight)
+    problem = compare_identity(what, now, info["weight"]) or unverified(what, now, info["weight"])
+    if NO_DATA in now and not problem:
+        problem = f"{what}: it has no data in this model ({now[NO_DATA]}); its basis needs its values"
+    if problem:
+        raise AdapterMismatchError(f"base model: {problem}; load the adapter onto the model it was trained on "
+                                   f"({meta['base_model']})")
 
 
 def load_adapter(
@@ -357,6 +458,7 @@ def load_adapter(
                     f"{getattr(have, key)!r}; load under another adapter_name or apply a matching config"
                 )
         model_layers = {n for n, _ in adapter_layers(model, name)}
+        model_layers |= {f"{n}.{role}" for n, layer in expert_layers(model) for role in layer.adapters.get(name, {})}
         if model_layers != set(saved_layers):
             missing = sorted(set(saved_layers) - model_layers)[:3]
             extra = sorted(model_layers - set(saved_layers))[:3]
@@ -367,12 +469,19 @@ def load_adapter(
     pending = _check_base_model(model, meta, check_base_model)
     modules = dict(model.named_modules())
     for lname, info in saved_layers.items():
-        module = modules[lname]
-        if isinstance(module, PiCaLinear) and module.merged:
+        rec = info.get("experts")
+        module = modules[rec["module"] if rec else lname]
+        if isinstance(module, (PiCaLinear, PiCaExperts)) and module.merged:
             raise AdapterMismatchError(f"layer {lname!r} is merged; unmerge(model) before loading an adapter")
         shape = info["weight"]["shape"]
-        out_f, in_f = shape[::-1] if info.get("fan_in_fan_out") else shape
-        want = layer_group(lname, out_f, in_f, info["rank"], config.rank, config.share)
+        if rec:
+            e, out_f, in_f = shape
+            want = core_experts.experts_group_key(lname, e, out_f, in_f, share=config.share,
+                                                  per_expert=rec["per_expert_m"],
+                                                  rank_suffix=None if info["rank"] == config.rank else info["rank"])
+        else:
+            out_f, in_f = shape[::-1] if info.get("fan_in_fan_out") else shape
+            want = layer_group(lname, out_f, in_f, info["rank"], config.rank, config.share)
         if want != info["group"]:
             raise AdapterMismatchError(f"layers[{lname!r}].group: the file says {info['group']!r}, its name, shape "
                                        f"and rank give {want!r}")
@@ -387,10 +496,17 @@ def load_adapter(
             apply_checked(model, exact, name, progress=progress, bases=stored)
             get_bank(model).configs[name] = config
         layers = dict(pica_layers(model))
+        modules = dict(model.named_modules())
         # 3. Fingerprints: the basis each M will multiply must be the one it was trained with.
-        for lname in saved_layers:
+        for lname, info in saved_layers.items():
+            saved_dtype = dtype_from_name(info["basis_dtype"])
+            if "experts" in info:
+                basis = modules[info["experts"]["module"]].basis(info["experts"]["role"], name)
+                core_experts.check_experts_fingerprint(lname, basis, config.side, tensors[f"fingerprint.{lname}"],
+                                                       basis_atol, saved_dtype)
+                continue
             check_basis_fingerprint(lname, layers[lname].basis(name), config.side, tensors[f"fingerprint.{lname}"],
-                                    basis_atol, dtype_from_name(saved_layers[lname]["basis_dtype"]))
+                                    basis_atol, saved_dtype)
         # 4. M, once per group.
         bank = get_bank(model)
         with torch.no_grad():

@@ -82,6 +82,8 @@ def state_cells(model: nn.Module) -> list[core_state.StateCell]:
         cell = getattr(m, "pica_state_cell", None)
         if isinstance(cell, core_state.StateCell):  # PiCaLinear, or the PEFT front end's layer
             cells.setdefault(id(cell), cell)
+        elif isinstance(m, PiCaBank):  # the model's bank: also where only fused experts are adapted
+            cells.setdefault(id(m.cell), m.cell)
     return list(cells.values())
 
 

@@ -14,16 +14,17 @@ from torch import nn
 
 from ..core.state import AdapterState, request, transaction, uninstall_forward_scope
 from . import transitions
-from .apply import BANK_NAME, get_bank, pica_layers, set_submodule
+from .apply import BANK_NAME, all_layers, expert_layers, get_bank, pica_layers, set_submodule
 from .config import PiCaConfig
+from .experts import PiCaExperts
 from .layer import PiCaLinear, state_cells
 
 __all__ = ["active_adapter", "adapter_config", "adapter_layers", "adapter_state", "delete_adapter", "disable_adapter", "merge", "merge_and_unload",
            "set_adapter", "set_disabled", "unmerge"]
 
 
-def _layers(model: nn.Module) -> list[PiCaLinear]:
-    return [m for _, m in pica_layers(model)]
+def _layers(model: nn.Module) -> list[PiCaLinear | PiCaExperts]:
+    return all_layers(model)
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -123,7 +124,7 @@ def merge_and_unload(
                         layer, [a for a in stack if a in layer.adapters], dtype))
         if stack != list(state.merged):
             transitions.restack(_layers(model), txn, state.evolve(merged=stack))
-        for lname, layer in list(pica_layers(model)):
+        for lname, layer in [*pica_layers(model), *expert_layers(model)]:
             set_submodule(model, lname, layer.base_layer)
         delattr(model, BANK_NAME)
         uninstall_forward_scope(model)

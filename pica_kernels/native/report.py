@@ -7,16 +7,19 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core.targets import fused_expert_parameters, role_of
-from .apply import BANK_NAME
+from .apply import BANK_NAME, expert_layers
 from .model import adapter_config, adapter_layers
 
 
 @dataclass
 class GroupReport:
+    """One group: its ``M`` (counted once) and the frozen bases of its member layers. Fused experts: the members
+    are pseudo-layers ``<module>.<role>``, ``weight_shape`` is (E, out, in) and each member's basis holds E."""
+
     key: str
     role: str
-    weight_shape: tuple[int, int]
-    m_shape: tuple[int, int]
+    weight_shape: tuple[int, ...]
+    m_shape: tuple[int, ...]
     layers: list[str]
     trainable: int
     frozen_bases: int
@@ -29,7 +32,8 @@ class ParameterReport:
     side: str
     groups: list[GroupReport]
     base_parameters: int
-    #: ``{module name: parameters}`` of fused 3-D expert weights PiCa left out (not adaptable yet).
+    #: ``{module name: parameters}`` of fused 3-D expert weights PiCa left out (a layout it does not adapt, see
+    #: :func:`pica_kernels.core.experts.experts_layout`).
     left_out: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -85,11 +89,26 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
                 (layer.out_features, layer.in_features), tuple(m.shape), [], m.numel(), 0)
         g.layers.append(name)
         g.frozen_bases += layer.basis(adapter_name).numel()
+    for name, layer in expert_layers(model):
+        for role, spec in layer.adapters.get(adapter_name, {}).items():
+            m = layer.m(role, adapter_name)
+            r = layer.layout.role(role)
+            g = groups.get(spec.group)
+            pseudo = f"{name}.{role}"
+            if g is None:
+                g = groups[spec.group] = GroupReport(
+                    spec.group, role_of(pseudo) if config.share else pseudo,
+                    (layer.num_experts, r.out_features, r.in_features), tuple(m.shape), [], m.numel(), 0)
+            g.layers.append(pseudo)
+            g.frozen_bases += layer.basis(role, adapter_name).numel()
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if name.startswith(BANK_NAME + ".") or id(p) in seen:
             continue
         seen.add(id(p))
         base_params += p.numel()
+    # Adapted experts and the bank (a per-expert M is 3-D too) are not left out.
+    wrapped = {f"{name}.base_layer" for name, _ in expert_layers(model)}
+    wrapped |= {name for name, _ in model.named_modules() if name == BANK_NAME or name.startswith(BANK_NAME + ".")}
     return ParameterReport(adapter_name, config.rank, config.side, list(groups.values()), base_params,
-                           fused_expert_parameters(model))
+                           fused_expert_parameters(model, wrapped))

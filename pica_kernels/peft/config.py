@@ -8,6 +8,7 @@ from peft.config import PeftConfig
 
 from ..core.config import NATIVE_TO_PEFT, check_on_mismatch, check_shared_fields, set_aliases
 from ..core.defaults import DEFAULT_SVD_METHOD, DEFAULT_TARGETS
+from ..core.experts import check_share_experts
 from ..core.targets import check_module_spec
 from ..svd import method_from_file, versioned_method
 from .peft_type import ensure_peft_type
@@ -52,7 +53,14 @@ class PiCaPeftConfig(PeftConfig):
         modules_to_save: extra modules trained fully and saved (e.g. a classifier head).
         init_weights: True: ``M`` starts at zero, so the model starts exactly at the
             base model. False: small random ``M`` from the global torch RNG (for tests only).
-        layers_to_transform, layers_pattern: restrict to some layer indices, as in LoRA.
+        layers_to_transform, layers_pattern: restrict to some layer indices, as in LoRA (``target_modules`` only).
+        target_parameters: fused mixture-of-experts weights to adapt, as LoRA's ``target_parameters``: names (or
+            '.'-boundary suffixes) of 3-D expert parameters, ``["experts.gate_up_proj", "experts.down_proj"]``
+            (transformers 5's Mixtral, Qwen2-MoE / Qwen3-MoE, OLMoE experts). A fused ``gate_up_proj`` is two
+            roles, ``gate_proj`` and ``up_proj`` (its halves; ``"experts.up_proj"`` selects one), each with a
+            basis per expert (E, r, in) and one ``M`` per role shared by the experts and layers (docs/peft.md).
+        share_experts: True (default): one ``M`` per expert role shared by every expert; False: one ``M`` per
+            expert, (E, out, r).
     """
 
     r: int = field(default=32, metadata={"help": "PiCa basis rank"})
@@ -74,6 +82,9 @@ class PiCaPeftConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={"help": "Zero-init M (identity at start)"})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices"})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Layer list name"})
+    target_parameters: list[str] | None = field(default=None, metadata={
+        "help": "Fused MoE expert parameters (suffixes), e.g. ['experts.gate_up_proj', 'experts.down_proj']"})
+    share_experts: bool = field(default=True, metadata={"help": "One M per expert role for all experts"})
     rank: InitVar[int | None] = None
     share: InitVar[bool | None] = None
     exclude: InitVar[list[str] | str | None] = None
@@ -91,6 +102,13 @@ class PiCaPeftConfig(PeftConfig):
             spec = getattr(self, key)
             if spec is not None and not isinstance(spec, str):
                 setattr(self, key, set(spec))
+        check_share_experts(self.share_experts)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(
+                    isinstance(t, str) and t for t in self.target_parameters):
+                raise ValueError(f"target_parameters must be a list of parameter names (suffixes such as "
+                                 f"'experts.down_proj'), got {self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 

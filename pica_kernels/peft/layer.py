@@ -23,10 +23,10 @@ from ..core import quant as core_quant
 from ..core import state as core_state
 from ..core.bank import LayerMView, PiCaBank
 from ..core.export import LoraFactors, lora_factors
-from .containers import BasisDict
+from .containers import BasisDict, CellStateMixin
 
 
-class PiCaPeftLinear(nn.Module, BaseTunerLayer):
+class PiCaPeftLinear(CellStateMixin, nn.Module, BaseTunerLayer):
     """A frozen ``nn.Linear`` / transformers ``Conv1D`` / quantized base plus PiCa adapters (see module docstring).
 
     Args:
@@ -59,36 +59,6 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, r=r, side=side, group=group, basis=basis, store_basis=store_basis,
                           inference_mode=inference_mode)
 
-    # ------------------------------------------------------------ state (read from the model's cell)
-    # PEFT's own bookkeeping (``active_adapter(s)``, ``disable_adapters``, ``merged_adapters``, ``merged``) is read
-    # from the model's one AdapterState (pica_kernels.core.state), held by the tuner's bank; the tuner's
-    # transactions change it. PEFT's per-layer code assigns ``_active_adapter`` / ``_disable_adapters`` while the
-    # tuner runs it inside a transaction that has published the same value already: those writes are ignored.
-    @property
-    def pica_state_cell(self):
-        return self._pica_store.cell
-
-    @property
-    def _active_adapter(self) -> list[str]:
-        return list(self._pica_store.cell.value.active)
-
-    @_active_adapter.setter
-    def _active_adapter(self, value) -> None:
-        pass
-
-    @property
-    def _disable_adapters(self) -> bool:
-        return self._pica_store.cell.value.disabled
-
-    @_disable_adapters.setter
-    def _disable_adapters(self, value) -> None:
-        pass
-
-    @property
-    def merged_adapters(self) -> list[str]:
-        """The adapters merged into this layer's weight, in merge order (the model's merged stack, filtered)."""
-        return self._pica_store.cell.value.merged_on(self.pica_r)
-
     def get_m(self, adapter: str) -> nn.Parameter:
         return self._pica_store.get(adapter, self.pica_group[adapter])
 
@@ -116,16 +86,10 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         return self.pica_basis[adapter], self.get_m(adapter), self.pica_side[adapter]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        names = kwargs.pop("adapter_names", None)  # unknown names were refused by the tuner
-        cell = self._pica_store.cell
-        token = cell.acquire_forward()  # no-op inside the model's forward, which holds it already
-        try:
-            state, names, disabled = core_state.forward_view(cell, names)
+        with self._forward_state(kwargs.pop("adapter_names", None)) as (state, names, disabled):
             return core_forward.layer_forward(self, x, *args, active=list(state.active), names=names,
                                               on_layer=self.pica_r, disabled=disabled,
                                               merged=bool(state.merged_on(self.pica_r)), **kwargs)
-        finally:
-            cell.release_forward(token)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW`` of ``adapter`` in the base weight's layout ((out, in); (in, out) for Conv1D), float32."""
@@ -140,17 +104,6 @@ class PiCaPeftLinear(nn.Module, BaseTunerLayer):
         """This layer's weight from the merged stack of ``before`` to that of ``after`` (inside a transaction)."""
         core_merge.set_stack(self, before.merged_on(self.pica_r), after.merged_on(self.pica_r), self._delta,
                              txn=txn, safe_merge=safe_merge)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merging is the model's: ``model.merge_adapter()`` (one transaction over every layer)."""
-        raise core_state.AdapterStateError(
-            "PiCaPeftLinear.merge on one layer: the merged stack is the model's (one value for all its layers); "
-            "call model.merge_adapter(...) / merge_and_unload(...)")
-
-    def unmerge(self) -> None:
-        """Unmerging is the model's: ``model.unmerge_adapter()``."""
-        raise core_state.AdapterStateError(
-            "PiCaPeftLinear.unmerge on one layer: the merged stack is the model's; call model.unmerge_adapter()")
 
     def lora_factors(self, name: str, adapter: str | None = None) -> tuple[str, LoraFactors] | None:
         """``(adapter, its LoRA factors under module name name)`` for ``export_lora`` (:mod:`pica_kernels.core.export`);

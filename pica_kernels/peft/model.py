@@ -36,6 +36,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .. import reference
+from ..core import experts as core_experts
 from ..core.bank import PiCaBank, random_m_init
 from ..core.base import check_float_weight, is_fan_in_fan_out, is_supported_base, weight_out_in
 from ..core.bases import batched_bases
@@ -67,10 +68,11 @@ from ..core.state import (
     transaction,
     uninstall_forward_scope,
 )
-from ..core.targets import fused_expert_parameters, warn_left_out
+from ..core.targets import check_layer_rank, fused_expert_parameters, matches, rank_for, warn_left_out
 from ..svd import basis_fingerprint, truncated_svd
 from .config import PiCaPeftConfig
 from .containers import adapter_names_pre_forward_hook
+from .experts import PiCaPeftExperts
 from .layer import PiCaPeftLinear
 
 __all__ = ["PiCaPeftModel"]
@@ -101,8 +103,18 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _adapted_weights(model: nn.Module) -> set[str]:
-    """Names (as :func:`_base_tensors` gives them) of the adapted layers' weights."""
-    return {f"{n}.weight" for n, m in _inner(model).named_modules() if isinstance(m, PiCaPeftLinear)}
+    """Names (as :func:`_base_tensors` gives them) of the adapted layers' weights (fused expert parameters too)."""
+    out = set()
+    for n, m in _inner(model).named_modules():
+        if isinstance(m, PiCaPeftLinear):
+            out.add(f"{n}.weight")
+        elif isinstance(m, PiCaPeftExperts):
+            out.update(f"{n}.{p}" for p in m.layout.params)
+    return out
+
+
+#: The PEFT front end's layer classes: dense (``target_modules``) and fused experts (``target_parameters``).
+_LAYERS = (PiCaPeftLinear, PiCaPeftExperts)
 
 
 _LOAD_ANYWAY = ("load with a PiCaPeftConfig whose check_base_model='warn' "
@@ -113,7 +125,8 @@ class PiCaPeftModel(BaseTuner):
     """PiCa for PEFT: ``peft.get_peft_model(model, PiCaPeftConfig(...))`` (see the module docstring)."""
 
     prefix: str = "pica_"
-    tuner_layer_cls = PiCaPeftLinear
+    # Both layer classes: PEFT's layer walks (delete_adapter, set_adapter, freezing) test isinstance against it.
+    tuner_layer_cls = _LAYERS
     target_module_mapping: dict = {}
     uses_shared_state: bool = True
 
@@ -143,7 +156,7 @@ class PiCaPeftModel(BaseTuner):
     def _restack(self, txn, after: AdapterState, safe_merge: bool = False) -> None:
         txn.publish(after)
         for module in self.model.modules():
-            if isinstance(module, PiCaPeftLinear):
+            if isinstance(module, _LAYERS):
                 module._set_stack(txn.before, after, txn, safe_merge=safe_merge)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -167,7 +180,7 @@ class PiCaPeftModel(BaseTuner):
         """requires_grad of the active adapters (PEFT's per-layer set_adapter; the state is published already)."""
         _peft_set_aux_adapter(self.model, adapter_name, inference_mode=inference_mode)
         for module in self.model.modules():
-            if isinstance(module, PiCaPeftLinear):
+            if isinstance(module, _LAYERS):
                 module.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -239,7 +252,12 @@ class PiCaPeftModel(BaseTuner):
     # ------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: PiCaPeftConfig, model_config: dict) -> PiCaPeftConfig:
         if peft_config.target_modules is None:
-            raise ValueError("Please specify `target_modules` in the PiCa config")
+            if not peft_config.target_parameters:
+                raise ValueError("Please specify `target_modules` or `target_parameters` in the PiCa config")
+            peft_config.target_modules = set()  # experts only
+        if peft_config.target_parameters and peft_config.layers_to_transform is not None:
+            raise ValueError("layers_to_transform selects target_modules only; with target_parameters name the "
+                             "layers' parameters in full (e.g. 'model.layers.0.mlp.experts.down_proj')")
         if peft_config.svd_method is None:
             peft_config.svd_method = DEFAULT_SVD_METHOD
         return peft_config
@@ -301,8 +319,9 @@ class PiCaPeftModel(BaseTuner):
         check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
+        self._pending_experts = self._plan_experts(model, config) if config.target_parameters else {}
         if config.target_modules == "all-linear":
-            warn_left_out(model, fused_expert_parameters(model))
+            warn_left_out(model, fused_expert_parameters(model, adapted=set(self._pending_experts)))
         _maybe_include_all_linear_layers(config, model)
         self._pending_plan, self._pending_bases = self._plan(model, config)
         cell = self._m_store().cell
@@ -327,7 +346,7 @@ class PiCaPeftModel(BaseTuner):
                 self.peft_config.pop(adapter_name, None)
             raise
         finally:
-            self._pending_plan, self._pending_bases = {}, {}
+            self._pending_plan, self._pending_bases, self._pending_experts = {}, {}, {}
 
     def _create_and_replace(
         self, peft_config: PiCaPeftConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -375,6 +394,116 @@ class PiCaPeftModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             m.requires_grad_(False)  # an added adapter is not trainable until set_adapter
 
+    # ------------------------------------------------------------ fused experts (target_parameters)
+    def _plan_experts(self, model: nn.Module, config: PiCaPeftConfig) -> dict[str, tuple]:
+        """``{experts module name: (module, layout, {role: (rank, group key, basis)})}`` of every experts module
+        with a role ``target_parameters`` selects (and ``exclude_modules`` does not): the parameter
+        (``experts.gate_up_proj``: both its roles), the role (``experts.up_proj``) or the module. Ranks from
+        ``rank_pattern`` (the role's name ``<module>.<role>``, else the parameter's) checked; bases from one
+        batched SVD across experts and layers (:func:`pica_kernels.core.experts.experts_bases`), or an existing
+        adapter's basis of the same side, rank and SVD settings."""
+        found: dict[str, tuple] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PiCaPeftExperts):
+                experts, layout = module.base_layer, module.layout
+            elif core_experts.is_fused_experts(module) and not name.endswith(".base_layer"):
+                experts, layout = module, None
+            else:
+                continue
+            if layout is None:
+                try:
+                    layout = core_experts.experts_layout(name, experts)
+                except core_experts.UnsupportedExpertsError:
+                    # Refused (naming the module and the layout expected) only when the config selects it.
+                    named = (name, *(f"{name}.{p}" for p in core_experts.fused_parameters(experts)))
+                    if any(matches(n, config.target_parameters) for n in named):
+                        raise
+                    continue
+            roles = [role for role in layout.roles if self._selects_role(config, name, role)]
+            if roles:
+                found[name] = (module, experts, layout, roles)
+        if not found:
+            return {}
+        ranks: dict[str, int] = {}
+        plans: dict[str, tuple] = {}
+        weights: list[tuple[str, torch.Tensor]] = []
+        reused: dict[str, torch.Tensor] = {}
+        for name, (module, experts, layout, roles) in found.items():
+            plans[name] = (module, layout, {})
+            for role in roles:
+                pseudo = core_experts.pseudo_name(name, role)
+                r = rank_for(pseudo, config.r, config.rank_pattern)
+                if r == config.r:
+                    r = rank_for(f"{name}.{role.param}", config.r, config.rank_pattern)
+                check_layer_rank(pseudo, r, role.out_features, role.in_features,
+                                 "r" if r == config.r else "rank_pattern rank")
+                group = core_experts.experts_group_key(
+                    pseudo, layout.num_experts, role.out_features, role.in_features, share=config.share_m,
+                    per_expert=not config.share_experts, rank_suffix=None if r == config.r else r)
+                plans[name][2][role.role] = (r, group)
+                ranks[pseudo] = r
+                if isinstance(module, PiCaPeftExperts):
+                    for other, other_ranks in module.pica_r.items():
+                        oc = self.peft_config.get(other)
+                        if (oc is not None and other_ranks.get(role.role) == r and module.pica_side[other] == config.side
+                                and (oc.svd_method, oc.svd_seed) == (config.svd_method, config.svd_seed)):
+                            reused[pseudo] = module.pica_basis[other][role.role]
+                            break
+                if pseudo not in reused:
+                    weight = core_experts.weight_of(experts, role.param, module if module is not experts else None)
+                    weights.append((pseudo, core_experts.role_weight(weight, role)))
+        bases = core_experts.experts_bases(weights, ranks, config.side, method=config.svd_method,
+                                           seed=config.svd_seed) if weights else {}
+        bases.update(reused)
+        return {name: (module, layout, {role: (r, g, bases[f"{name}.{role}"]) for role, (r, g) in roles.items()})
+                for name, (module, layout, roles) in plans.items()}
+
+    @staticmethod
+    def _selects_role(config: PiCaPeftConfig, name: str, role) -> bool:
+        if not core_experts.role_matches(name, role, config.target_parameters):
+            return False
+        return not (config.exclude_modules and core_experts.role_matches(name, role, config.exclude_modules))
+
+    def _inject_parameters(self, peft_config: PiCaPeftConfig, model: nn.Module, adapter_name: str,
+                           low_cpu_mem_usage: bool) -> list[str]:
+        """Wrap (or extend) every experts module :meth:`_plan_experts` selected in a :class:`PiCaPeftExperts`, one
+        layer per module holding all its adapted roles (PEFT's LoRA nests one wrapper per parameter instead);
+        returns the adapted parameters' names."""
+        from peft.utils.other import _get_submodules
+
+        targeted: list[str] = []
+        for name, (module, layout, roles) in getattr(self, "_pending_experts", {}).items():
+            weight = getattr(module.base_layer if isinstance(module, PiCaPeftExperts) else module, layout.up_param)
+            m_dtype = default_m_dtype(weight.dtype)
+            for role_name, (r, group, _) in roles.items():
+                role = layout.role(role_name)
+                shape = core_experts.experts_m_shape(layout.num_experts, role.out_features, role.in_features, r,
+                                                     peft_config.side, not peft_config.share_experts)
+                m = self._get_or_create_m(adapter_name, group, shape, m_dtype, weight.device,
+                                          peft_config.init_weights)
+                if adapter_name not in self.active_adapters:
+                    m.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+            kwargs = dict(roles=roles, side=peft_config.side, store_basis=peft_config.store_bases,
+                          inference_mode=peft_config.inference_mode)
+            if isinstance(module, PiCaPeftExperts):
+                module.update_layer(adapter_name, **kwargs)
+            else:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+                parent, target, target_name = _get_submodules(model, name)
+                new_module = PiCaPeftExperts(target, self._m_store(), layout, adapter_name, **kwargs)
+                self._replace_module(parent, target_name, new_module, target)
+            targeted.extend(f"{name}.{p}" for p in dict.fromkeys(layout.role(r).param for r in roles))
+        return targeted
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """PEFT's, except around experts layers: an experts module has no ``weight`` for PEFT's device placement,
+        and a :class:`PiCaPeftExperts` is built with its bases on the fused weights' device already."""
+        if isinstance(new_module, PiCaPeftExperts) or isinstance(child, PiCaPeftExperts):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     # -------------------------------------------------------- PEFT overrides
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Cast ``M`` of ``adapter_name`` in place (the Parameter objects, hence the sharing, survive).
@@ -388,6 +517,10 @@ class PiCaPeftModel(BaseTuner):
         for module in self.model.modules():
             if isinstance(module, PiCaPeftLinear) and adapter_name in module.pica_group:
                 weight_dtypes.setdefault(module.pica_group[adapter_name], module.get_base_layer().weight.dtype)
+            elif isinstance(module, PiCaPeftExperts) and adapter_name in module.pica_group:
+                dtype = module.original(module.layout.up_param).dtype
+                for group in module.pica_group[adapter_name].values():
+                    weight_dtypes.setdefault(group, dtype)
         for group, m in store[adapter_name].items():
             if m.device.type == "meta":
                 continue
@@ -471,6 +604,13 @@ class PiCaPeftModel(BaseTuner):
                     name = name.replace("_fsdp_wrapped_module.", "")
                     fp = basis_fingerprint(module.pica_basis[adapter_name], module.pica_side[adapter_name])
                     out[f"{name}.{FINGERPRINT_KEY}.{adapter_name}"] = fp.contiguous()
+                elif isinstance(module, PiCaPeftExperts) and adapter_name in module.pica_r:
+                    # One (E, r, 4) fingerprint per role, under the role's pseudo-layer name <module>.<role>.
+                    name = name.replace("_fsdp_wrapped_module.", "")
+                    side = module.pica_side[adapter_name]
+                    for role in module.pica_r[adapter_name]:
+                        fp = core_experts.experts_fingerprint(module.pica_basis[adapter_name][role], side)
+                        out[f"{name}.{role}.{FINGERPRINT_KEY}.{adapter_name}"] = fp.contiguous()
         # The whole base model's identity (untargeted weights, embeddings, norms too), as the native files hold it.
         identity = {k: tensor_identity(t) for k, t in _base_tensors(model).items()}
         out[BASE_IDENTITY_KEY] = torch.frombuffer(bytearray(json.dumps(identity).encode()), dtype=torch.uint8)
@@ -523,6 +663,9 @@ class PiCaPeftModel(BaseTuner):
             if not config.store_bases:
                 layers = {n.replace("_fsdp_wrapped_module.", "") for n, m in model.named_modules()
                           if isinstance(m, PiCaPeftLinear) and adapter_name in m.pica_basis}
+                layers |= {f"{n.replace('_fsdp_wrapped_module.', '')}.{role}" for n, m in model.named_modules()
+                           if isinstance(m, PiCaPeftExperts) and adapter_name in m.pica_r
+                           for role in m.pica_r[adapter_name]}
                 missing = sorted(n for n in layers if n not in fingerprints
                                  and n.removeprefix("base_model.model.") not in fingerprints)
                 if missing:
@@ -532,6 +675,17 @@ class PiCaPeftModel(BaseTuner):
             modules = {n.replace("_fsdp_wrapped_module.", ""): m for n, m in model.named_modules()}
             for name, stored in fingerprints.items():
                 module = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
+                owner, _, role = name.rpartition(".")
+                experts = modules.get(owner, modules.get(owner.removeprefix("base_model.model.")))
+                if (module is None and isinstance(experts, PiCaPeftExperts) and adapter_name in experts.pica_r
+                        and role in experts.pica_r[adapter_name]):
+                    layer = name.removeprefix("base_model.model.")
+                    entry = saved.get(f"{owner.removeprefix('base_model.model.')}.{experts.layout.role(role).param}")
+                    saved_dtype = entry.get("dtype") if isinstance(entry, dict) else None
+                    core_experts.check_experts_fingerprint(
+                        layer, experts.pica_basis[adapter_name][role], experts.pica_side[adapter_name], stored,
+                        saved_dtype=dtype_from_name(saved_dtype) if saved_dtype else None)
+                    continue
                 if not isinstance(module, PiCaPeftLinear) or adapter_name not in module.pica_basis:
                     raise AdapterMismatchError(
                         f"the adapter file has a PiCa basis fingerprint for {name!r}, but the model has no PiCa "
