@@ -7,6 +7,7 @@ stored for a layer (:func:`prepare_basis`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -16,8 +17,21 @@ from .. import reference
 from . import quant
 
 if TYPE_CHECKING:
-    from .export import LoraFactors
     from .state import StateCell
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One layer of the exported adapter: module name in the base model, ``lora_A`` (r, in), ``lora_B`` (out, r)."""
+
+    name: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    fan_in_fan_out: bool
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D as _HFConv1D

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
+from .base import LoraFactors
 from .errors import PiCaError
 from .experts import ExpertsLayout
 
@@ -49,7 +50,6 @@ __all__ = [
     "LORA_TENSORS_FILE",
     "ExpertLoraFactors",
     "LoraExportError",
-    "LoraFactors",
     "expert_lora_factors",
     "experts_lora_factors",
     "lora_factors",
@@ -60,20 +60,6 @@ LORA_CONFIG_FILE = "adapter_config.json"
 LORA_TENSORS_FILE = "adapter_model.safetensors"
 #: PEFT's key prefix of a LoRA adapter file (``PeftModel`` wraps the model as ``base_model.model``).
 PEFT_KEY_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One layer of the exported adapter: module name in the base model, ``lora_A`` (r, in), ``lora_B`` (out, r)."""
-
-    name: str
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    fan_in_fan_out: bool
-
-    @property
-    def rank(self) -> int:
-        return self.lora_a.shape[0]
 
 
 def lora_factors(name: str, basis: torch.Tensor, m: torch.Tensor, side: str, fan_in_fan_out: bool) -> LoraFactors:

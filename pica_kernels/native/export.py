@@ -15,9 +15,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..core.base import PiCaLayer, is_supported_base
+from ..core.base import LoraFactors, PiCaLayer, is_supported_base
 from ..core.experts import fused_parameters
-from ..core.export import PEFT_KEY_PREFIX, ExpertLoraFactors, LoraFactors, write_lora_adapter
+from ..core.export import PEFT_KEY_PREFIX, ExpertLoraFactors, write_lora_adapter
 
 __all__ = ["export_lora"]
 

@@ -30,6 +30,7 @@ from ..core import quant as core_quant
 from ..core import state as core_state
 from ..core.bank import PiCaBank
 from ..core.base import (
+    LoraFactors,
     check_float_weight,
     is_fan_in_fan_out,
     is_supported_base,
@@ -37,7 +38,7 @@ from ..core.base import (
     weight_out_in,
 )
 from ..core.defaults import BASE_ADAPTER, DEFAULT_SVD_METHOD, check_adapter_name, default_m_dtype
-from ..core.export import LoraFactors, lora_factors
+from ..core.export import lora_factors
 from ..svd import truncated_svd
 from . import transitions
 

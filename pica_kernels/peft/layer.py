@@ -22,7 +22,8 @@ from ..core import merge as core_merge
 from ..core import quant as core_quant
 from ..core import state as core_state
 from ..core.bank import LayerMView, PiCaBank
-from ..core.export import LoraFactors, lora_factors
+from ..core.base import LoraFactors
+from ..core.export import lora_factors
 from .containers import BasisDict, CellStateMixin
 
 
