@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
+from ..ops import eager
 from .defaults import BASE_ADAPTER
 from .errors import PiCaConfigError, PiCaError
 from .targets import group_key, matches
@@ -308,7 +309,7 @@ def routed_term(x: torch.Tensor, counts: Sequence[int], adapters: Sequence[Exper
 
     x: (S, in), the rows of expert 0 first, then expert 1, ... (``counts[e]`` rows each, ``sum(counts) == S``);
     adapters: (basis, M, side) per adapter (:data:`ExpertTensors`). Returns (S, out) in x's dtype. Each product
-    runs through :func:`reference.lowrank_term` (factors of another dtype cast as in a dense layer, ``dM``
+    runs through :func:`pica_kernels.ops.eager.lowrank_term` (factors of another dtype cast as in a dense layer, ``dM``
     accumulated in fp32, autocast followed); ``ΔW`` is never formed.
     """
     pieces = []
@@ -325,7 +326,7 @@ def _expert_term(x_e: torch.Tensor, e: int, adapters: Sequence[ExpertTensors]) -
     term = None
     for basis, m, side in adapters:
         a, b = expert_factors(basis, m, side, e)
-        t = reference.lowrank_term(x_e, a, b)
+        t = eager.lowrank_term(x_e, a, b)
         term = t if term is None else term + t
     return term
 
