@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .. import reference
-from ..svd import SVD_METHODS
+from ..svd import preset
 from .targets import check_module_spec, check_rank, check_rank_pattern, check_seed
 
 #: The native front end's field names -> the PEFT front end's; each config accepts the other's spelling
@@ -35,8 +35,8 @@ def check_shared_fields(config: object, rank_field: str, exclude_field: str, *, 
     check_seed(config.svd_seed)
     config.rank_pattern = check_rank_pattern(config.rank_pattern)
     reference.check_side(config.side)
-    if not (svd_method_optional and config.svd_method is None) and config.svd_method not in SVD_METHODS:
-        raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {config.svd_method!r}")
+    if not (svd_method_optional and config.svd_method is None):
+        preset(config.svd_method, "svd_method")  # the one check of a method name (pica_kernels.svd.presets)
     exclude = getattr(config, exclude_field)
     if exclude is not None:
         setattr(config, exclude_field, check_module_spec(exclude, exclude_field))
