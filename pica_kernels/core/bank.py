@@ -17,7 +17,33 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .state import StateCell
+from .state import AdapterState, StateCell
+
+
+class BankStateView:
+    """The adapter-state reads of a native layer whose ``_bank`` is its model's :class:`PiCaBank` (PiCaLinear,
+    PiCaExperts): one value for all layers of a model, read here, never stored on the layer."""
+
+    _bank: PiCaBank
+    adapters: dict
+
+    @property
+    def pica_state_cell(self) -> StateCell:
+        return self._bank.cell
+
+    @property
+    def state(self) -> AdapterState:
+        """The adapter state of the model this layer belongs to (one value for all its layers)."""
+        return self._bank.cell.value
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into this layer's weights, in merge order (the model's merged stack, filtered)."""
+        return self.state.merged_on(self.adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
 
 
 class PiCaBank(nn.ModuleDict):

@@ -25,7 +25,7 @@ from torch import nn
 from .. import reference
 from ..core import experts as core_experts
 from ..core import state as core_state
-from ..core.bank import PiCaBank
+from ..core.bank import BankStateView, PiCaBank
 from ..core.defaults import default_m_dtype
 from ..core.experts import ExpertsLayout, ExpertTensors
 from ..core.export import ExpertLoraFactors, experts_lora_factors
@@ -38,7 +38,7 @@ def experts_basis_buffer_name(role: str, side: str, rank: int) -> str:
     return f"basis_{role}_{side}_r{rank}"
 
 
-class PiCaExperts(nn.Module):
+class PiCaExperts(BankStateView, nn.Module):
     """A fused experts module with PiCa adapters on some or all of its roles (gate_proj, up_proj, down_proj).
 
     Built by ``apply_pica`` (targets: the pseudo-layers ``<module>.<role>``, the parameter ``<module>.gate_up_proj``
@@ -71,23 +71,6 @@ class PiCaExperts(nn.Module):
     @property
     def bank(self) -> PiCaBank:
         return self._bank
-
-    @property
-    def pica_state_cell(self) -> core_state.StateCell:
-        return self._bank.cell
-
-    @property
-    def state(self) -> core_state.AdapterState:
-        return self._bank.cell.value
-
-    @property
-    def merged_adapters(self) -> list[str]:
-        """The adapters merged into the fused weights, in merge order (the model's merged stack, filtered)."""
-        return self.state.merged_on(self.adapters)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     @property
     def num_experts(self) -> int:

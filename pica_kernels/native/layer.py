@@ -28,7 +28,7 @@ from ..core import forward as core_forward
 from ..core import merge as core_merge
 from ..core import quant as core_quant
 from ..core import state as core_state
-from ..core.bank import PiCaBank
+from ..core.bank import BankStateView, PiCaBank
 from ..core.base import (
     LoraFactors,
     check_float_weight,
@@ -107,7 +107,7 @@ def basis_buffer_name(side: str, rank: int) -> str:
     return f"basis_{side}_r{rank}"
 
 
-class PiCaLinear(nn.Module):
+class PiCaLinear(BankStateView, nn.Module):
     """A frozen ``nn.Linear`` (or transformers ``Conv1D``) adapted with PiCa.
 
     ``y = base(x) + (x @ P.T) @ M.T`` (side="input", P = top-r right singular
@@ -216,15 +216,6 @@ class PiCaLinear(nn.Module):
 
     # ------------------------------------------------------------------ state (read from the model's cell)
     @property
-    def state(self) -> core_state.AdapterState:
-        """The adapter state of the model this layer belongs to (one value for all its layers)."""
-        return self._bank.cell.value
-
-    @property
-    def pica_state_cell(self) -> core_state.StateCell:
-        return self._bank.cell
-
-    @property
     def active_adapter(self) -> str | None:
         """The model's active adapter where it covers this layer, else None (this layer gives its base output)."""
         active = self.state.active
@@ -237,15 +228,6 @@ class PiCaLinear(nn.Module):
     @disabled.setter
     def disabled(self, value: bool) -> None:
         transitions.set_disabled(self._own_bank("disabled = ..."), self, bool(value))
-
-    @property
-    def merged_adapters(self) -> list[str]:
-        """The adapters merged into this layer's weight, in merge order (the model's merged stack, filtered)."""
-        return self.state.merged_on(self.adapters)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def _own_bank(self, what: str) -> PiCaBank:
         """The bank of a layer that is its own model (it owns its bank); a layer of a larger model shares the

@@ -92,7 +92,7 @@ def test_shipped_table_is_valid_and_package_data():
 
         import tomllib
 
-        pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+        pyproject = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())
         assert "tuned_configs.json" in pyproject["tool"]["setuptools"]["package-data"]["pica_kernels.ops.kernels"]
 
 
