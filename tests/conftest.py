@@ -69,6 +69,19 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), atol=atol, rtol=rtol)
 
 
+def pica_inputs(T, out_f, in_f, r, side, bias=True, dtype=torch.float64, seed=0):
+    """Seeded random ``(x (T, in), W (out, in), bias (out,) or None, basis, M)`` of one PiCa layer on ``side``."""
+    from pica_kernels import reference  # imported here: TRITON_INTERPRET is set above before the package loads
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, in_f, generator=g, dtype=dtype)
+    w = torch.randn(out_f, in_f, generator=g, dtype=dtype)
+    b = torch.randn(out_f, generator=g, dtype=dtype) if bias else None
+    basis = torch.randn(*reference.basis_shape(out_f, in_f, r, side), generator=g, dtype=dtype)
+    m = torch.randn(*reference.m_shape(out_f, in_f, r, side), generator=g, dtype=dtype)
+    return x, w, b, basis, m
+
+
 def tiny_config(arch: str):
     import transformers as tf
 

@@ -2,27 +2,18 @@
 
 import pytest
 import torch
+from conftest import pica_inputs
 
 from pica_kernels import reference
 
 SHAPES = [(1, 7, 5, 3), (37, 24, 40, 8), (16, 64, 33, 1), (5, 13, 13, 13)]  # (T, out, in, r)
 
 
-def _inputs(T, out_f, in_f, r, side, bias=True, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, in_f, generator=g, dtype=dtype)
-    w = torch.randn(out_f, in_f, generator=g, dtype=dtype)
-    b = torch.randn(out_f, generator=g, dtype=dtype) if bias else None
-    basis = torch.randn(*reference.basis_shape(out_f, in_f, r, side), generator=g, dtype=dtype)
-    m = torch.randn(*reference.m_shape(out_f, in_f, r, side), generator=g, dtype=dtype)
-    return x, w, b, basis, m
-
-
 @pytest.mark.parametrize("side", reference.SIDES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_matches_dense_weight(side, shape, bias):
-    x, w, b, basis, m = _inputs(*shape, side, bias)
+    x, w, b, basis, m = pica_inputs(*shape, side, bias)
     # Independent formulation: the adapted weight written out element by element.
     if side == "input":
         delta = torch.einsum("or,ri->oi", m, basis)
@@ -35,7 +26,7 @@ def test_forward_matches_dense_weight(side, shape, bias):
 
 @pytest.mark.parametrize("side", reference.SIDES)
 def test_leading_dims(side):
-    x, w, b, basis, m = _inputs(12, 9, 10, 4, side)
+    x, w, b, basis, m = pica_inputs(12, 9, 10, 4, side)
     y = reference.pica_linear(x.reshape(2, 3, 2, 10), w, b, basis, m, side)
     assert y.shape == (2, 3, 2, 9)
     torch.testing.assert_close(y.reshape(12, 9), reference.pica_linear(x, w, b, basis, m, side))
@@ -44,7 +35,7 @@ def test_leading_dims(side):
 @pytest.mark.parametrize("side", reference.SIDES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_closed_form_backward_matches_autograd(side, shape):
-    x, w, b, basis, m = _inputs(*shape, side)
+    x, w, b, basis, m = pica_inputs(*shape, side)
     x.requires_grad_(True)
     m.requires_grad_(True)
     dy = torch.randn(shape[0], shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -59,14 +50,14 @@ def test_closed_form_backward_matches_autograd(side, shape):
 
 @pytest.mark.parametrize("side", reference.SIDES)
 def test_gradcheck(side):
-    x, w, b, basis, m = _inputs(6, 5, 7, 3, side)
+    x, w, b, basis, m = pica_inputs(6, 5, 7, 3, side)
     x.requires_grad_(True)
     m.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x_, m_: reference.pica_linear(x_, w, b, basis, m_, side), (x, m))
 
 
 def test_mixed_dtype_m_is_cast_to_activation_dtype():
-    x, w, b, basis, m = _inputs(4, 6, 8, 2, "input", dtype=torch.float32)
+    x, w, b, basis, m = pica_inputs(4, 6, 8, 2, "input", dtype=torch.float32)
     y = reference.pica_linear(x.half(), w.half(), b.half(), basis.half(), m, "input")  # m stays float32
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), reference.pica_linear(x, w, b, basis, m, "input"), atol=2e-2, rtol=1e-2)

@@ -4,21 +4,10 @@ gradcheck, what it saves for the backward, the cached factor casts, and the adap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES
+from conftest import TOLERANCES, pica_inputs
 
 from pica_kernels import ops, reference
 from pica_kernels.ops import eager, lowrank
-
-
-def _inputs(T, out_f, in_f, r, side, bias=True, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, in_f, generator=g, dtype=dtype)
-    w = torch.randn(out_f, in_f, generator=g, dtype=dtype)
-    b = torch.randn(out_f, generator=g, dtype=dtype) if bias else None
-    basis = torch.randn(*reference.basis_shape(out_f, in_f, r, side), generator=g, dtype=dtype)
-    m = torch.randn(*reference.m_shape(out_f, in_f, r, side), generator=g, dtype=dtype)
-    return x, w, b, basis, m
-
 
 # ops.pica_linear / ops.lowrank_linear on eager CPU tensors call the eager path directly (no custom op).
 # eager.lowrank_linear takes one of three routes: plain autograd (few tokens, factors in x's
@@ -64,7 +53,7 @@ def test_gradcheck_every_route_every_argument(route, bias):
 @pytest.mark.parametrize("rows", [6, 400], ids=["few-tokens", "many-tokens"])
 def test_gradcheck_direct_path_pica(side, bias, rows):
     """ops.pica_linear on CPU (the direct path) in float64, x and M differentiable; 400 rows take the merged form."""
-    x, w, b, basis, m = _inputs(rows, 5, 7, 3, side, bias)
+    x, w, b, basis, m = pica_inputs(rows, 5, 7, 3, side, bias)
     assert eager.merged_pays(x, w, *reference.lowrank_factors(basis, m, side), True) == (rows == 400)
     x.requires_grad_(True)
     m.requires_grad_(True)
@@ -81,7 +70,7 @@ def count_custom_op(monkeypatch):
 
 
 def test_eager_cpu_skips_the_custom_op(count_custom_op, monkeypatch):
-    x, w, b, basis, m = _inputs(9, 6, 8, 3, "input", dtype=torch.float32)
+    x, w, b, basis, m = pica_inputs(9, 6, 8, 3, "input", dtype=torch.float32)
     m.requires_grad_(True)
     want = reference.pica_linear(x, w, b, basis, m)
     ops.pica_linear(x, w, b, basis, m).sum().backward()
@@ -108,14 +97,14 @@ def _saved_shapes(fn):
                          ids=["autograd", "merged", "factored-mixed-dtype"])
 def test_direct_path_saves_t_not_x(rows, m_dtype):
     """PiCa input side on the direct path: the activation saved is t (T, r), never x (T, in), on every route."""
-    x, w, b, basis, m = _inputs(rows, 72, 80, 12, "input", dtype=torch.float32)
+    x, w, b, basis, m = pica_inputs(rows, 72, 80, 12, "input", dtype=torch.float32)
     m = m.to(m_dtype).requires_grad_(True)
     x.requires_grad_(True)
     saved, y = _saved_shapes(lambda: ops.pica_linear(x, w, b, basis, m))
     assert (rows, 12) in saved and (rows, 80) not in saved, saved
     y.sum().backward()  # and the backward runs from what was saved
     assert m.grad.dtype == m_dtype and x.grad.shape == x.shape
-    x, w, b, basis, m = _inputs(rows, 72, 80, 12, "output", dtype=torch.float32)
+    x, w, b, basis, m = pica_inputs(rows, 72, 80, 12, "output", dtype=torch.float32)
     saved, _ = _saved_shapes(lambda: ops.pica_linear(x.requires_grad_(), w, b, basis, m.requires_grad_(), side="output"))
     assert (rows, 80) in saved  # output side: dM = (dy @ U_r).T @ x needs x
 
@@ -154,7 +143,7 @@ def test_bf16_activations_fp32_m_grad_is_accumulated_in_fp32(side, path):
     """bf16 x with an fp32 M: dM must be the float64 ``dy.T @ t`` (input side; ``(dy @ U_r).T @ x``
     output side) of the bf16 operands to fp32 accuracy (~1e-5), not rounded to bf16 (~2e-3 off)."""
     rows, out_f, in_f, r = 256, 48, 40, 8
-    x, w, b, basis, m = _inputs(rows, out_f, in_f, r, side, dtype=torch.float32, seed=4)
+    x, w, b, basis, m = pica_inputs(rows, out_f, in_f, r, side, dtype=torch.float32, seed=4)
     x, w, b, basis = (t.bfloat16() for t in (x, w, b, basis))
     dy = torch.randn(rows, out_f, generator=torch.Generator().manual_seed(9)).bfloat16()
     m.requires_grad_(True)
@@ -175,7 +164,7 @@ def test_bf16_activations_fp32_m_grad_is_accumulated_in_fp32(side, path):
 
 
 def test_cast_of_fp32_m_is_reused_until_m_changes():
-    x, w, b, basis, m = _inputs(5, 6, 8, 3, "input", dtype=torch.float32)
+    x, w, b, basis, m = pica_inputs(5, 6, 8, 3, "input", dtype=torch.float32)
     x, w, b, basis = (t.bfloat16() for t in (x, w, b, basis))
     m = torch.nn.Parameter(m)
     first = eager.cast_factor(m, torch.bfloat16)
@@ -202,7 +191,7 @@ def test_cast_of_fp32_m_is_reused_until_m_changes():
 def test_cast_of_m_is_refreshed_after_a_fused_optimizer_step():
     """A fused optimizer (transformers.Trainer's default adamw_torch_fused) rewrites M without bumping its version
     counter; the cached bf16 cast must not outlive its step (it did: under Trainer(bf16=True) M never moved)."""
-    x, w, b, basis, m = _inputs(5, 6, 8, 3, "input", dtype=torch.float32)
+    x, w, b, basis, m = pica_inputs(5, 6, 8, 3, "input", dtype=torch.float32)
     x, w, b, basis = (t.bfloat16() for t in (x, w, b, basis))
     m = torch.nn.Parameter(m)
     opt = torch.optim.AdamW([m], lr=0.1, fused=True)
@@ -218,7 +207,7 @@ def test_cast_of_m_is_refreshed_after_a_fused_optimizer_step():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_lowrank_term(dtype):
     """The adapter term alone: values and gradients; gradcheck in float64, fp32 factors under bf16 x."""
-    x, _, _, basis, m = _inputs(7, 6, 8, 3, "input")
+    x, _, _, basis, m = pica_inputs(7, 6, 8, 3, "input")
     a, bb = m.requires_grad_(), basis.requires_grad_()
     if dtype == torch.float64:
         xg = x.requires_grad_()
